@@ -1,0 +1,81 @@
+"""Loads the compiled kernels once and registers every FFI target with JAX for platform ``cpu``.
+
+The extension ``ktjax._ktjax_ffi`` is built by ``pip install`` against the XLA FFI headers of the
+jaxlib in the build environment. A runtime jaxlib with an older FFI API cannot run those handlers and
+fails with a confusing "No FFI handler registered", so this module checks the versions at import.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+
+try:
+    from ktjax import _ktjax_ffi
+except ImportError as err:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "ktjax's compiled kernels (ktjax._ktjax_ffi) are missing: install the package with "
+        "`pip install -e .` (or `pip install .`) from the repository root."
+    ) from err
+
+FORWARD_TARGET = "ktjax_moe_forward"
+BACKWARD_TARGET = "ktjax_moe_backward"
+
+
+def runtime_ffi_api_version() -> tuple[int, int]:
+    """(major, minor) FFI API of the installed jaxlib, read from the headers it ships."""
+    header = pathlib.Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
+    text = header.read_text()
+    major = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", text)
+    minor = re.search(r"#define XLA_FFI_API_MINOR (\d+)", text)
+    if major is None or minor is None:
+        raise ImportError(f"cannot read the XLA FFI API version from {header}")
+    return int(major.group(1)), int(minor.group(1))
+
+
+def built_ffi_api_version() -> tuple[int, int]:
+    """(major, minor) FFI API the kernels were compiled against."""
+    return tuple(_ktjax_ffi.ffi_api_version())
+
+
+def check_ffi_api(built: tuple[int, int], runtime: tuple[int, int]) -> None:
+    """Raises ImportError unless a runtime with FFI API `runtime` can run handlers built for `built`."""
+    if runtime[0] != built[0] or runtime < built:
+        raise ImportError(
+            f"ktjax's kernels were built for XLA FFI API {built[0]}.{built[1]}, but the installed jaxlib "
+            f"{jax.lib.__version__ if hasattr(jax, 'lib') else ''} provides {runtime[0]}.{runtime[1]}. "
+            "Install a jaxlib at least as new as the one ktjax was built with, or rebuild ktjax "
+            "(`pip install -e .`) against the installed jaxlib."
+        )
+
+
+check_ffi_api(built_ffi_api_version(), runtime_ffi_api_version())
+for _name, _capsule in _ktjax_ffi.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+
+def kernel_counters() -> dict[str, int]:
+    """GEMM FLOPs done by the kernels per kind of work, plus call counts, since start or last reset.
+
+    Keys: ``forward``, ``recompute`` (forward work redone in backward), ``input_grad`` (dx and the
+    chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``. Kernels run
+    asynchronously: block on the results (``jax.block_until_ready``) before reading.
+    """
+    return dict(_ktjax_ffi.counters())
+
+
+def reset_kernel_counters() -> None:
+    """Sets every kernel counter back to zero."""
+    _ktjax_ffi.reset_counters()
+
+
+def available_isas() -> list[str]:
+    """Micro-kernel ISAs this CPU can run, best first (``KTJAX_ISA`` may force any of them)."""
+    return _ktjax_ffi.available_isas().split(",")
+
+
+def selected_isa() -> str:
+    """The ISA the next kernel call uses ('' when ``KTJAX_ISA`` names one this CPU lacks)."""
+    return _ktjax_ffi.selected_isa()

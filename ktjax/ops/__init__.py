@@ -1,0 +1,6 @@
+"""Differentiable ops backed by the CPU expert kernels, and their pure-JAX references."""
+
+from ktjax.ops.moe_experts import moe_experts
+from ktjax.ops.moe_reference import moe_experts_xla
+
+__all__ = ["moe_experts", "moe_experts_xla"]

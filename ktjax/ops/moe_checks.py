@@ -1,0 +1,101 @@
+"""Shape and dtype checks of the ``moe_experts`` arguments, shared by every backend.
+
+Each error names the argument and the dimension that disagrees. Values (ids in range) can only be
+checked by the kernel, which returns an ``ffi::Error`` naming ``topk_ids``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+PROJECTIONS = ("gate", "up", "down")
+FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+BACKENDS = ("cpu", "xla")
+POLICIES = ("retain", "recompute")
+
+LoraDict = dict[str, tuple[Any, Any]]
+
+
+def _shape(name: str, a: Any, want: tuple[int, ...], doc: str) -> None:
+    if tuple(a.shape) != tuple(want):
+        raise ValueError(f"{name} must have shape {doc} = {list(want)}, got {list(a.shape)}")
+
+
+def _float(name: str, a: Any) -> None:
+    if jnp.dtype(a.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be bfloat16 or float32, got {jnp.dtype(a.dtype).name}")
+
+
+def _rank(name: str, a: Any, ndim: int, doc: str) -> None:
+    if getattr(a, "ndim", None) != ndim:
+        raise ValueError(f"{name} must have shape {doc}, got {list(getattr(a, 'shape', []))}")
+
+
+def check_moe_args(
+    x: Any,
+    topk_ids: Any,
+    topk_weights: Any,
+    gate: Any,
+    up: Any,
+    down: Any,
+    lora: LoraDict | None,
+    lora_scale: float,
+    backend: str,
+    policy: str,
+) -> None:
+    """Raises ValueError / TypeError naming the first bad argument of ``moe_experts``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    _rank("x", x, 2, "[T, H]")
+    _rank("topk_ids", topk_ids, 2, "[T, K]")
+    _rank("gate", gate, 3, "[E, I, H]")
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, I = gate.shape[0], gate.shape[1]
+    if T < 1 or H < 1 or K < 1 or E < 1 or I < 1:
+        raise ValueError(f"moe_experts needs T, H, K, E, I >= 1, got T={T} H={H} K={K} E={E} I={I}")
+    _float("x", x)
+    if jnp.dtype(topk_ids.dtype) != jnp.int32:
+        raise TypeError(f"topk_ids must be int32, got {jnp.dtype(topk_ids.dtype).name}")
+    if jnp.dtype(topk_weights.dtype) != jnp.float32:
+        raise TypeError(f"topk_weights must be float32, got {jnp.dtype(topk_weights.dtype).name}")
+    _shape("topk_ids", topk_ids, (T, K), "[T, K]")
+    _shape("topk_weights", topk_weights, (T, K), "[T, K]")
+    _shape("gate", gate, (E, I, H), "[E, I, H]")
+    _shape("up", up, (E, I, H), "[E, I, H]")
+    _shape("down", down, (E, H, I), "[E, H, I]")
+    for name, w in (("gate", gate), ("up", up), ("down", down)):
+        _float(name, w)
+    if not (gate.dtype == up.dtype == down.dtype):
+        raise TypeError(
+            f"gate, up and down must share one dtype, got {gate.dtype}, {up.dtype}, {down.dtype}"
+        )
+    if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale must be a finite Python number, got {lora_scale!r}")
+    if lora is None:
+        return
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora must be None or a dict of (A, B) pairs, got {type(lora).__name__}")
+    dims = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    for key, pair in lora.items():
+        if key not in dims:
+            raise ValueError(f"lora has unknown key {key!r}; allowed: {PROJECTIONS}")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"lora[{key!r}] must be a pair (A, B)")
+        A, B = pair
+        out_dim, in_dim = dims[key]
+        _rank(f"lora[{key!r}] A", A, 3, "[E, r, in]")
+        r = A.shape[1]
+        if r < 1:
+            raise ValueError(f"lora[{key!r}] A must have rank r >= 1, got shape {list(A.shape)}")
+        _shape(f"lora[{key!r}] A", A, (E, r, in_dim), "[E, r, in]")
+        _shape(f"lora[{key!r}] B", B, (E, out_dim, r), "[E, out, r]")
+        _float(f"lora[{key!r}] A", A)
+        _float(f"lora[{key!r}] B", B)
+        if A.dtype != B.dtype:
+            raise TypeError(f"lora[{key!r}] A and B must share one dtype, got {A.dtype} and {B.dtype}")

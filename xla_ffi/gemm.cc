@@ -1,0 +1,184 @@
+// GEMM driver: cache blocking, packing (bf16 -> f32 widening, row gather, row scale), ISA dispatch.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm_kernels.h"
+
+namespace ktjax {
+namespace {
+
+constexpr int64_t kMR = 6;    // every micro-kernel's row count
+constexpr int64_t kMaxNR = 32;
+constexpr int64_t kKC = 256;  // depth of one packed block
+constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
+constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
+
+const Isa kAvx512 = {"avx512", 32, microkernel_avx512};
+const Isa kAvx2 = {"avx2", 16, microkernel_avx2};
+const Isa kGeneric = {"generic", 16, microkernel_generic};
+
+bool cpu_has(const Isa& isa) {
+  if (&isa == &kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (&isa == &kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return true;
+}
+
+template <typename T>
+inline float widen(const T* p);
+template <>
+inline float widen<float>(const float* p) { return *p; }
+template <>
+inline float widen<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
+
+// Packs logical A[i0:i0+mc, k0:k0+kc] into panels of kMR rows: buf[(p*kc + k)*kMR + ii].
+template <typename T>
+void pack_a(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* buf) {
+  const T* d = static_cast<const T*>(A.data);
+  if (!A.trans) {  // stored (i, k): walk each row along k
+    for (int64_t i = 0; i < mc; ++i) {
+      const T* src = d + A.row(i0 + i) * A.ld + k0;
+      const float s = A.scale(i0 + i);
+      float* dst = buf + (i / kMR) * kc * kMR + i % kMR;
+      for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = widen(src + k) * s;
+    }
+  } else {  // stored (k, i): walk each stored row along i
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = d + A.row(k0 + k) * A.ld + i0;
+      const float s = A.scale(k0 + k);
+      for (int64_t i = 0; i < mc; ++i) buf[((i / kMR) * kc + k) * kMR + i % kMR] = widen(src + i) * s;
+    }
+  }
+  for (int64_t i = mc; i % kMR != 0; ++i) {  // zero the padding rows of the last panel
+    float* dst = buf + (i / kMR) * kc * kMR + i % kMR;
+    for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = 0.0f;
+  }
+}
+
+// Packs logical B[k0:k0+kc, j0:j0+nc] into panels of nr columns: buf[(p*kc + k)*nr + jj].
+template <typename T>
+void pack_b(const MatView& B, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, float* buf) {
+  const T* d = static_cast<const T*>(B.data);
+  if (!B.trans) {  // stored (k, j)
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = d + B.row(k0 + k) * B.ld + j0;
+      const float s = B.scale(k0 + k);
+      for (int64_t j = 0; j < nc; ++j) buf[((j / nr) * kc + k) * nr + j % nr] = widen(src + j) * s;
+    }
+  } else {  // stored (j, k)
+    for (int64_t j = 0; j < nc; ++j) {
+      const T* src = d + B.row(j0 + j) * B.ld + k0;
+      const float s = B.scale(j0 + j);
+      float* dst = buf + (j / nr) * kc * nr + j % nr;
+      for (int64_t k = 0; k < kc; ++k) dst[k * nr] = widen(src + k) * s;
+    }
+  }
+  for (int64_t j = nc; j % nr != 0; ++j) {
+    float* dst = buf + (j / nr) * kc * nr + j % nr;
+    for (int64_t k = 0; k < kc; ++k) dst[k * nr] = 0.0f;
+  }
+}
+
+void pack_a_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* buf) {
+  if (A.dtype == DType::kF32) pack_a<float>(A, i0, mc, k0, kc, buf);
+  else pack_a<uint16_t>(A, i0, mc, k0, kc, buf);
+}
+
+void pack_b_any(const MatView& B, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr,
+                float* buf) {
+  if (B.dtype == DType::kF32) pack_b<float>(B, k0, kc, j0, nc, nr, buf);
+  else pack_b<uint16_t>(B, k0, kc, j0, nc, nr, buf);
+}
+
+}  // namespace
+
+MatView MatView::skip_rows(int64_t r0) const {
+  MatView v = *this;
+  if (rows) {
+    v.rows = rows + r0;
+  } else {
+    v.data = static_cast<const char*>(data) + r0 * ld * dtype_bytes(dtype);
+  }
+  if (row_scale) v.row_scale = row_scale + r0;
+  return v;
+}
+
+MatView MatView::skip_cols(int64_t c0) const {
+  MatView v = *this;
+  v.data = static_cast<const char*>(data) + c0 * dtype_bytes(dtype);
+  return v;
+}
+
+OutView OutView::skip_rows(int64_t r0) const {
+  OutView v = *this;
+  if (rows) v.rows = rows + r0;
+  else v.data = data + r0 * ld;
+  return v;
+}
+
+OutView OutView::skip_cols(int64_t c0) const {
+  OutView v = *this;
+  v.data = data + c0;
+  return v;
+}
+
+const Isa* select_isa() {
+  const char* want = std::getenv("KTJAX_ISA");
+  for (const Isa* isa : {&kAvx512, &kAvx2, &kGeneric}) {
+    if (want && *want) {
+      if (std::strcmp(want, isa->name) == 0) return cpu_has(*isa) ? isa : nullptr;
+    } else if (cpu_has(*isa)) {
+      return isa;
+    }
+  }
+  return nullptr;
+}
+
+const char* available_isas() {
+  if (cpu_has(kAvx512)) return "avx512,avx2,generic";
+  if (cpu_has(kAvx2)) return "avx2,generic";
+  return "generic";
+}
+
+int64_t gemm_scratch_floats() { return kMC * kKC + kKC * kNC + kMR * kMaxNR; }
+
+void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+          const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work) {
+  if (M <= 0 || N <= 0) return;
+  add_flops(work, 2 * M * N * K);
+  if (K <= 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill_n(C.row_ptr(i), N, 0.0f);
+    }
+    return;
+  }
+  const int64_t nr = isa.nr;
+  float* apack = scratch;
+  float* bpack = scratch + kMC * kKC;
+  float* crow[kMR];
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    for (int64_t pc = 0; pc < K; pc += kKC) {
+      const int64_t kc = std::min(kKC, K - pc);
+      const bool acc = accumulate || pc > 0;
+      pack_b_any(B, pc, kc, jc, nc, nr, bpack);
+      for (int64_t ic = 0; ic < M; ic += kMC) {
+        const int64_t mc = std::min(kMC, M - ic);
+        pack_a_any(A, ic, mc, pc, kc, apack);
+        for (int64_t jr = 0; jr < nc; jr += nr) {
+          const int n_tile = static_cast<int>(std::min(nr, nc - jr));
+          for (int64_t ir = 0; ir < mc; ir += kMR) {
+            const int m_tile = static_cast<int>(std::min(kMR, mc - ir));
+            for (int i = 0; i < m_tile; ++i) crow[i] = C.row_ptr(ic + ir + i) + jc + jr;
+            isa.kernel(kc, apack + (ir / kMR) * kc * kMR, bpack + (jr / nr) * kc * nr, crow, m_tile,
+                       n_tile, alpha, acc);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace ktjax

@@ -1,0 +1,72 @@
+// Single-threaded blocked GEMM used by every expert kernel: C[M,N] (+)= alpha * op(A)[M,K] op(B)[K,N].
+//
+// Operands are views over row-major buffers of f32 or bf16 with optional row indirection (to read an
+// expert's tokens straight out of x without gathering them) and optional per-row scale (router
+// weights). Packing widens bf16 to f32, so one f32 micro-kernel per ISA serves both types, and every
+// product is accumulated in f32. Callers parallelise over (expert, tile) work items.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.h"
+#include "stats.h"
+
+namespace ktjax {
+
+// A view of a stored row-major matrix S; element (r, c) is data[row(r) * ld + c] * scale(r).
+// The logical operand is S, or S transposed when `trans` is set.
+struct MatView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t ld = 0;
+  const int32_t* rows = nullptr;     // stored row r lives at buffer row rows[r]
+  const float* row_scale = nullptr;  // stored row r is multiplied by row_scale[r]
+  bool trans = false;
+
+  int64_t row(int64_t r) const { return rows ? rows[r] : r; }
+  float scale(int64_t r) const { return row_scale ? row_scale[r] : 1.0f; }
+  // The same matrix without its first r0 stored rows / c0 stored columns.
+  MatView skip_rows(int64_t r0) const;
+  MatView skip_cols(int64_t c0) const;
+  MatView t() const {
+    MatView v = *this;
+    v.trans = !v.trans;
+    return v;
+  }
+};
+
+// f32 output; logical row i is stored at data[row(i) * ld]. Rows may repeat only when accumulating.
+struct OutView {
+  float* data = nullptr;
+  int64_t ld = 0;
+  const int32_t* rows = nullptr;
+
+  float* row_ptr(int64_t i) const { return data + (rows ? rows[i] : i) * ld; }
+  OutView skip_rows(int64_t r0) const;
+  OutView skip_cols(int64_t c0) const;
+};
+
+// Micro-kernel: c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_k a[k][i] b[k][0:nr] for i < mr.
+using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* const* c, int mr,
+                             int nr, float alpha, bool acc);
+
+struct Isa {
+  const char* name;
+  int nr;  // columns of the micro-kernel tile; its rows are always 6
+  MicroKernel kernel;
+};
+
+// The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when
+// set and supported. Returns nullptr only when KTJAX_ISA names an ISA this CPU lacks or an unknown one.
+const Isa* select_isa();
+// Comma-separated ISAs this CPU can run, best first.
+const char* available_isas();
+
+// Floats of packing scratch one gemm() call needs (a fixed amount, independent of the shapes).
+int64_t gemm_scratch_floats();
+
+// C[M,N] = (accumulate ? C : 0) + alpha * op(A) op(B). K == 0 yields 0 (or leaves C when accumulating).
+void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+          const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work);
+
+}  // namespace ktjax

@@ -1,0 +1,53 @@
+// pybind11 module `ktjax._ktjax_ffi`: FFI handler capsules for jax.ffi.register_ffi_target, plus the
+// FFI API version the kernels were built against, the CPU's ISAs and the work counters.
+#include <pybind11/pybind11.h>
+
+#include "gemm.h"
+#include "moe_backward.h"
+#include "moe_forward.h"
+#include "stats.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+py::capsule encapsulate(T* fn) {
+  return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_ktjax_ffi, m) {
+  m.doc() = "ktjax CPU expert kernels (XLA FFI handlers)";
+  m.def("registrations", []() {
+    py::dict d;
+    d["ktjax_moe_forward"] = encapsulate(KtjaxMoeForward);
+    d["ktjax_moe_backward"] = encapsulate(KtjaxMoeBackward);
+    return d;
+  });
+  m.def("ffi_api_version", []() { return py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },
+        "(major, minor) of the XLA FFI API the extension was compiled against.");
+  m.def("available_isas", []() { return std::string(ktjax::available_isas()); });
+  m.def("selected_isa", []() {
+    const ktjax::Isa* isa = ktjax::select_isa();
+    return isa ? std::string(isa->name) : std::string();
+  }, "The micro-kernel the next call will use (honours KTJAX_ISA); '' if KTJAX_ISA is unusable.");
+  m.def("counters", []() {
+    py::dict d;
+    auto& s = ktjax::stats();
+    for (int i = 0; i < static_cast<int>(ktjax::Work::kCount); ++i) {
+      d[ktjax::kWorkNames[i]] = s.flops[i].load();
+    }
+    d["forward_calls"] = s.forward_calls.load();
+    d["backward_calls"] = s.backward_calls.load();
+    return d;
+  }, "GEMM FLOPs per kind of work and call counts since start (or the last reset).");
+  m.def("reset_counters", []() {
+    auto& s = ktjax::stats();
+    for (auto& f : s.flops) f.store(0);
+    s.forward_calls.store(0);
+    s.backward_calls.store(0);
+  });
+}

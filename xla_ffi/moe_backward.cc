@@ -1,0 +1,383 @@
+// Backward of the routed experts. For slot (t, k) on expert e with router weight w, pre-activations
+// g, u, hidden h = silu(g) * u and upstream gradient dy = dy[t]:
+//   dh_full = Down_e^T dy              d topk_weights[t,k] = dh_full . h
+//   dh = w dh_full;  du = dh * silu(g);  dg = dh * u * silu'(g)
+//   dx[t] += Gate_e^T dg + Up_e^T du   (with LoRA: P^T d = W^T d + s A^T (B^T d))
+//   d Down_e = sum (w dy) h^T,  d Gate_e = sum dg x^T,  d Up_e = sum du x^T       (f32 accumulation)
+//   LoRA of P with z = A v:  dB = s sum d z^T,  dA = s sum (B^T d) v^T
+// Only the gradients named in `needs` are computed; the others are empty outputs and cost nothing.
+#include "moe_backward.h"
+
+#include <algorithm>
+
+#include "moe_context.h"
+
+namespace ktjax {
+namespace {
+
+struct Grads {
+  ffi::AnyBuffer* base[3];  // d gate, d up, d down
+  ffi::AnyBuffer* lora[6];  // dA, dB of gate, up, down
+};
+
+}  // namespace
+
+ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer ids,
+                        ffi::AnyBuffer weights, ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down,
+                        ffi::AnyBuffer a_gate, ffi::AnyBuffer b_gate, ffi::AnyBuffer a_up, ffi::AnyBuffer b_up,
+                        ffi::AnyBuffer a_down, ffi::AnyBuffer b_down, ffi::AnyBuffer g_saved,
+                        ffi::AnyBuffer u_saved, float lora_scale, int64_t needs,
+                        ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweights,
+                        ffi::Result<ffi::AnyBuffer> dgate, ffi::Result<ffi::AnyBuffer> dup,
+                        ffi::Result<ffi::AnyBuffer> ddown, ffi::Result<ffi::AnyBuffer> da_gate,
+                        ffi::Result<ffi::AnyBuffer> db_gate, ffi::Result<ffi::AnyBuffer> da_up,
+                        ffi::Result<ffi::AnyBuffer> db_up, ffi::Result<ffi::AnyBuffer> da_down,
+                        ffi::Result<ffi::AnyBuffer> db_down) {
+  const ffi::AnyBuffer lora_in[6] = {a_gate, b_gate, a_up, b_up, a_down, b_down};
+  MoeProblem p;
+  if (auto e = parse_problem(x, ids, weights, gate, up, down, lora_in, lora_scale, &p); e.failure()) return e;
+  const int64_t T = p.T, K = p.K, H = p.H, I = p.I, E = p.E;
+  if (needs < 0 || needs > kNeedAll) return ffi::Error::InvalidArgument("needs has unknown bits");
+  if (dy.element_type() != x.element_type()) return ffi::Error::InvalidArgument("dy must have the dtype of x");
+  if (auto e = expect_shape("dy", dy, {T, H}, "[T, H]"); e.failure()) return e;
+  const bool retained = g_saved.element_count() > 0;
+  if (retained) {
+    if (g_saved.element_type() != ffi::DataType::F32 || u_saved.element_type() != ffi::DataType::F32) {
+      return ffi::Error::InvalidArgument("g_saved and u_saved must be float32");
+    }
+    if (auto e = expect_shape("g_saved", g_saved, {T * K, I}, "[T*K, I]"); e.failure()) return e;
+    if (auto e = expect_shape("u_saved", u_saved, {T * K, I}, "[T*K, I]"); e.failure()) return e;
+  } else if (u_saved.element_count() != 0) {
+    return ffi::Error::InvalidArgument("g_saved and u_saved must both be given or both be empty");
+  }
+  const bool need_x = needs & kNeedX, need_w = needs & kNeedWeights;
+  const bool need_base[3] = {bool(needs & kNeedGate), bool(needs & kNeedUp), bool(needs & kNeedDown)};
+  const bool need_lora[6] = {bool(needs & kNeedLoraGateA), bool(needs & kNeedLoraGateB),
+                             bool(needs & kNeedLoraUpA),   bool(needs & kNeedLoraUpB),
+                             bool(needs & kNeedLoraDownA), bool(needs & kNeedLoraDownB)};
+  for (int j = 0; j < 3; ++j) {
+    if (p.lora[j].rank == 0 && (need_lora[2 * j] || need_lora[2 * j + 1])) {
+      return ffi::Error::InvalidArgument(std::string("needs asks for LoRA gradients of ") + kProjNames[j] +
+                                         ", which has no adapter");
+    }
+  }
+  if (auto e = expect_output("dx", *dx, need_x, {T, H}); e.failure()) return e;
+  if (auto e = expect_output("dtopk_weights", *dweights, need_w, {T, K}); e.failure()) return e;
+  Grads out{{&*dgate, &*dup, &*ddown}, {&*da_gate, &*db_gate, &*da_up, &*db_up, &*da_down, &*db_down}};
+  const int64_t out_dim[3] = {I, I, H}, in_dim[3] = {H, H, I};
+  static const char* base_names[3] = {"dgate", "dup", "ddown"};
+  static const char* lora_names[6] = {"dA gate", "dB gate", "dA up", "dB up", "dA down", "dB down"};
+  for (int j = 0; j < 3; ++j) {
+    if (auto e = expect_output(base_names[j], *out.base[j], need_base[j], {E, out_dim[j], in_dim[j]});
+        e.failure()) {
+      return e;
+    }
+    const int64_t r = p.lora[j].rank;
+    if (auto e = expect_output(lora_names[2 * j], *out.lora[2 * j], need_lora[2 * j], {E, r, in_dim[j]});
+        e.failure()) {
+      return e;
+    }
+    if (auto e = expect_output(lora_names[2 * j + 1], *out.lora[2 * j + 1], need_lora[2 * j + 1],
+                               {E, out_dim[j], r});
+        e.failure()) {
+      return e;
+    }
+  }
+  // Gradients come out in the dtype of their primal.
+  if ((need_x && dx->element_type() != x.element_type()) ||
+      (need_w && dweights->element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("dx must have the dtype of x and dtopk_weights float32");
+  }
+  const ffi::AnyBuffer* base_in[3] = {&gate, &up, &down};
+  for (int j = 0; j < 3; ++j) {
+    if (need_base[j] && out.base[j]->element_type() != base_in[j]->element_type()) {
+      return ffi::Error::InvalidArgument(std::string(base_names[j]) + " must have the dtype of " + kProjNames[j]);
+    }
+    for (int ab = 0; ab < 2; ++ab) {
+      if (need_lora[2 * j + ab] && out.lora[2 * j + ab]->element_type() != lora_in[2 * j + ab].element_type()) {
+        return ffi::Error::InvalidArgument(std::string(lora_names[2 * j + ab]) + " must have the dtype of its adapter");
+      }
+    }
+  }
+  const Isa* isa = select_isa();
+  if (isa == nullptr) {
+    return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU cannot run; available: ") +
+                                       available_isas());
+  }
+  Routing r;
+  if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
+    return ffi::Error::InvalidArgument(msg);
+  }
+  for (ffi::AnyBuffer* b : {&*dx, &*dweights}) poison_if_debug(*b);
+  for (ffi::AnyBuffer* b : out.base) poison_if_debug(*b);
+  for (ffi::AnyBuffer* b : out.lora) poison_if_debug(*b);
+  stats().backward_calls.fetch_add(1, std::memory_order_relaxed);
+
+  const Lora& lg = p.lora[kGate];
+  const Lora& lu = p.lora[kUp];
+  const Lora& ld = p.lora[kDown];
+  const float s = p.lora_scale;
+  const bool need_gu_lora = need_lora[0] || need_lora[1] || need_lora[2] || need_lora[3];
+  const bool need_dgdu = need_x || need_base[kGate] || need_base[kUp] || need_gu_lora;
+  const bool need_dh = need_dgdu || need_w;
+  const bool need_h = need_w || need_base[kDown] || need_lora[4] || need_lora[5];
+  const int64_t S = r.kept();
+  const int64_t wide = std::max(H, I);
+  KernelContext ctx(pool, *isa, std::max(kTile, p.max_rank()) * wide);
+  const std::vector<int32_t> experts = busy_experts(r, E);
+
+  // Pre-activations: saved by the forward, or recomputed now.
+  std::vector<float> own_g, own_u;
+  const float* g = static_cast<const float*>(g_saved.untyped_data());
+  const float* u = static_cast<const float*>(u_saved.untyped_data());
+  if (!retained && (need_dh || need_h)) {
+    own_g.resize(S * I);
+    own_u.resize(S * I);
+    compute_preactivations(ctx, p, r, own_g.data(), own_u.data(), nullptr, Work::kRecompute);
+    g = own_g.data();
+    u = own_u.data();
+  }
+  std::vector<float> h(need_h ? S * I : 0);
+  const int64_t chunks = (S + 63) / 64;
+  if (need_h) {
+    ctx.run(chunks, [&](int64_t c, int) {
+      for (int64_t i = c * 64 * I, end = std::min(S, (c + 1) * 64) * I; i < end; ++i) {
+        h[i] = g[i] * sigmoid(g[i]) * u[i];
+      }
+    });
+  }
+  const MatView dy_all = [&] {
+    MatView v;
+    v.data = dy.untyped_data();
+    v.dtype = p.x_dtype;
+    v.ld = H;
+    return v;
+  }();
+  auto dy_rows = [&](int64_t e) {
+    MatView v = dy_all;
+    v.rows = r.token.data() + r.offsets[e];
+    return v;
+  };
+
+  // q = dy B_down, [S, r_down]: feeds dh (through LoRA down) and dA_down.
+  std::vector<float> q;
+  if (ld.rank > 0 && (need_dh || need_lora[4])) {
+    q.resize(S * ld.rank);
+    ctx.run(experts.size(), [&](int64_t item, int worker) {
+      const int64_t e = experts[item], off = r.offsets[e];
+      ctx.gemm(worker, r.count(e), ld.rank, H, 1.0f, dy_rows(e), ld.B.expert(e),
+               f32_out(q.data() + off * ld.rank, ld.rank), false, need_dh ? Work::kInputGrad : Work::kLoraGrad);
+    });
+  }
+
+  // dh_full = dy Down_e (+ s q A_down), then per slot: d topk_weights, and dg / du.
+  std::vector<float> dg, du;
+  if (need_w) std::fill_n(static_cast<float*>(dweights->untyped_data()), T * K, 0.0f);
+  if (need_dh) {
+    std::vector<float> dh(S * I);
+    const auto items = expert_tiles(r, E, I, false);
+    ctx.run(items.size(), [&](int64_t item, int worker) {
+      const int64_t e = items[item].first, i0 = items[item].second * kTile;
+      const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
+      OutView o = f32_out(dh.data() + off * I + i0, I);
+      ctx.gemm(worker, n, ni, H, 1.0f, dy_rows(e), p.w[kDown].expert(e).skip_cols(i0), o, false,
+               Work::kInputGrad);
+      if (ld.rank > 0) {
+        ctx.gemm(worker, n, ni, ld.rank, s, f32_view(q.data() + off * ld.rank, ld.rank),
+                 ld.A.expert(e).skip_cols(i0), o, true, Work::kInputGrad);
+      }
+    });
+    if (need_dgdu) {
+      dg.resize(S * I);
+      du.resize(S * I);
+    }
+    float* dw = static_cast<float*>(dweights->untyped_data());
+    ctx.run(chunks, [&](int64_t c, int) {
+      for (int64_t sl = c * 64, end = std::min(S, (c + 1) * 64); sl < end; ++sl) {
+        const float* dhs = dh.data() + sl * I;
+        const float* gs = g + sl * I;
+        const float* us = u + sl * I;
+        if (need_w) {
+          const float* hs = h.data() + sl * I;
+          float dot = 0.0f;
+          for (int64_t i = 0; i < I; ++i) dot += dhs[i] * hs[i];
+          dw[r.slot[sl]] = dot;
+        }
+        if (need_dgdu) {
+          const float w = r.weight[sl];
+          for (int64_t i = 0; i < I; ++i) {
+            const float sg = sigmoid(gs[i]), d = w * dhs[i];
+            du[sl * I + i] = d * gs[i] * sg;
+            dg[sl * I + i] = d * us[i] * sg * (1.0f + gs[i] * (1.0f - sg));
+          }
+        }
+      }
+    });
+  }
+
+  // Computes rows [r0, r0 + rows) of expert e's [rows_per_expert, cols] gradient with `compute(out)`,
+  // writing straight into f32 outputs and through the worker's f32 tile for bf16 ones.
+  auto grad_tile = [&](ffi::AnyBuffer* o, int worker, int64_t e, int64_t rows_per_expert, int64_t cols,
+                       int64_t r0, int64_t rows, const auto& compute) {
+    const bool f32 = o->element_type() == ffi::DataType::F32;
+    float* dst = f32 ? static_cast<float*>(o->untyped_data()) + (e * rows_per_expert + r0) * cols
+                     : ctx.tile(worker);
+    compute(f32_out(dst, cols));
+    if (!f32) store_expert_rows(dst, o->untyped_data(), DType::kBF16, e, rows_per_expert, cols, r0, rows);
+  };
+
+  // d Down_e[h0:h0+nh, :] = (w dy_e)^T[h0:h0+nh] h_e.
+  if (need_base[kDown]) {
+    const auto items = expert_tiles(r, E, H, true);
+    ctx.run(items.size(), [&](int64_t item, int worker) {
+      const int64_t e = items[item].first, h0 = items[item].second * kTile;
+      const int64_t nh = std::min(kTile, H - h0), off = r.offsets[e], n = r.count(e);
+      grad_tile(out.base[kDown], worker, e, H, I, h0, nh, [&](const OutView& o) {
+        MatView a = dy_rows(e).skip_cols(h0);
+        a.row_scale = r.weight.data() + off;
+        ctx.gemm(worker, nh, I, n, 1.0f, a.t(), f32_view(h.data() + off * I, I), o, false, Work::kBaseGrad);
+      });
+    });
+  }
+
+  // LoRA of down: dB = s (w dy)^T z with z = h A^T; dA = s (w q)^T h. One item per expert.
+  if (need_lora[4] || need_lora[5]) {
+    ctx.run(E, [&](int64_t e, int worker) {
+      const int64_t off = r.offsets[e], n = r.count(e), rk = ld.rank;
+      const MatView he = f32_view(h.data() + off * I, I);
+      if (need_lora[5]) {
+        std::vector<float> z(n * rk);
+        ctx.gemm(worker, n, rk, I, 1.0f, he, ld.A.expert(e).t(), f32_out(z.data(), rk), false,
+                 Work::kLoraGrad);
+        grad_tile(out.lora[5], worker, e, H, rk, 0, H, [&](const OutView& o) {
+          MatView a = dy_rows(e);
+          a.row_scale = r.weight.data() + off;
+          ctx.gemm(worker, H, rk, n, s, a.t(), f32_view(z.data(), rk), o, false, Work::kLoraGrad);
+        });
+      }
+      if (need_lora[4]) {
+        grad_tile(out.lora[4], worker, e, rk, I, 0, rk, [&](const OutView& o) {
+          MatView a = f32_view(q.data() + off * rk, rk);
+          a.row_scale = r.weight.data() + off;
+          ctx.gemm(worker, rk, I, n, s, a.t(), he, o, false, Work::kLoraGrad);
+        });
+      }
+    });
+  }
+
+  // LoRA of gate and up: p = d B ([S, r], feeds dx and dA); dB = s d^T z with z = x A^T; dA = s p^T x.
+  const float* dgu[2] = {dg.data(), du.data()};
+  std::vector<float> pgu[2];
+  for (int j = 0; j < 2; ++j) {
+    const Lora& l = p.lora[j];
+    const bool nA = need_lora[2 * j], nB = need_lora[2 * j + 1];
+    if (l.rank == 0 || !(need_x || nA || nB)) continue;
+    const int64_t rk = l.rank;
+    pgu[j].resize(S * rk);
+    ctx.run(E, [&](int64_t e, int worker) {
+      const int64_t off = r.offsets[e], n = r.count(e);
+      const MatView xe = p.x_rows(r.token.data() + off);
+      const MatView de = f32_view(dgu[j] + off * I, I);
+      float* pe = pgu[j].data() + off * rk;
+      if (need_x || nA) {
+        ctx.gemm(worker, n, rk, I, 1.0f, de, l.B.expert(e), f32_out(pe, rk), false,
+                 need_x ? Work::kInputGrad : Work::kLoraGrad);
+      }
+      if (nB) {
+        std::vector<float> z(n * rk);
+        ctx.gemm(worker, n, rk, H, 1.0f, xe, l.A.expert(e).t(), f32_out(z.data(), rk), false,
+                 Work::kLoraGrad);
+        grad_tile(out.lora[2 * j + 1], worker, e, I, rk, 0, I, [&](const OutView& o) {
+          ctx.gemm(worker, I, rk, n, s, de.t(), f32_view(z.data(), rk), o, false, Work::kLoraGrad);
+        });
+      }
+      if (nA) {
+        grad_tile(out.lora[2 * j], worker, e, rk, H, 0, rk, [&](const OutView& o) {
+          ctx.gemm(worker, rk, H, n, s, f32_view(pe, rk).t(), xe, o, false, Work::kLoraGrad);
+        });
+      }
+    });
+  }
+
+  // d Gate_e / d Up_e [i0:i0+ni, :] = d_e^T[i0:i0+ni] x_e.
+  for (int j = 0; j < 2; ++j) {
+    if (!need_base[j]) continue;
+    const auto items = expert_tiles(r, E, I, true);
+    ctx.run(items.size(), [&](int64_t item, int worker) {
+      const int64_t e = items[item].first, i0 = items[item].second * kTile;
+      const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
+      grad_tile(out.base[j], worker, e, I, H, i0, ni, [&](const OutView& o) {
+        ctx.gemm(worker, ni, H, n, 1.0f, f32_view(dgu[j] + off * I + i0, I).t(),
+                 p.x_rows(r.token.data() + off), o, false, Work::kBaseGrad);
+      });
+    });
+  }
+
+  // dx[t, h0:h0+nh] += dg Gate_e + du Up_e (+ s p A): a work item owns a column block of every token.
+  if (need_x) {
+    std::vector<float> dx_acc;
+    float* acc = static_cast<float*>(dx->untyped_data());
+    if (p.x_dtype != DType::kF32) {
+      dx_acc.resize(T * H);
+      acc = dx_acc.data();
+    }
+    ctx.run(num_tiles(H), [&](int64_t tile, int worker) {
+      const int64_t h0 = tile * kTile, nh = std::min(kTile, H - h0);
+      for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
+      for (int32_t e : experts) {
+        const int64_t off = r.offsets[e], n = r.count(e);
+        const OutView o = OutView{acc, H, r.token.data() + off}.skip_cols(h0);
+        for (int j = 0; j < 2; ++j) {
+          ctx.gemm(worker, n, nh, I, 1.0f, f32_view(dgu[j] + off * I, I), p.w[j].expert(e).skip_cols(h0), o,
+                   true, Work::kInputGrad);
+          const Lora& l = p.lora[j];
+          if (l.rank > 0) {
+            ctx.gemm(worker, n, nh, l.rank, s, f32_view(pgu[j].data() + off * l.rank, l.rank),
+                     l.A.expert(e).skip_cols(h0), o, true, Work::kInputGrad);
+          }
+        }
+      }
+    });
+    if (p.x_dtype != DType::kF32) {
+      ctx.run((T + 63) / 64, [&](int64_t c, int) {
+        const int64_t t0 = c * 64, nt = std::min<int64_t>(64, T - t0);
+        store_row(acc + t0 * H, static_cast<uint16_t*>(dx->untyped_data()) + t0 * H, p.x_dtype, nt * H);
+      });
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace ktjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeBackward, ktjax::moe_backward,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // dy
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // topk_ids
+                                  .Arg<xla::ffi::AnyBuffer>()  // topk_weights
+                                  .Arg<xla::ffi::AnyBuffer>()  // gate
+                                  .Arg<xla::ffi::AnyBuffer>()  // up
+                                  .Arg<xla::ffi::AnyBuffer>()  // down
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate A
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate B
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora up A
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora up B
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora down A
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora down B
+                                  .Arg<xla::ffi::AnyBuffer>()  // g_saved (empty: recompute)
+                                  .Arg<xla::ffi::AnyBuffer>()  // u_saved
+                                  .Attr<float>("lora_scale")
+                                  .Attr<int64_t>("needs")
+                                  .Ret<xla::ffi::AnyBuffer>()   // dx
+                                  .Ret<xla::ffi::AnyBuffer>()   // dtopk_weights
+                                  .Ret<xla::ffi::AnyBuffer>()   // dgate
+                                  .Ret<xla::ffi::AnyBuffer>()   // dup
+                                  .Ret<xla::ffi::AnyBuffer>()   // ddown
+                                  .Ret<xla::ffi::AnyBuffer>()   // dA gate
+                                  .Ret<xla::ffi::AnyBuffer>()   // dB gate
+                                  .Ret<xla::ffi::AnyBuffer>()   // dA up
+                                  .Ret<xla::ffi::AnyBuffer>()   // dB up
+                                  .Ret<xla::ffi::AnyBuffer>()   // dA down
+                                  .Ret<xla::ffi::AnyBuffer>());  // dB down

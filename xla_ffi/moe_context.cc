@@ -1,0 +1,63 @@
+#include "moe_context.h"
+
+namespace ktjax {
+
+void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routing& r, float* g,
+                            float* u, float* h, Work work) {
+  const int64_t S = r.kept(), H = p.H, I = p.I;
+  const Lora& lg = p.lora[kGate];
+  const Lora& lu = p.lora[kUp];
+  // LoRA A products z = x A^T: [S, r], small, one work item per expert.
+  std::vector<float> zg(S * lg.rank), zu(S * lu.rank);
+  const std::vector<int32_t> experts = busy_experts(r, p.E);
+  if (lg.rank > 0 || lu.rank > 0) {
+    ctx.run(experts.size(), [&](int64_t item, int worker) {
+      const int64_t e = experts[item], off = r.offsets[e], n = r.count(e);
+      const MatView xe = p.x_rows(r.token.data() + off);
+      if (lg.rank > 0) {
+        ctx.gemm(worker, n, lg.rank, H, 1.0f, xe, lg.A.expert(e).t(),
+                 f32_out(zg.data() + off * lg.rank, lg.rank), false, work);
+      }
+      if (lu.rank > 0) {
+        ctx.gemm(worker, n, lu.rank, H, 1.0f, xe, lu.A.expert(e).t(),
+                 f32_out(zu.data() + off * lu.rank, lu.rank), false, work);
+      }
+    });
+  }
+  const auto items = expert_tiles(r, p.E, I, false);
+  ctx.run(items.size(), [&](int64_t item, int worker) {
+    const int64_t e = items[item].first, i0 = items[item].second * kTile;
+    const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
+    const MatView xe = p.x_rows(r.token.data() + off);
+    float* gt = g + off * I + i0;
+    float* ut = u + off * I + i0;
+    ctx.gemm(worker, n, ni, H, 1.0f, xe, p.w[kGate].expert(e).skip_rows(i0).t(), f32_out(gt, I), false,
+             work);
+    ctx.gemm(worker, n, ni, H, 1.0f, xe, p.w[kUp].expert(e).skip_rows(i0).t(), f32_out(ut, I), false,
+             work);
+    if (lg.rank > 0) {
+      ctx.gemm(worker, n, ni, lg.rank, p.lora_scale, f32_view(zg.data() + off * lg.rank, lg.rank),
+               lg.B.expert(e).skip_rows(i0).t(), f32_out(gt, I), true, work);
+    }
+    if (lu.rank > 0) {
+      ctx.gemm(worker, n, ni, lu.rank, p.lora_scale, f32_view(zu.data() + off * lu.rank, lu.rank),
+               lu.B.expert(e).skip_rows(i0).t(), f32_out(ut, I), true, work);
+    }
+    if (h != nullptr) {
+      for (int64_t s = 0; s < n; ++s) {
+        const float* gs = gt + s * I;
+        const float* us = ut + s * I;
+        float* hs = h + (off + s) * I + i0;
+        for (int64_t i = 0; i < ni; ++i) hs[i] = gs[i] * sigmoid(gs[i]) * us[i];
+      }
+    }
+  });
+}
+
+void store_expert_rows(const float* src, void* dst, DType dtype, int64_t e, int64_t rows_per_expert,
+                       int64_t cols, int64_t r0, int64_t rows) {
+  char* base = static_cast<char*>(dst) + ((e * rows_per_expert + r0) * cols) * dtype_bytes(dtype);
+  store_row(src, base, dtype, rows * cols);
+}
+
+}  // namespace ktjax

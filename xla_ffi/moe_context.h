@@ -1,0 +1,88 @@
+// What every phase of an expert kernel call shares: the pool, the ISA, per-worker scratch, and the
+// (expert, tile) work lists the phases are parallelised over.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "gemm.h"
+#include "moe_problem.h"
+#include "routing.h"
+#include "thread_pool.h"
+
+namespace ktjax {
+
+inline constexpr int64_t kTile = 128;  // columns of an output tile in one work item
+
+inline int64_t num_tiles(int64_t n) { return (n + kTile - 1) / kTile; }
+
+struct KernelContext {
+  ffi::ThreadPool& pool;
+  const Isa& isa;
+  int workers;
+  int64_t tile_floats;            // per-worker f32 tile for outputs stored in bf16
+  std::vector<float> gemm_space;  // workers * gemm_scratch_floats()
+  std::vector<float> tile_space;  // workers * tile_floats
+
+  KernelContext(ffi::ThreadPool& p, const Isa& i, int64_t tile_floats_per_worker)
+      : pool(p), isa(i), workers(num_workers(p)), tile_floats(tile_floats_per_worker),
+        gemm_space(static_cast<size_t>(workers) * gemm_scratch_floats()),
+        tile_space(static_cast<size_t>(workers) * tile_floats_per_worker) {}
+
+  float* gemm_scratch(int worker) { return gemm_space.data() + worker * gemm_scratch_floats(); }
+  float* tile(int worker) { return tile_space.data() + worker * tile_floats; }
+
+  template <typename F>
+  void run(int64_t n, const F& fn) {
+    parallel_for(pool, workers, n, fn);
+  }
+
+  void gemm(int worker, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+            const MatView& B, const OutView& C, bool accumulate, Work work) {
+    ktjax::gemm(isa, M, N, K, alpha, A, B, C, accumulate, gemm_scratch(worker), work);
+  }
+};
+
+// (expert, tile) pairs over `cols` output columns; only experts with tokens unless `all_experts`.
+inline std::vector<std::pair<int32_t, int32_t>> expert_tiles(const Routing& r, int64_t E, int64_t cols,
+                                                              bool all_experts) {
+  std::vector<std::pair<int32_t, int32_t>> items;
+  for (int64_t e = 0; e < E; ++e) {
+    if (!all_experts && r.count(e) == 0) continue;
+    for (int64_t t = 0; t < num_tiles(cols); ++t) items.emplace_back(e, t);
+  }
+  return items;
+}
+
+inline std::vector<int32_t> busy_experts(const Routing& r, int64_t E) {
+  std::vector<int32_t> out;
+  for (int64_t e = 0; e < E; ++e) {
+    if (r.count(e) > 0) out.push_back(static_cast<int32_t>(e));
+  }
+  return out;
+}
+
+// f32 matrix [rows, ld] as a GEMM operand / output.
+inline MatView f32_view(const float* data, int64_t ld) {
+  MatView v;
+  v.data = data;
+  v.ld = ld;
+  return v;
+}
+inline OutView f32_out(float* data, int64_t ld) { return OutView{data, ld, nullptr}; }
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// g, u: [S, I] f32 pre-activations in sorted slot order (h = silu(g) * u when h != nullptr).
+// Computes the gate and up projections (with LoRA) of every kept slot.
+void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routing& r, float* g,
+                            float* u, float* h, Work work);
+
+// Writes a [rows, cols] f32 result into a stacked output of either dtype, expert e, starting at row r0.
+void store_expert_rows(const float* src, void* dst, DType dtype, int64_t e, int64_t rows_per_expert,
+                       int64_t cols, int64_t r0, int64_t rows);
+
+}  // namespace ktjax

@@ -1,0 +1,136 @@
+// Forward of the routed experts:
+//   y[t] = sum_k w[t,k] * Down_e(silu(Gate_e(x[t])) * Up_e(x[t])),  e = topk_ids[t,k]
+// Slots are grouped by expert; each expert's projections are GEMMs over its token group. Optionally
+// saves the gate/up pre-activations [T*K, I] f32 (sorted slot order) for the backward ("retain").
+#include "moe_forward.h"
+
+#include <algorithm>
+
+#include "moe_context.h"
+
+namespace ktjax {
+
+ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
+                       ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::AnyBuffer a_gate,
+                       ffi::AnyBuffer b_gate, ffi::AnyBuffer a_up, ffi::AnyBuffer b_up,
+                       ffi::AnyBuffer a_down, ffi::AnyBuffer b_down, float lora_scale, bool save_preact,
+                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> g_saved,
+                       ffi::Result<ffi::AnyBuffer> u_saved) {
+  const ffi::AnyBuffer lora[6] = {a_gate, b_gate, a_up, b_up, a_down, b_down};
+  MoeProblem p;
+  if (auto e = parse_problem(x, ids, weights, gate, up, down, lora, lora_scale, &p); e.failure()) return e;
+  const int64_t T = p.T, K = p.K, H = p.H, I = p.I, E = p.E;
+  if (y->element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument("y must have the dtype of x");
+  }
+  if (auto e = expect_shape("y", *y, {T, H}, "[T, H]"); e.failure()) return e;
+  if (auto e = expect_output("g_saved", *g_saved, save_preact, {T * K, I}); e.failure()) return e;
+  if (auto e = expect_output("u_saved", *u_saved, save_preact, {T * K, I}); e.failure()) return e;
+  if (save_preact && (g_saved->element_type() != ffi::DataType::F32 ||
+                      u_saved->element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("g_saved and u_saved must be float32");
+  }
+  const Isa* isa = select_isa();
+  if (isa == nullptr) {
+    return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU cannot run; available: ") +
+                                       available_isas());
+  }
+  Routing r;
+  if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
+    return ffi::Error::InvalidArgument(msg);
+  }
+  poison_if_debug(*y);
+  poison_if_debug(*g_saved);
+  poison_if_debug(*u_saved);
+  stats().forward_calls.fetch_add(1, std::memory_order_relaxed);
+
+  const int64_t S = r.kept();
+  const Lora& ld = p.lora[kDown];
+  KernelContext ctx(pool, *isa, 0);
+  std::vector<float> own_g, own_u;
+  float* g = nullptr;
+  float* u = nullptr;
+  if (save_preact) {
+    g = static_cast<float*>(g_saved->untyped_data());
+    u = static_cast<float*>(u_saved->untyped_data());
+    // Rows past the kept slots are never read; zero them so the saved buffers are fully defined.
+    std::fill(g + S * I, g + T * K * I, 0.0f);
+    std::fill(u + S * I, u + T * K * I, 0.0f);
+  } else {
+    own_g.resize(S * I);
+    own_u.resize(S * I);
+    g = own_g.data();
+    u = own_u.data();
+  }
+  std::vector<float> h(S * I);
+  compute_preactivations(ctx, p, r, g, u, h.data(), Work::kForward);
+
+  // LoRA A of down: zd = h A^T, [S, r_down].
+  const std::vector<int32_t> experts = busy_experts(r, E);
+  std::vector<float> zd(S * ld.rank);
+  if (ld.rank > 0) {
+    ctx.run(experts.size(), [&](int64_t item, int worker) {
+      const int64_t e = experts[item], off = r.offsets[e];
+      ctx.gemm(worker, r.count(e), ld.rank, I, 1.0f, f32_view(h.data() + off * I, I),
+               ld.A.expert(e).t(), f32_out(zd.data() + off * ld.rank, ld.rank), false, Work::kForward);
+    });
+  }
+
+  // Down projection, weighted and scattered into y. A work item owns columns [h0, h0 + kTile) of
+  // every token, so the scatter-add needs no atomics.
+  std::vector<float> y_acc;
+  float* acc = static_cast<float*>(y->untyped_data());
+  if (p.x_dtype != DType::kF32) {
+    y_acc.resize(T * H);
+    acc = y_acc.data();
+  }
+  ctx.run(num_tiles(H), [&](int64_t tile, int worker) {
+    const int64_t h0 = tile * kTile, nh = std::min(kTile, H - h0);
+    for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
+    for (int32_t e : experts) {
+      const int64_t off = r.offsets[e], n = r.count(e);
+      OutView out{acc, H, r.token.data() + off};
+      out = out.skip_cols(h0);
+      MatView he = f32_view(h.data() + off * I, I);
+      he.row_scale = r.weight.data() + off;
+      ctx.gemm(worker, n, nh, I, 1.0f, he, p.w[kDown].expert(e).skip_rows(h0).t(), out, true,
+               Work::kForward);
+      if (ld.rank > 0) {
+        MatView ze = f32_view(zd.data() + off * ld.rank, ld.rank);
+        ze.row_scale = r.weight.data() + off;
+        ctx.gemm(worker, n, nh, ld.rank, p.lora_scale, ze, ld.B.expert(e).skip_rows(h0).t(), out, true,
+                 Work::kForward);
+      }
+    }
+  });
+  if (p.x_dtype != DType::kF32) {
+    ctx.run((T + 63) / 64, [&](int64_t chunk, int) {
+      const int64_t t0 = chunk * 64, nt = std::min<int64_t>(64, T - t0);
+      store_row(acc + t0 * H, static_cast<uint16_t*>(y->untyped_data()) + t0 * H, p.x_dtype, nt * H);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace ktjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeForward, ktjax::moe_forward,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // topk_ids
+                                  .Arg<xla::ffi::AnyBuffer>()  // topk_weights
+                                  .Arg<xla::ffi::AnyBuffer>()  // gate
+                                  .Arg<xla::ffi::AnyBuffer>()  // up
+                                  .Arg<xla::ffi::AnyBuffer>()  // down
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate A
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate B
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora up A
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora up B
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora down A
+                                  .Arg<xla::ffi::AnyBuffer>()  // lora down B
+                                  .Attr<float>("lora_scale")
+                                  .Attr<bool>("save_preact")
+                                  .Ret<xla::ffi::AnyBuffer>()   // y
+                                  .Ret<xla::ffi::AnyBuffer>()   // g_saved
+                                  .Ret<xla::ffi::AnyBuffer>());  // u_saved

@@ -1,0 +1,140 @@
+#include "moe_problem.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace ktjax {
+namespace {
+
+std::string dims_str(ffi::AnyBuffer::Dimensions d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+int64_t MoeProblem::max_rank() const {
+  return std::max({lora[0].rank, lora[1].rank, lora[2].rank});
+}
+
+ffi::Error float_dtype(const char* name, const ffi::AnyBuffer& b, DType* out) {
+  switch (b.element_type()) {
+    case ffi::DataType::F32: *out = DType::kF32; return ffi::Error::Success();
+    case ffi::DataType::BF16: *out = DType::kBF16; return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(std::string(name) + " must be bfloat16 or float32");
+  }
+}
+
+ffi::Error expect_shape(const char* name, const ffi::AnyBuffer& b, std::initializer_list<int64_t> dims,
+                        const char* doc) {
+  auto d = b.dimensions();
+  if (d.size() == dims.size() && std::equal(dims.begin(), dims.end(), d.begin())) {
+    return ffi::Error::Success();
+  }
+  std::string want = "[";
+  int i = 0;
+  for (int64_t v : dims) want += (i++ ? ", " : "") + std::to_string(v);
+  return ffi::Error::InvalidArgument(std::string(name) + " must have shape " + doc + " = " + want +
+                                     "], got " + dims_str(d));
+}
+
+ffi::Error expect_output(const char* name, const ffi::AnyBuffer& b, bool needed,
+                         std::initializer_list<int64_t> dims) {
+  if (!needed) {
+    if (b.element_count() == 0) return ffi::Error::Success();
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       " is not requested, so it must be an empty array, got " +
+                                       dims_str(b.dimensions()));
+  }
+  return expect_shape(name, b, dims, "(requested gradient)");
+}
+
+ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& weights,
+                         const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up, const ffi::AnyBuffer& down,
+                         const ffi::AnyBuffer* lora_ab, float lora_scale, MoeProblem* p) {
+  if (x.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("x must have shape [T, H], got " + dims_str(x.dimensions()));
+  }
+  if (ids.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("topk_ids must have shape [T, K], got " +
+                                       dims_str(ids.dimensions()));
+  }
+  if (gate.dimensions().size() != 3) {
+    return ffi::Error::InvalidArgument("gate must have shape [E, I, H], got " +
+                                       dims_str(gate.dimensions()));
+  }
+  p->T = x.dimensions()[0];
+  p->H = x.dimensions()[1];
+  p->K = ids.dimensions()[1];
+  p->E = gate.dimensions()[0];
+  p->I = gate.dimensions()[1];
+  const int64_t T = p->T, H = p->H, K = p->K, E = p->E, I = p->I;
+  if (auto e = float_dtype("x", x, &p->x_dtype); e.failure()) return e;
+  if (ids.element_type() != ffi::DataType::S32) {
+    return ffi::Error::InvalidArgument("topk_ids must be int32");
+  }
+  if (weights.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("topk_weights must be float32");
+  }
+  if (auto e = expect_shape("topk_ids", ids, {T, K}, "[T, K]"); e.failure()) return e;
+  if (auto e = expect_shape("topk_weights", weights, {T, K}, "[T, K]"); e.failure()) return e;
+  if (auto e = expect_shape("gate", gate, {E, I, H}, "[E, I, H]"); e.failure()) return e;
+  if (auto e = expect_shape("up", up, {E, I, H}, "[E, I, H]"); e.failure()) return e;
+  if (auto e = expect_shape("down", down, {E, H, I}, "[E, H, I]"); e.failure()) return e;
+  const ffi::AnyBuffer* w[3] = {&gate, &up, &down};
+  const int64_t out_dim[3] = {I, I, H}, in_dim[3] = {H, H, I};
+  for (int j = 0; j < 3; ++j) {
+    if (auto e = float_dtype(kProjNames[j], *w[j], &p->w[j].dtype); e.failure()) return e;
+    p->w[j].data = w[j]->untyped_data();
+    p->w[j].rows = out_dim[j];
+    p->w[j].cols = in_dim[j];
+  }
+  if (p->w[1].dtype != p->w[0].dtype || p->w[2].dtype != p->w[0].dtype) {
+    return ffi::Error::InvalidArgument("gate, up and down must share one dtype");
+  }
+  if (!std::isfinite(lora_scale)) {
+    return ffi::Error::InvalidArgument("lora_scale must be finite");
+  }
+  p->lora_scale = lora_scale;
+  static const char* a_names[3] = {"lora['gate'] A", "lora['up'] A", "lora['down'] A"};
+  static const char* b_names[3] = {"lora['gate'] B", "lora['up'] B", "lora['down'] B"};
+  for (int j = 0; j < 3; ++j) {
+    const ffi::AnyBuffer& A = lora_ab[2 * j];
+    const ffi::AnyBuffer& B = lora_ab[2 * j + 1];
+    if (A.dimensions().size() != 3) {
+      return ffi::Error::InvalidArgument(std::string(a_names[j]) + " must have shape [E, r, in], got " +
+                                         dims_str(A.dimensions()));
+    }
+    const int64_t r = A.dimensions()[1];
+    if (auto e = expect_shape(a_names[j], A, {E, r, in_dim[j]}, "[E, r, in]"); e.failure()) return e;
+    if (auto e = expect_shape(b_names[j], B, {E, out_dim[j], r}, "[E, out, r]"); e.failure()) return e;
+    Lora& l = p->lora[j];
+    l.rank = r;
+    if (auto e = float_dtype(a_names[j], A, &l.A.dtype); e.failure()) return e;
+    if (auto e = float_dtype(b_names[j], B, &l.B.dtype); e.failure()) return e;
+    l.A = {A.untyped_data(), l.A.dtype, r, in_dim[j]};
+    l.B = {B.untyped_data(), l.B.dtype, out_dim[j], r};
+  }
+  p->x = x.untyped_data();
+  p->ids = static_cast<const int32_t*>(ids.untyped_data());
+  p->weights = static_cast<const float*>(weights.untyped_data());
+  return ffi::Error::Success();
+}
+
+void poison_if_debug(ffi::AnyBuffer b) {
+  const char* env = std::getenv("KTJAX_DEBUG_POISON");
+  if (!env || std::strcmp(env, "1") != 0) return;
+  const size_t n = b.element_count();
+  if (b.element_type() == ffi::DataType::F32) {
+    std::fill_n(static_cast<float*>(b.untyped_data()), n, std::numeric_limits<float>::quiet_NaN());
+  } else if (b.element_type() == ffi::DataType::BF16) {
+    std::fill_n(static_cast<uint16_t*>(b.untyped_data()), n, uint16_t{0x7fc0});
+  }
+}
+
+}  // namespace ktjax

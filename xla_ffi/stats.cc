@@ -1,0 +1,10 @@
+#include "stats.h"
+
+namespace ktjax {
+
+Stats& stats() {
+  static Stats s;
+  return s;
+}
+
+}  // namespace ktjax

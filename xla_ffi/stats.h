@@ -1,0 +1,38 @@
+// Kernel introspection: GEMM FLOPs done per kind of work, summed over the life of the process.
+//
+// These counters are the one piece of global state in the kernels besides XLA's pool. They exist so
+// that tests can prove a frozen weight costs no gradient work and users can see where the time goes.
+// Each GEMM adds its 2*M*N*K once, with a relaxed atomic add.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+
+namespace ktjax {
+
+enum class Work : int {
+  kForward = 0,    // forward projections (gate, up, down, LoRA A and B)
+  kRecompute = 1,  // forward projections redone in backward (policy "recompute", LoRA A for grads)
+  kInputGrad = 2,  // dx and the chain leading to it (d hidden, through down and LoRA B)
+  kLoraGrad = 3,   // gradients of LoRA A and B
+  kBaseGrad = 4,   // gradients of the base weights gate, up, down
+  kCount = 5,
+};
+
+inline constexpr const char* kWorkNames[] = {"forward", "recompute", "input_grad", "lora_grad",
+                                             "base_grad"};
+
+struct Stats {
+  std::array<std::atomic<int64_t>, static_cast<int>(Work::kCount)> flops{};
+  std::atomic<int64_t> forward_calls{0};
+  std::atomic<int64_t> backward_calls{0};
+};
+
+Stats& stats();
+
+inline void add_flops(Work w, int64_t flops) {
+  stats().flops[static_cast<int>(w)].fetch_add(flops, std::memory_order_relaxed);
+}
+
+}  // namespace ktjax

@@ -11,6 +11,7 @@ import pathlib
 import re
 
 import jax
+import jaxlib
 
 try:
     from ktjax import _ktjax_ffi
@@ -45,7 +46,7 @@ def check_ffi_api(built: tuple[int, int], runtime: tuple[int, int]) -> None:
     if runtime[0] != built[0] or runtime < built:
         raise ImportError(
             f"ktjax's kernels were built for XLA FFI API {built[0]}.{built[1]}, but the installed jaxlib "
-            f"{jax.lib.__version__ if hasattr(jax, 'lib') else ''} provides {runtime[0]}.{runtime[1]}. "
+            f"{jaxlib.__version__} provides {runtime[0]}.{runtime[1]}. "
             "Install a jaxlib at least as new as the one ktjax was built with, or rebuild ktjax "
             "(`pip install -e .`) against the installed jaxlib."
         )

@@ -72,9 +72,7 @@ def check_moe_args(
     for name, w in (("gate", gate), ("up", up), ("down", down)):
         _float(name, w)
     if not (gate.dtype == up.dtype == down.dtype):
-        raise TypeError(
-            f"gate, up and down must share one dtype, got {gate.dtype}, {up.dtype}, {down.dtype}"
-        )
+        raise TypeError(f"gate, up and down must share one dtype, got {gate.dtype}, {up.dtype}, {down.dtype}")
     if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite Python number, got {lora_scale!r}")
     if lora is None:

@@ -37,8 +37,20 @@ NEED_BITS = {
     "lora_down_b": 1 << 10,
 }
 # Inputs of _moe_cpu after the two static arguments; index 1 (topk_ids) is not differentiable.
-_INPUT_NAMES = ("x", "topk_ids", "topk_weights", "gate", "up", "down",
-                "lora_gate_a", "lora_gate_b", "lora_up_a", "lora_up_b", "lora_down_a", "lora_down_b")
+_INPUT_NAMES = (
+    "x",
+    "topk_ids",
+    "topk_weights",
+    "gate",
+    "up",
+    "down",
+    "lora_gate_a",
+    "lora_gate_b",
+    "lora_up_a",
+    "lora_up_b",
+    "lora_down_a",
+    "lora_down_b",
+)
 
 
 def moe_experts(

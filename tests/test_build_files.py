@@ -1,0 +1,47 @@
+"""The build descriptions agree with the sources, and the FFI version check refuses old runtimes."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+from ktjax import ffi
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cmake_sources() -> set[str]:
+    text = (ROOT / "xla_ffi" / "CMakeLists.txt").read_text()
+    block = re.search(r"set\(KTJAX_FFI_SOURCES(.*?)\)", text, re.S)
+    assert block, "KTJAX_FFI_SOURCES not found in xla_ffi/CMakeLists.txt"
+    return set(block.group(1).split())
+
+
+def bazel_sources() -> set[str]:
+    return set(re.findall(r'"xla_ffi/(\w+\.cc)"', (ROOT / "BUILD").read_text()))
+
+
+def test_bazel_and_cmake_build_the_same_sources():
+    assert bazel_sources() == cmake_sources()
+
+
+def test_every_cc_file_is_built():
+    on_disk = {p.name for p in (ROOT / "xla_ffi").glob("*.cc")}
+    assert cmake_sources() == on_disk
+
+
+def test_extension_was_built_for_the_runtime_ffi_api():
+    assert ffi.built_ffi_api_version() <= ffi.runtime_ffi_api_version()
+
+
+@pytest.mark.parametrize("built, runtime", [((0, 4), (0, 3)), ((1, 0), (0, 9)), ((0, 3), (1, 0))])
+def test_older_or_incompatible_runtime_ffi_api_is_refused_with_a_clear_message(built, runtime):
+    with pytest.raises(ImportError, match="kernels were built for XLA FFI API"):
+        ffi.check_ffi_api(built, runtime)
+
+
+@pytest.mark.parametrize("built, runtime", [((0, 3), (0, 3)), ((0, 3), (0, 4))])
+def test_same_or_newer_runtime_ffi_api_is_accepted(built, runtime):
+    ffi.check_ffi_api(built, runtime)

@@ -1,0 +1,180 @@
+"""moe_experts (CPU FFI kernels): forward and every gradient against a float64 dense reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from moe_testing import loss_and_grads, make_problem, reference_loss_and_grads, rel_err
+
+from ktjax.ops import moe_experts
+
+# Max error relative to the largest reference value. f32: products and sums in f32. bf16: inputs are
+# exact bf16 values and accumulation is f32, but y, dx and weight gradients are rounded to bf16 once.
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.2e-2}
+
+
+def cpu_moe(policy="retain"):
+    def fn(x, ids, w, gate, up, down, lora, scale):
+        return moe_experts(x, ids, w, gate, up, down, lora=lora, lora_scale=scale, policy=policy)
+
+    return fn
+
+
+def check_against_reference(p, dtype, policy="retain", seed=1):
+    cot = np.random.default_rng(seed).standard_normal(p.x.shape)
+    y, grads = loss_and_grads(p, cpu_moe(policy), jnp.asarray(cot, jnp.float32))
+    y_ref, grads_ref = reference_loss_and_grads(p, cot)
+    assert y.dtype == p.x.dtype
+    assert rel_err(y, y_ref) < TOL[dtype], "forward"
+    for name, g in grads.items():
+        assert g.shape == grads_ref[name].shape
+        err = rel_err(g, grads_ref[name])
+        assert err < TOL[dtype], f"gradient of {name}: relative error {err:.2e}"
+
+
+SHAPES = {
+    "odd_sizes": dict(T=13, K=3, E=5, H=72, I=40),
+    "one_token": dict(T=1, K=2, E=4, H=16, I=24),
+    "one_slot": dict(T=7, K=1, E=3, H=20, I=12),
+    "one_expert": dict(T=9, K=1, E=1, H=24, I=8),
+    "blocks_past_cache_tiles": dict(T=300, K=1, E=1, H=600, I=130),  # K-dim > 256, N > 512, M > 96
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_forward_and_all_gradients_match_reference(shape, dtype):
+    p = make_problem(0, **SHAPES[shape], dtype=dtype)
+    check_against_reference(p, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("policy", ["retain", "recompute"])
+def test_lora_on_every_projection_matches_reference(policy, dtype):
+    p = make_problem(2, T=11, K=2, E=4, H=72, I=40, dtype=dtype, ranks={"gate": 3, "up": 5, "down": 2})
+    check_against_reference(p, dtype, policy)
+
+
+def test_lora_on_some_projections_matches_reference():
+    p = make_problem(3, T=10, K=2, E=3, H=24, I=40, ranks={"down": 3})
+    check_against_reference(p, jnp.float32)
+    p = make_problem(4, T=10, K=2, E=3, H=24, I=40, ranks={"gate": 1, "up": 7})
+    check_against_reference(p, jnp.float32)
+
+
+def test_dropped_slots_and_idle_experts():
+    rng = np.random.default_rng(5)
+    ids = rng.integers(-1, 2, (12, 3))  # experts 2..5 get no tokens; about a third of slots dropped
+    ids[0] = -1  # a token with every slot dropped
+    p = make_problem(5, T=12, K=3, E=6, H=40, I=24, ids=ids, ranks={"gate": 2, "down": 2})
+    check_against_reference(p, jnp.float32)
+    _, grads = loss_and_grads(p, cpu_moe(), jnp.ones(p.x.shape, jnp.float32))
+    assert np.all(np.asarray(grads["gate"])[2:] == 0)  # idle experts: exact zero gradient, not garbage
+    assert np.all(np.asarray(grads["weights"])[np.asarray(ids) < 0] == 0)
+    assert np.all(np.asarray(grads["x"])[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_all_slots_on_one_expert_including_repeats_within_a_token(dtype):
+    ids = np.zeros((6, 3), np.int64)  # each token picks expert 0 three times
+    p = make_problem(6, T=6, K=3, E=4, H=32, I=20, dtype=dtype, ids=ids, ranks={"up": 2})
+    check_against_reference(p, dtype)
+
+
+def test_matches_xla_backend():
+    p = make_problem(7, T=17, K=2, E=5, H=48, I=36, ranks={"gate": 2, "up": 2, "down": 2})
+    cot = jnp.asarray(np.random.default_rng(0).standard_normal(p.x.shape), jnp.float32)
+
+    def xla(x, ids, w, gate, up, down, lora, scale):
+        return moe_experts(x, ids, w, gate, up, down, lora=lora, lora_scale=scale, backend="xla")
+
+    y_cpu, g_cpu = loss_and_grads(p, cpu_moe(), cot)
+    y_xla, g_xla = loss_and_grads(p, xla, cot)
+    assert rel_err(y_cpu, y_xla) < 2e-5
+    for name in g_cpu:
+        assert rel_err(g_cpu[name], g_xla[name]) < 2e-5, name
+
+
+def test_retain_and_recompute_give_identical_gradients():
+    p = make_problem(8, T=20, K=2, E=4, H=40, I=24, ranks={"gate": 2, "up": 2, "down": 2})
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(p.x.shape), jnp.float32)
+    _, g_retain = loss_and_grads(p, cpu_moe("retain"), cot)
+    _, g_recompute = loss_and_grads(p, cpu_moe("recompute"), cot)
+    for name in g_retain:
+        np.testing.assert_array_equal(g_retain[name], g_recompute[name], err_msg=name)
+
+
+def test_full_grads_accumulate_across_microbatches():
+    p = make_problem(9, T=24, K=2, E=4, H=32, I=16, ranks={"down": 2})
+    a, b = p.lora["down"]
+
+    def weight_grads(x, ids, w):
+        def loss(gate, up, down, a, b):
+            y = moe_experts(x, ids, w, gate, up, down, lora={"down": (a, b)}, lora_scale=p.scale)
+            return jnp.sum(y**2)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(p.gate, p.up, p.down, a, b)
+
+    whole = weight_grads(p.x, p.ids, p.weights)
+    parts = [weight_grads(p.x[s], p.ids[s], p.weights[s]) for s in (slice(0, 7), slice(7, 16), slice(16, 24))]
+    for i, g in enumerate(whole):
+        summed = sum(part[i] for part in parts)
+        assert rel_err(summed, g) < 1e-5
+
+
+def test_works_under_jit_and_grad_of_jit():
+    p = make_problem(10, T=8, K=2, E=3, H=24, I=16)
+    f = jax.jit(lambda x, w, gate: jnp.sum(moe_experts(x, p.ids, w, gate, p.up, p.down) ** 2))
+    eager = jnp.sum(moe_experts(*p.args()) ** 2)
+    np.testing.assert_allclose(f(p.x, p.weights, p.gate), eager, rtol=1e-6)
+    g_jit = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(p.x, p.weights, p.gate)
+    g = jax.grad(lambda x, w, gate: jnp.sum(moe_experts(x, p.ids, w, gate, p.up, p.down) ** 2), (0, 1, 2))(
+        p.x, p.weights, p.gate
+    )
+    for a, b in zip(g_jit, g):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_a_batch_of_token_sets_matches_a_loop():
+    ps = [make_problem(20 + i, T=6, K=2, E=3, H=16, I=8) for i in range(3)]
+    base = ps[0]
+    xs = jnp.stack([q.x for q in ps])
+    ids = jnp.stack([q.ids for q in ps])
+    ws = jnp.stack([q.weights for q in ps])
+
+    def loss(x, i, w, gate):
+        return jnp.sum(moe_experts(x, i, w, gate, base.up, base.down) ** 2)
+
+    vals = jax.vmap(loss, in_axes=(0, 0, 0, None))(xs, ids, ws, base.gate)
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 3)), in_axes=(0, 0, 0, None))(xs, ids, ws, base.gate)
+    for b in range(3):
+        np.testing.assert_allclose(vals[b], loss(xs[b], ids[b], ws[b], base.gate), rtol=1e-6)
+        gx, gg = jax.grad(loss, argnums=(0, 3))(xs[b], ids[b], ws[b], base.gate)
+        np.testing.assert_allclose(grads[0][b], gx, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(grads[1][b], gg, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_fallback_isas_match_reference(isa, monkeypatch):
+    from ktjax import ffi
+
+    if isa not in ffi.available_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("KTJAX_ISA", isa)
+    assert ffi.selected_isa() == isa
+    p = make_problem(11, T=10, K=2, E=3, H=72, I=40, ranks={"gate": 3, "down": 2})
+    check_against_reference(p, jnp.float32)
+
+
+def test_thread_count_does_not_change_results(monkeypatch):
+    p = make_problem(12, T=40, K=2, E=3, H=300, I=200, ranks={"up": 2})
+    cot = jnp.ones(p.x.shape, jnp.float32)
+    monkeypatch.setenv("KTJAX_NUM_THREADS", "1")
+    y1, g1 = loss_and_grads(p, cpu_moe(), cot)
+    monkeypatch.setenv("KTJAX_NUM_THREADS", "3")
+    y3, g3 = loss_and_grads(p, cpu_moe(), cot)
+    np.testing.assert_array_equal(y1, y3)
+    for name in g1:
+        np.testing.assert_array_equal(g1[name], g3[name], err_msg=name)

@@ -1,0 +1,99 @@
+"""Model configuration: one dataclass covering the Qwen3-MoE, DeepSeek-V3 and Mixtral layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+STYLES = ("qwen3_moe", "deepseek_v3", "mixtral")
+# Module names a LoRA target list may contain; "experts" adapts the routed experts' gate/up/down.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only MoE transformer. Field names follow the Hugging Face configs where they exist."""
+
+    style: str = "qwen3_moe"  # parameter naming and defaults: qwen3_moe | deepseek_v3 | mixtral
+    vocab_size: int = 32
+    hidden_size: int = 64  # H
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # GQA: heads share K/V in groups
+    head_dim: int = 16
+    qk_norm: bool = True  # RMSNorm on q and k per head (Qwen3)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    num_experts: int = 8  # E, routed experts per MoE layer
+    num_experts_per_tok: int = 2  # K
+    moe_intermediate_size: int = 32  # I, per routed expert
+    intermediate_size: int = 128  # dense MLP layers (first_k_dense_replace)
+    first_k_dense_replace: int = 0  # the first N layers use a dense MLP (DeepSeek-V3)
+    n_shared_experts: int = 0  # shared experts beside the routed ones (DeepSeek-V3)
+    scoring_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3, with e_score_correction_bias)
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
+    n_group: int = 1  # group-limited routing: experts in n_group groups ...
+    topk_group: int = 1  # ... and only the best topk_group groups are eligible
+    routed_scaling_factor: float = 1.0
+    tie_word_embeddings: bool = False
+    param_dtype: str = "float32"  # float32 | bfloat16: dtype of every weight
+    expert_backend: str = "cpu"  # cpu (FFI kernels) | xla (pure JAX)
+    expert_policy: str = "retain"  # retain | recompute (activations saved for the expert backward)
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()  # subset of LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func must be softmax or sigmoid, got {self.scoring_func!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.num_experts % self.n_group or self.topk_group > self.n_group:
+            raise ValueError("num_experts must divide into n_group groups and topk_group <= n_group")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError("num_experts_per_tok must be in [1, num_experts]")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown lora_targets {sorted(unknown)}; allowed: {LORA_TARGETS}")
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def lora_rank_for(self, target: str) -> int:
+        return self.lora_rank if target in self.lora_targets else 0
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def qwen3_moe(**overrides) -> ModelConfig:
+    """Qwen3-MoE: softmax top-k with norm_topk_prob, no shared experts, GQA with q/k RMSNorm, RoPE."""
+    return ModelConfig(style="qwen3_moe", **overrides)
+
+
+def deepseek_v3(**overrides) -> ModelConfig:
+    """DeepSeek-V3 layout: sigmoid scoring with correction bias, group-limited top-k, a shared
+    expert, first layer dense. (Attention here is GQA, not DeepSeek's multi-head latent attention.)"""
+    defaults = dict(
+        style="deepseek_v3",
+        scoring_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        qk_norm=False,
+    )
+    return ModelConfig(**{**defaults, **overrides})
+
+
+def mixtral(**overrides) -> ModelConfig:
+    """Mixtral: softmax top-2 over 8 experts, GQA, no q/k norm."""
+    defaults = dict(style="mixtral", num_experts=8, num_experts_per_tok=2, qk_norm=False)
+    return ModelConfig(**{**defaults, **overrides})

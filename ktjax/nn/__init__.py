@@ -1,0 +1,1 @@
+"""Flax NNX modules: linear (with LoRA), norm, attention, router, MoE block, decoder."""

@@ -1,0 +1,105 @@
+"""Decoder layer and the full causal LM. Attribute names mirror Hugging Face parameter names, e.g.
+``model.layers.0.self_attn.q_proj.weight`` or ``model.layers.1.mlp.experts.gate_proj.weight``
+(routed experts stacked over a leading E axis)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ktjax.models.config import ModelConfig
+from ktjax.nn.attention import Attention, attention_mask
+from ktjax.nn.linear import Linear
+from ktjax.nn.mlp import MLP
+from ktjax.nn.moe import MoEBlock
+from ktjax.nn.norm import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        dense = layer < cfg.first_k_dense_replace
+        ffn = (
+            MLP(cfg, cfg.intermediate_size, rngs=rngs, dtype=dtype)
+            if dense
+            else MoEBlock(cfg, rngs=rngs, dtype=dtype)
+        )
+        # Mixtral calls its MoE block "block_sparse_moe"; the others call it "mlp".
+        self.ffn_name = "block_sparse_moe" if cfg.style == "mixtral" and not dense else "mlp"
+        setattr(self, self.ffn_name, ffn)
+
+    def __call__(self, x, positions, mask, token_mask) -> tuple[jax.Array, dict | None]:
+        x = x + self.self_attn(self.input_layernorm(x), positions, mask)
+        ffn = getattr(self, self.ffn_name)
+        h = self.post_attention_layernorm(x)
+        if isinstance(ffn, MoEBlock):
+            y, stats = ffn(h, token_mask)
+        else:
+            y, stats = ffn(h), None
+        return x + y, stats
+
+
+class Embedding(nnx.Module):
+    """Token embedding table weight [V, H]."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim)).astype(dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return self.weight[...][ids].astype(jnp.float32)
+
+
+class Backbone(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, rngs=rngs, dtype=dtype) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+
+class MoeForCausalLM(nnx.Module):
+    """input_ids [B, S] int32 -> logits [B, S, V] f32, plus router statistics averaged over MoE layers."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.config = cfg
+        self.model = Backbone(cfg, rngs=rngs, dtype=dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, rngs=rngs, dtype=dtype)
+        )
+
+    def __call__(
+        self, input_ids: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """segment_ids [B, S]: packed-sequence ids, 0 = padding (default: one segment, no padding).
+        positions [B, S]: RoPE positions (default: 0..S-1)."""
+        B, S = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, S), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        mask = attention_mask(segment_ids)
+        token_mask = segment_ids > 0
+        x = self.model.embed_tokens(input_ids)
+        stats = []
+        for layer in self.model.layers:
+            x, s = layer(x, positions, mask, token_mask)
+            if s is not None:
+                stats.append(s)
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("bsh,vh->bsv", x, self.model.embed_tokens.weight[...].astype(jnp.float32))
+        else:
+            logits = self.lm_head(x)
+        aux = (
+            {k: jnp.mean(jnp.stack([s[k] for s in stats])) for k in ("load_balance_loss", "max_load")}
+            if stats
+            else {"load_balance_loss": jnp.zeros(()), "max_load": jnp.ones(())}
+        )
+        return logits, aux

@@ -1,0 +1,86 @@
+"""MoE block: router, routed experts (stacked [E, ...] weights, optional per-expert LoRA) computed by
+ktjax.ops.moe_experts, and optional shared experts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ktjax.models.config import ModelConfig
+from ktjax.nn.linear import LoRAParam
+from ktjax.nn.mlp import MLP
+from ktjax.nn.router import Router
+from ktjax.ops import moe_experts
+
+
+class ExpertProjection(nnx.Module):
+    """One projection of every routed expert: weight [E, out, in], LoRA A [E, r, in], B [E, out, r]."""
+
+    def __init__(self, E: int, out_dim: int, in_dim: int, *, rngs: nnx.Rngs, dtype, lora_rank: int):
+        w = jax.random.normal(rngs.params(), (E, out_dim, in_dim)) * in_dim**-0.5
+        self.weight = nnx.Param(w.astype(dtype))
+        if lora_rank:
+            a = jax.random.normal(rngs.params(), (E, lora_rank, in_dim)) * in_dim**-0.5
+            self.lora_A = LoRAParam(a.astype(dtype))
+            self.lora_B = LoRAParam(jnp.zeros((E, out_dim, lora_rank), dtype))
+        else:
+            self.lora_A = self.lora_B = None
+
+    def adapter(self):
+        return None if self.lora_A is None else (self.lora_A[...], self.lora_B[...])
+
+
+class Experts(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        r = cfg.lora_rank_for("experts")
+        self.gate_proj = ExpertProjection(E, I, H, rngs=rngs, dtype=dtype, lora_rank=r)
+        self.up_proj = ExpertProjection(E, I, H, rngs=rngs, dtype=dtype, lora_rank=r)
+        self.down_proj = ExpertProjection(E, H, I, rngs=rngs, dtype=dtype, lora_rank=r)
+        self.lora_scale = cfg.lora_scale
+        self.backend = cfg.expert_backend
+        self.policy = cfg.expert_policy
+
+    def __call__(self, x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array) -> jax.Array:
+        """x: [T, H] f32 -> [T, H] f32; the experts run in the weights' dtype."""
+        lora = {
+            name: proj.adapter()
+            for name, proj in (("gate", self.gate_proj), ("up", self.up_proj), ("down", self.down_proj))
+            if proj.lora_A is not None
+        }
+        gate = self.gate_proj.weight[...]
+        y = moe_experts(
+            x.astype(gate.dtype),
+            topk_ids,
+            topk_weights,
+            gate,
+            self.up_proj.weight[...],
+            self.down_proj.weight[...],
+            lora=lora or None,
+            lora_scale=self.lora_scale,
+            backend=self.backend,
+            policy=self.policy,
+        )
+        return y.astype(jnp.float32)
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
+        self.gate = Router(cfg, rngs=rngs)
+        self.experts = Experts(cfg, rngs=rngs, dtype=dtype)
+        self.shared_experts = (
+            MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs, dtype=dtype)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, dict]:
+        """x: [B, S, H] f32; token_mask: [B, S] bool -> ([B, S, H] f32, router stats)."""
+        B, S, H = x.shape
+        flat = x.reshape(B * S, H)
+        ids, weights, stats = self.gate(flat, token_mask.reshape(-1))
+        y = self.experts(flat, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.reshape(B, S, H), stats

@@ -1,0 +1,146 @@
+"""Hybrid optimizer: path rules label every parameter ``full``, ``lora`` or ``frozen``.
+
+The labels decide three things at once: which optax transformation updates a parameter
+(``optax.multi_transform``; frozen -> ``optax.set_to_zero()``), which parameters ``jax.grad``
+differentiates at all (only ``full`` and ``lora`` ones; the routed-expert kernels then skip the
+gradient work of frozen expert weights), and what a checkpoint saves every step.
+
+Rules are ordered ``(pattern, label)`` pairs matched against dotted parameter names; the first match
+wins. A pattern is a glob (``*.self_attn.*``) or, prefixed with ``re:``, a regular expression.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+import optax
+
+from ktjax.params import Params
+
+LABELS = ("full", "lora", "frozen")
+Rules = Sequence[tuple[str, str]]
+
+# Common recipes. Each ends in a catch-all so every parameter gets a label.
+FULL_RULES: Rules = (("*", "full"),)
+LORA_RULES: Rules = (("*.lora_A", "lora"), ("*.lora_B", "lora"), ("*", "frozen"))
+# Attention and routers trained in full, routed experts through LoRA, embeddings and the rest frozen.
+HYBRID_RULES: Rules = (
+    ("*.lora_A", "lora"),
+    ("*.lora_B", "lora"),
+    ("*.self_attn.*", "full"),
+    ("*.gate.weight", "full"),
+    ("*", "frozen"),
+)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def label_params(names: Iterable[str], rules: Rules) -> dict[str, str]:
+    """Label of each name under `rules` (first match wins). Raises ValueError for a bad label or a
+    name no rule matches."""
+    for pattern, label in rules:
+        if label not in LABELS:
+            raise ValueError(f"rule {pattern!r} -> {label!r}: label must be one of {LABELS}")
+    labels = {}
+    for name in names:
+        label = next((lab for pat, lab in rules if _matches(pat, name)), None)
+        if label is None:
+            raise ValueError(f"no rule matches parameter {name!r}; end the rules with ('*', 'frozen')")
+        labels[name] = label
+    return labels
+
+
+@dataclass
+class GroupConfig:
+    """Optimizer of one label group."""
+
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr_peak: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+def learning_rate(group: GroupConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to lr_peak, then constant or cosine decay to lr_peak / 10 at total_steps."""
+    warmup = optax.linear_schedule(0.0, group.lr_peak, max(group.warmup_steps, 1))
+    if group.schedule == "constant":
+        after = optax.constant_schedule(group.lr_peak)
+    elif group.schedule == "cosine":
+        decay_steps = max(total_steps - group.warmup_steps, 1)
+        after = optax.cosine_decay_schedule(group.lr_peak, decay_steps, alpha=0.1)
+    else:
+        raise ValueError(f"schedule must be cosine or constant, got {group.schedule!r}")
+    if group.warmup_steps == 0:
+        return after
+    return optax.join_schedules([warmup, after], [group.warmup_steps])
+
+
+def group_transform(group: GroupConfig, total_steps: int) -> optax.GradientTransformation:
+    lr = learning_rate(group, total_steps)
+    if group.optimizer == "adamw":
+        return optax.adamw(lr, b1=group.b1, b2=group.b2, weight_decay=group.weight_decay)
+    if group.optimizer == "adam":
+        return optax.adam(lr, b1=group.b1, b2=group.b2)
+    if group.optimizer == "sgd":
+        return optax.sgd(lr)
+    raise ValueError(f"optimizer must be adamw, adam or sgd, got {group.optimizer!r}")
+
+
+def make_optimizer(
+    labels: dict[str, str], groups: dict[str, GroupConfig], total_steps: int, clip_norm: float | None = 1.0
+) -> optax.GradientTransformation:
+    """optax.multi_transform over the labelled parameters (frozen -> set_to_zero), after global-norm
+    clipping. Apply it to any subset of the labelled parameters (the trainer passes only trainable
+    ones, so frozen tensors hold no optimizer state)."""
+    used = set(labels.values()) - {"frozen"}
+    missing = used - set(groups)
+    if missing:
+        raise ValueError(f"no optimizer group configured for label(s) {sorted(missing)}")
+    transforms = {label: group_transform(groups[label], total_steps) for label in used}
+    transforms["frozen"] = optax.set_to_zero()
+
+    def param_labels(params: Params) -> dict[str, str]:
+        return {name: labels[name] for name in params}
+
+    tx = optax.multi_transform(transforms, param_labels)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
+
+
+def split_trainable(params: Params, labels: dict[str, str]) -> tuple[Params, Params]:
+    """(trainable, frozen) halves of a flat parameter dict."""
+    trainable = {n: v for n, v in params.items() if labels[n] != "frozen"}
+    frozen = {n: v for n, v in params.items() if labels[n] == "frozen"}
+    return trainable, frozen
+
+
+def parameter_summary(params: Params, labels: dict[str, str]) -> str:
+    """A table of tensors, parameters and bytes per group; routed-expert LoRA gets its own row."""
+    rows: dict[str, list[int]] = {}
+    for name, value in params.items():
+        group = labels[name]
+        if group == "lora" and ".experts." in name:
+            group = "lora (routed experts)"
+        row = rows.setdefault(group, [0, 0, 0])
+        row[0] += 1
+        row[1] += int(np.prod(value.shape))
+        row[2] += int(np.prod(value.shape)) * jax.numpy.dtype(value.dtype).itemsize
+    total = sum(r[1] for r in rows.values())
+    lines = [f"{'group':<24}{'tensors':>8}{'params':>14}{'share':>8}{'MiB':>10}"]
+    for group in sorted(rows):
+        t, n, b = rows[group]
+        lines.append(f"{group:<24}{t:>8}{n:>14,}{n / total:>8.1%}{b / 2**20:>10.2f}")
+    trainable = sum(r[1] for g, r in rows.items() if g != "frozen")
+    lines.append(f"{'trainable':<24}{'':>8}{trainable:>14,}{trainable / total:>8.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Parameters as a flat dict keyed by dotted Hugging Face-style names, and back into the NNX model.
+
+A flat ``{"model.layers.0.self_attn.q_proj.weight": array, ...}`` dict is what the optimizer labels,
+what ``jax.grad`` differentiates (trainable part only) and what checkpoints store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Params = dict[str, jax.Array]
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """Everything but the parameter values: rebuild the model with ``merge_model(defn, params)``."""
+
+    graphdef: Any
+    paths: dict[str, tuple]  # name -> NNX state path
+    types: dict[str, type]  # name -> Variable type (Param, LoRAParam)
+    rest: Any  # non-parameter state
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, Params]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    names = {".".join(str(k) for k in path): (path, var) for path, var in flat}
+    defn = ModelDef(
+        graphdef=graphdef,
+        paths={n: p for n, (p, _) in names.items()},
+        types={n: type(v) for n, (_, v) in names.items()},
+        rest=rest,
+    )
+    return defn, {n: v.get_value() for n, (_, v) in names.items()}
+
+
+def merge_model(defn: ModelDef, params: Params) -> nnx.Module:
+    missing = set(defn.paths) - set(params)
+    if missing:
+        raise KeyError(f"parameters missing to rebuild the model: {sorted(missing)[:5]}")
+    flat = nnx.from_flat_state([(defn.paths[n], defn.types[n](params[n])) for n in defn.paths])
+    return nnx.merge(defn.graphdef, flat, defn.rest)
+
+
+def is_lora(name: str) -> bool:
+    return name.endswith(".lora_A") or name.endswith(".lora_B")
+
+
+def merge_lora(params: Params, lora_scale: float) -> Params:
+    """Folds every adapter into its base weight (W += scale * B A, per expert for stacked weights) and
+    drops the adapters. Returns a new dict; the result has the parameter names of the base model."""
+    merged = {n: v for n, v in params.items() if not is_lora(n)}
+    for name in params:
+        if not name.endswith(".lora_A"):
+            continue
+        base = name[: -len(".lora_A")]
+        a = params[name].astype(jnp.float32)
+        b = params[base + ".lora_B"].astype(jnp.float32)
+        w = merged[base + ".weight"]
+        delta = jnp.einsum("...or,...ri->...oi", b, a) * lora_scale
+        merged[base + ".weight"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+    return merged

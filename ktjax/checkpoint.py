@@ -53,7 +53,11 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save
             ),
-            item_names=("trainable", "opt_state", "meta"),
+            item_handlers={
+                "trainable": ocp.StandardCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     @property

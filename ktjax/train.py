@@ -100,7 +100,7 @@ def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: Train
             "loss": ce_sum / n_targets,
             "load_balance_loss": lb_sum / n_micro,
             "max_expert_load": max_load,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return trainable, opt_state, metrics
 
@@ -142,6 +142,8 @@ def train(
     defn, params = split_model(model)
     labels = label_params(params, cfg.rules)
     trainable, frozen = split_trainable(params, labels)
+    # The step donates its trainable buffers; copy them once so the caller's model stays usable.
+    trainable = jax.tree.map(jnp.copy, trainable)
     if not trainable:
         raise ValueError("no parameter is trainable under the rules: every label is 'frozen'")
     print(parameter_summary(params, labels))

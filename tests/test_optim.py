@@ -1,0 +1,82 @@
+"""Hybrid labels: ordered glob/regex rules, per-group optimizers, frozen -> zero updates, summary."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax.optim import (
+    HYBRID_RULES,
+    GroupConfig,
+    label_params,
+    learning_rate,
+    make_optimizer,
+    parameter_summary,
+)
+
+NAMES = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.mlp.gate.weight",
+    "model.layers.0.mlp.experts.gate_proj.weight",
+    "model.layers.0.mlp.experts.gate_proj.lora_A",
+    "model.layers.0.mlp.experts.gate_proj.lora_B",
+    "model.layers.3.mlp.experts.up_proj.weight",
+]
+
+
+def test_hybrid_rules_label_attention_router_full_experts_lora_rest_frozen():
+    labels = label_params(NAMES, HYBRID_RULES)
+    assert labels["model.layers.0.self_attn.q_proj.weight"] == "full"
+    assert labels["model.layers.0.mlp.gate.weight"] == "full"
+    assert labels["model.layers.0.mlp.experts.gate_proj.lora_A"] == "lora"
+    assert labels["model.layers.0.mlp.experts.gate_proj.weight"] == "frozen"
+    assert labels["model.embed_tokens.weight"] == "frozen"
+
+
+def test_first_matching_rule_wins_and_regex_rules_work():
+    rules = [(r"re:model\.layers\.[0-2]\..*experts.*\.weight", "full"), ("*.lora_*", "lora"), ("*", "frozen")]
+    labels = label_params(NAMES, rules)
+    assert labels["model.layers.0.mlp.experts.gate_proj.weight"] == "full"  # first N layers' experts full
+    assert labels["model.layers.3.mlp.experts.up_proj.weight"] == "frozen"
+    assert labels["model.layers.0.mlp.experts.gate_proj.lora_B"] == "lora"
+
+
+def test_unmatched_names_and_unknown_labels_are_errors():
+    with pytest.raises(ValueError, match="no rule matches parameter 'model.embed_tokens.weight'"):
+        label_params(NAMES, [("*.weight_not", "full")])
+    with pytest.raises(ValueError, match="label must be one of"):
+        label_params(NAMES, [("*", "trainable")])
+
+
+def test_each_group_gets_its_own_optimizer_and_frozen_gets_no_update():
+    params = {"a": jnp.ones(3), "b": jnp.ones(3), "c": jnp.ones(3)}
+    labels = {"a": "full", "b": "lora", "c": "frozen"}
+    groups = {
+        "full": GroupConfig("sgd", lr_peak=0.1, schedule="constant"),
+        "lora": GroupConfig("sgd", lr_peak=1.0, schedule="constant"),
+    }
+    tx = make_optimizer(labels, groups, total_steps=10, clip_norm=None)
+    grads = {k: jnp.full(3, 2.0) for k in params}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["a"], -0.2)
+    np.testing.assert_allclose(updates["b"], -2.0)
+    np.testing.assert_allclose(updates["c"], 0.0)
+
+
+def test_missing_group_config_is_an_error():
+    with pytest.raises(ValueError, match=r"no optimizer group configured for label\(s\) \['lora'\]"):
+        make_optimizer({"a": "lora"}, {"full": GroupConfig()}, total_steps=10)
+
+
+def test_schedule_warms_up_then_decays():
+    lr = learning_rate(GroupConfig(lr_peak=1.0, warmup_steps=10, schedule="cosine"), total_steps=110)
+    assert float(lr(0)) == 0.0 and abs(float(lr(10)) - 1.0) < 1e-6 and abs(float(lr(110)) - 0.1) < 1e-6
+
+
+def test_summary_counts_groups_and_routed_expert_lora_separately():
+    params = {n: jnp.zeros((2, 4), jnp.bfloat16) for n in NAMES}
+    text = parameter_summary(params, label_params(NAMES, HYBRID_RULES))
+    assert "lora (routed experts)" in text and "frozen" in text and "full" in text
+    assert "trainable" in text.splitlines()[-1] and "32" in text.splitlines()[-1]  # 4 tensors * 8

@@ -1,0 +1,167 @@
+"""Training end to end on tiny models: hybrid invariants, overfitting in every mode, exact resume,
+checkpoint errors, gradient accumulation, adapter export."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from moe_testing import rel_err
+
+from ktjax import ffi
+from ktjax.checkpoint import Checkpoints
+from ktjax.data import SortTask
+from ktjax.export import export_lora, export_merged, load_weights
+from ktjax.models import build_model, qwen3_moe
+from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES, GroupConfig
+from ktjax.params import merge_model, split_model
+from ktjax.train import TrainConfig, train
+
+TASK = SortTask(length=5, num_values=6)
+
+
+def tiny(**kw):
+    base = dict(
+        vocab_size=TASK.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        head_dim=8,
+        num_experts=4,
+        moe_intermediate_size=16,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lora_targets=("experts",),
+    )
+    return qwen3_moe(**{**base, **kw})
+
+
+class OneBatch:
+    """The same small batch every step: a model that learns must overfit it."""
+
+    def __init__(self, size=8):
+        self.fixed = TASK.batch(0, size)
+
+    def batch(self, step, batch_size):
+        return self.fixed
+
+    def eval_batch(self, batch_size):
+        return self.fixed
+
+
+def config(**kw):
+    groups = {
+        "full": GroupConfig(lr_peak=1e-2, schedule="constant"),
+        "lora": GroupConfig(lr_peak=3e-2, schedule="constant"),
+    }
+    base = dict(
+        steps=40, batch_size=8, log_every=1, eval_every=0, checkpoint_every=0, progress=False, groups=groups
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("rules", [FULL_RULES, LORA_RULES, HYBRID_RULES], ids=["full", "lora", "hybrid"])
+def test_tiny_model_overfits_a_small_batch_in_every_mode(rules, tmp_path):
+    result = train(build_model(tiny()), OneBatch(), config(steps=60, rules=rules), tmp_path)
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    assert last < first / 4, f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_hybrid_training_keeps_frozen_and_lora_base_weights_bit_identical(tmp_path):
+    model = build_model(tiny(lora_targets=("experts", "q_proj")))
+    _, before = split_model(model)
+    ffi.reset_kernel_counters()
+    result = train(model, OneBatch(), config(steps=5, rules=HYBRID_RULES), tmp_path)
+    counts = ffi.kernel_counters()
+    after = result.params
+    for name, label in result.labels.items():
+        same = np.array_equal(np.asarray(before[name]), np.asarray(after[name]))
+        if label == "frozen":
+            assert same, f"frozen {name} changed"
+        elif not name.endswith("lora_A") or "experts" not in name:
+            assert not same, f"{label} {name} did not change"
+    assert result.labels["model.layers.0.mlp.experts.gate_proj.weight"] == "frozen"
+    assert result.labels["model.layers.0.self_attn.q_proj.lora_A"] == "lora"
+    assert counts["backward_calls"] > 0 and counts["lora_grad"] > 0
+    assert counts["base_grad"] == 0  # the expert kernels never computed a base-weight gradient
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = config(steps=12, checkpoint_every=4, rules=HYBRID_RULES)
+    whole = train(build_model(tiny()), TASK, cfg, tmp_path / "whole")
+    train(build_model(tiny()), TASK, cfg, tmp_path / "split", stop_after=6)  # "crashes" after step 6
+    resumed = train(
+        build_model(tiny(), seed=99), TASK, cfg, tmp_path / "split", resume=True
+    )  # restores step 4
+    keys = ("loss", "grad_norm", "load_balance_loss")
+    want = [[r[k] for k in keys] for r in whole.history if r["step"] > 4]
+    got = [[r[k] for k in keys] for r in resumed.history if r["step"] > 4]
+    assert got == want  # bit-identical metrics from step 5 on
+    for name in whole.params:
+        np.testing.assert_array_equal(whole.params[name], resumed.params[name], err_msg=name)
+    logged = [
+        json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == sorted(logged)  # steps 5-6 of the interrupted run were dropped, not duplicated
+
+
+def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
+    train(build_model(tiny()), OneBatch(), config(steps=2, rules=HYBRID_RULES), tmp_path)
+    ckpt = Checkpoints(tmp_path / "checkpoints")
+    _, params = split_model(build_model(tiny(lora_rank=8)))
+    trainable = {
+        n: v for n, v in params.items() if "lora" in n or "self_attn" in n or n.endswith("gate.weight")
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"parameter '.*lora_A' has shape \(4, 4, \d+\) in the checkpoint but \(4, 8, \d+\)",
+    ):
+        ckpt.restore(ckpt.latest_step(), trainable, None)
+    smaller = {n: v for n, v in trainable.items() if "layers.1" not in n}
+    with pytest.raises(ValueError, match=r"the checkpoint has parameter 'model\.layers\.1\."):
+        ckpt.restore(ckpt.latest_step(), smaller, None)
+    _, params = split_model(build_model(tiny(qk_norm=False, lora_targets=("experts", "v_proj"))))
+    with pytest.raises(ValueError, match="is not in the checkpoint"):
+        train(
+            build_model(tiny(lora_targets=("experts", "v_proj"))),
+            OneBatch(),
+            config(steps=3, rules=HYBRID_RULES),
+            tmp_path,
+            resume=True,
+        )
+
+
+def test_micro_batches_give_the_same_step_as_one_batch(tmp_path):
+    sgd = {g: GroupConfig("sgd", lr_peak=0.5, schedule="constant") for g in ("full", "lora")}
+    before = split_model(build_model(tiny()))[1]
+    # No load-balancing loss here: it is a product of batch statistics, so it is not additive over
+    # micro-batches (in any framework). The cross-entropy gradient is, up to f32 rounding.
+    opts = dict(steps=1, groups=sgd, clip_norm=0, aux_loss_coef=0.0)
+    one = train(build_model(tiny()), TASK, config(**opts), tmp_path / "a")
+    four = train(build_model(tiny()), TASK, config(**opts, micro_batches=4), tmp_path / "b")
+    np.testing.assert_allclose(one.history[0]["loss"], four.history[0]["loss"], rtol=1e-6)
+    for name, label in one.labels.items():
+        if label != "frozen":  # SGD: the update is -lr * gradient, so equal updates = equal gradients
+            step_one = np.asarray(one.params[name]) - np.asarray(before[name])
+            step_four = np.asarray(four.params[name]) - np.asarray(before[name])
+            if not np.any(step_one):  # LoRA A while B = 0 has a zero gradient: both must be exactly 0
+                assert not np.any(step_four), name
+            else:
+                assert rel_err(step_four, step_one) < 1e-4, name
+
+
+def test_exported_merged_weights_give_the_adapted_models_logits(tmp_path):
+    cfg = tiny(lora_targets=("experts", "o_proj"))
+    result = train(build_model(cfg), OneBatch(), config(steps=5, rules=LORA_RULES), tmp_path)
+    names = export_lora(result.params, tmp_path / "adapters.safetensors")
+    assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
+    export_merged(result.params, cfg.lora_scale, tmp_path / "merged.safetensors")
+    merged = load_weights(tmp_path / "merged.safetensors")
+    adapted_def, _ = split_model(build_model(cfg))
+    plain_def, plain = split_model(build_model(cfg.replace(lora_rank=0, lora_targets=())))
+    assert set(merged) == set(plain)
+    ids = OneBatch().fixed["input_ids"]
+    want, _ = merge_model(adapted_def, result.params)(ids)
+    got, _ = merge_model(plain_def, {n: jax.numpy.asarray(v) for n, v in merged.items()})(ids)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)

@@ -25,6 +25,7 @@ class SortTask:
     length: int = 8
     num_values: int = 10
     seed: int = 0
+    descending: bool = False  # sort the other way (a related task to fine-tune to)
 
     PAD, BOS, SEP = 0, 1, 2
 
@@ -39,12 +40,14 @@ class SortTask:
     def _make(self, rng: np.random.Generator, batch_size: int) -> Batch:
         digits = rng.integers(0, self.num_values, (batch_size, self.length))
         answer = np.sort(digits, axis=1)
+        if self.descending:
+            answer = answer[:, ::-1]
         seq = np.concatenate(
             [np.full((batch_size, 1), self.BOS), digits + 3, np.full((batch_size, 1), self.SEP), answer + 3],
             axis=1,
         ).astype(np.int32)
         loss_mask = np.zeros((batch_size, self.seq_len), np.float32)
-        loss_mask[:, self.length :] = 1.0  # targets after <sep> are the answer
+        loss_mask[:, self.length + 1 :] = 1.0  # the targets after <sep>: the sorted digits
         return {
             "input_ids": seq[:, :-1],
             "targets": seq[:, 1:],
@@ -64,7 +67,10 @@ class SortTask:
         return self._make(np.random.default_rng([self.seed, 2**31 - 1]), batch_size)
 
     def describe(self) -> str:
-        return f"sort {self.length} digits in [0, {self.num_values}); answer tokens trained and scored"
+        order = "descending" if self.descending else "ascending"
+        return (
+            f"sort {self.length} digits in [0, {self.num_values}) {order}; answer tokens trained and scored"
+        )
 
 
 def answer_accuracy(logits: np.ndarray, batch: Batch) -> dict[str, float]:

@@ -182,7 +182,9 @@ def train(
     if start == 0:
         run_eval(0)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step")
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", mininterval=1.0
+    )
     tick, tokens = time.perf_counter(), 0
     for step in range(start + 1, end + 1):
         batch = data.batch(step - 1, cfg.batch_size)

@@ -1,0 +1,1 @@
+"""Experiments: one module per experiment, run with `python -m experiments.run NAME`."""

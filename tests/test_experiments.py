@@ -1,0 +1,148 @@
+"""The front door: `python -m experiments.run` end to end, overrides, listing, resume."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from ktjax.experiment import ExperimentConfig
+from ktjax.overrides import apply_overrides, from_json, to_json
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--set",
+    "train.steps=6",
+    "--set",
+    "train.eval_every=3",
+    "--set",
+    "train.checkpoint_every=3",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=16",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "model.num_hidden_layers=1",
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.head_dim=8",
+    "--set",
+    "model.num_experts=4",
+    "--set",
+    "model.moe_intermediate_size=16",
+    "--set",
+    "data.length=4",
+]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_default_experiment_runs_end_to_end_and_leaves_a_complete_run_directory(tmp_path):
+    result = run_cli(*TINY, "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "experiment sort_hybrid: hybrid mode" in out
+    assert "before (step 0)" in out and "after (step 6)" in out and "token_accuracy" in out
+    assert "lora (routed experts)" in out  # the trainable-parameter summary
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "curves.png", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (run / "checkpoints" / "steps").iterdir()) == ["3", "6"]
+    assert (run / "checkpoints" / "frozen").is_dir()
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["steps"] == 6 and config["model"]["hidden_size"] == 32
+    kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 3 and kinds.count("eval") == 3
+
+    # --resume continues the same run directory from its latest checkpoint, here to a later step.
+    resumed = run_cli("--resume", "--workdir", str(run), "--set", "train.steps=8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 6" in resumed.stdout and "after (step 8)" in resumed.stdout
+
+
+def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """main() of experiments.run in this process (fast: no interpreter start), as (code, out, err)."""
+    from experiments.run import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_names_every_experiment_with_a_description(capsys):
+    code, out, _ = run_in_process(capsys, "--list")
+    assert code == 0
+    lines = out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert {"sort_hybrid", "compare_modes", "throughput"} <= set(names)
+    assert all(len(line.split()) > 2 for line in lines)
+    assert any("(default)" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stpes=5", "unknown config key 'train.stpes'; did you mean train.steps"),
+        ("model.hiden_size=5", "did you mean model.hidden_size"),
+        ("train.steps=many", "train.steps expects int, got 'many'"),
+        ("train.progress=maybe", "train.progress expects bool"),
+        ("model.style=gpt", "style must be one of"),
+        ("mode=partial", "mode must be one of"),
+        ("steps", "must look like key=value"),
+    ],
+)
+def test_bad_overrides_are_clear_errors(override, message, capsys):
+    code, _, err = run_in_process(capsys, "--set", override)
+    assert code != 0
+    assert message in err
+
+
+def test_unknown_experiment_lists_the_available_ones(capsys):
+    code, _, err = run_in_process(capsys, "no_such_experiment")
+    assert code != 0 and "available: " in err and "sort_hybrid" in err
+
+
+def test_overrides_are_typed_and_nested():
+    from experiments.sort_hybrid import get_config
+
+    cfg = apply_overrides(
+        get_config(),
+        [
+            "train.steps=7",
+            "train.groups.lora.lr_peak=0.5",
+            "model.lora_targets=experts,q_proj",
+            "train.rules=*.lora_*=lora,*=frozen",
+            "train.progress=false",
+            "model.rope_theta=1e6",
+        ],
+    )
+    assert cfg.train.steps == 7 and cfg.train.groups["lora"].lr_peak == 0.5
+    assert cfg.model.lora_targets == ("experts", "q_proj")
+    assert cfg.train.rules == (("*.lora_*", "lora"), ("*", "frozen"))
+    assert cfg.train.progress is False and cfg.model.rope_theta == 1e6
+
+
+def test_config_round_trips_through_json():
+    from experiments.sort_hybrid import get_config
+
+    cfg = apply_overrides(get_config(), ["train.rules=*=full"])
+    assert from_json(ExperimentConfig, json.loads(json.dumps(to_json(cfg)))) == cfg

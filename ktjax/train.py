@@ -198,7 +198,8 @@ def train(
             history.append(record)
             log_file.write(json.dumps({"kind": "train", **record}) + "\n")
             log_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             run_eval(step)

@@ -80,3 +80,8 @@ def available_isas() -> list[str]:
 def selected_isa() -> str:
     """The ISA the next kernel call uses ('' when ``KTJAX_ISA`` names one this CPU lacks)."""
     return _ktjax_ffi.selected_isa()
+
+
+def measure_peak_gflops(threads: int, seconds: float = 0.5) -> float:
+    """f32 GFLOP/s of the selected micro-kernel on cache-resident data, summed over `threads`."""
+    return _ktjax_ffi.measure_peak_gflops(threads, seconds)

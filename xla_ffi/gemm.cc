@@ -33,51 +33,73 @@ inline float widen<float>(const float* p) { return *p; }
 template <>
 inline float widen<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
 
-// Packs logical A[i0:i0+mc, k0:k0+kc] into panels of kMR rows: buf[(p*kc + k)*kMR + ii].
+// Packs logical A[i0:i0+mc, k0:k0+kc] into panels of kMR rows: buf[(p*kc + k)*kMR + ii], zero-padded.
+// Loops run panel by panel so no index needs a division in an inner loop.
 template <typename T>
 void pack_a(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* buf) {
   const T* d = static_cast<const T*>(A.data);
-  if (!A.trans) {  // stored (i, k): walk each row along k
-    for (int64_t i = 0; i < mc; ++i) {
-      const T* src = d + A.row(i0 + i) * A.ld + k0;
-      const float s = A.scale(i0 + i);
-      float* dst = buf + (i / kMR) * kc * kMR + i % kMR;
-      for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = widen(src + k) * s;
+  const int64_t panels = (mc + kMR - 1) / kMR;
+  if (!A.trans) {  // stored (i, k): walk each row along k, writing with stride kMR
+    for (int64_t p = 0; p < panels; ++p) {
+      float* panel = buf + p * kc * kMR;
+      for (int64_t ii = 0; ii < kMR; ++ii) {
+        const int64_t i = p * kMR + ii;
+        float* dst = panel + ii;
+        if (i >= mc) {
+          for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = 0.0f;
+          continue;
+        }
+        const T* src = d + A.row(i0 + i) * A.ld + k0;
+        const float s = A.scale(i0 + i);
+        for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = widen(src + k) * s;
+      }
     }
-  } else {  // stored (k, i): walk each stored row along i
+  } else {  // stored (k, i): each stored row fills one k-slice of every panel
     for (int64_t k = 0; k < kc; ++k) {
       const T* src = d + A.row(k0 + k) * A.ld + i0;
       const float s = A.scale(k0 + k);
-      for (int64_t i = 0; i < mc; ++i) buf[((i / kMR) * kc + k) * kMR + i % kMR] = widen(src + i) * s;
+      for (int64_t p = 0; p < panels; ++p) {
+        float* dst = buf + (p * kc + k) * kMR;
+        const int64_t w = std::min(kMR, mc - p * kMR);
+        for (int64_t ii = 0; ii < w; ++ii) dst[ii] = widen(src + p * kMR + ii) * s;
+        for (int64_t ii = w; ii < kMR; ++ii) dst[ii] = 0.0f;
+      }
     }
-  }
-  for (int64_t i = mc; i % kMR != 0; ++i) {  // zero the padding rows of the last panel
-    float* dst = buf + (i / kMR) * kc * kMR + i % kMR;
-    for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = 0.0f;
   }
 }
 
-// Packs logical B[k0:k0+kc, j0:j0+nc] into panels of nr columns: buf[(p*kc + k)*nr + jj].
+// Packs logical B[k0:k0+kc, j0:j0+nc] into panels of nr columns: buf[(p*kc + k)*nr + jj], zero-padded.
 template <typename T>
 void pack_b(const MatView& B, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, float* buf) {
   const T* d = static_cast<const T*>(B.data);
-  if (!B.trans) {  // stored (k, j)
-    for (int64_t k = 0; k < kc; ++k) {
-      const T* src = d + B.row(k0 + k) * B.ld + j0;
-      const float s = B.scale(k0 + k);
-      for (int64_t j = 0; j < nc; ++j) buf[((j / nr) * kc + k) * nr + j % nr] = widen(src + j) * s;
+  const int64_t panels = (nc + nr - 1) / nr;
+  if (!B.trans) {  // stored (k, j): contiguous copies of nr elements per (panel, k)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t w = std::min(nr, nc - p * nr);
+      float* panel = buf + p * kc * nr;
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = d + B.row(k0 + k) * B.ld + j0 + p * nr;
+        const float s = B.scale(k0 + k);
+        float* dst = panel + k * nr;
+        for (int64_t jj = 0; jj < w; ++jj) dst[jj] = widen(src + jj) * s;
+        for (int64_t jj = w; jj < nr; ++jj) dst[jj] = 0.0f;
+      }
     }
-  } else {  // stored (j, k)
-    for (int64_t j = 0; j < nc; ++j) {
-      const T* src = d + B.row(j0 + j) * B.ld + k0;
-      const float s = B.scale(j0 + j);
-      float* dst = buf + (j / nr) * kc * nr + j % nr;
-      for (int64_t k = 0; k < kc; ++k) dst[k * nr] = widen(src + k) * s;
+  } else {  // stored (j, k): walk each stored row along k, writing with stride nr
+    for (int64_t p = 0; p < panels; ++p) {
+      float* panel = buf + p * kc * nr;
+      for (int64_t jj = 0; jj < nr; ++jj) {
+        const int64_t j = p * nr + jj;
+        float* dst = panel + jj;
+        if (j >= nc) {
+          for (int64_t k = 0; k < kc; ++k) dst[k * nr] = 0.0f;
+          continue;
+        }
+        const T* src = d + B.row(j0 + j) * B.ld + k0;
+        const float s = B.scale(j0 + j);
+        for (int64_t k = 0; k < kc; ++k) dst[k * nr] = widen(src + k) * s;
+      }
     }
-  }
-  for (int64_t j = nc; j % nr != 0; ++j) {
-    float* dst = buf + (j / nr) * kc * nr + j % nr;
-    for (int64_t k = 0; k < kc; ++k) dst[k * nr] = 0.0f;
   }
 }
 

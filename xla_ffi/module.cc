@@ -5,6 +5,7 @@
 #include "gemm.h"
 #include "moe_backward.h"
 #include "moe_forward.h"
+#include "peak_probe.h"
 #include "stats.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -34,6 +35,8 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     const ktjax::Isa* isa = ktjax::select_isa();
     return isa ? std::string(isa->name) : std::string();
   }, "The micro-kernel the next call will use (honours KTJAX_ISA); '' if KTJAX_ISA is unusable.");
+  m.def("measure_peak_gflops", &ktjax::measure_peak_gflops, py::arg("threads"), py::arg("seconds") = 0.5,
+        "f32 GFLOP/s of the selected micro-kernel on L1-resident data, summed over threads.");
   m.def("counters", []() {
     py::dict d;
     auto& s = ktjax::stats();

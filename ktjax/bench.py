@@ -1,0 +1,240 @@
+"""Benchmark the routed experts: CPU FFI kernels vs the best pure-XLA formulation, same run, same CPU.
+
+    python -m ktjax.bench --quick                      # small shapes, a minute or two
+    python -m ktjax.bench --shapes S1,S2 --reps 3 --json bench.json --png bench.png
+
+For each shape it times (interleaving backends and cases, min and median over --reps) the forward and
+forward+backward in three training modes: ``full`` (grads of x, router weights, gate/up/down),
+``lora`` (x, router weights, LoRA adapters on all three projections) and ``frozen`` (x and router
+weights only); backward = forward+backward - forward. The baseline is
+``ktjax.ops.moe_capacity`` (capacity buffers at dropless capacity, index-gather dispatch, batched
+einsum, f32 weights). Reports ms, tokens/s, effective GFLOP/s (nominal: forward F = 2*T*K*3*H*I,
+full 3F, lora and frozen 2F), % of a measured f32 micro-kernel peak, the speed-up over XLA, and for the
+forward a bytes-moved model: the time to stream the expert weights once at measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax import ffi
+from ktjax.ops import moe_experts
+from ktjax.ops.moe_capacity import dropless_capacity, moe_experts_capacity
+
+LAYER = dict(H=2048, I=768, K=8, r=16)
+SHAPES = {
+    "Q1": dict(T=256, H=512, I=256, K=4, E=16, r=8),  # --quick
+    "Q2": dict(T=512, H=1024, I=384, K=8, E=32, r=8),  # --quick
+    "S1": dict(T=128, E=64, **LAYER),
+    "S2": dict(T=1024, E=64, **LAYER),
+    "S3": dict(T=4096, E=32, **LAYER),
+}
+CASES = ("forward", "full", "lora", "frozen")
+
+
+def make_inputs(shape: dict, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    T, H, I, K, E, r = (shape[k] for k in ("T", "H", "I", "K", "E", "r"))
+    bf16 = jnp.bfloat16
+
+    def randn(*s, scale=1.0):
+        return jnp.asarray(rng.standard_normal(s) * scale, bf16)
+
+    logits = rng.standard_normal((T, E))
+    ids = np.argsort(-logits, axis=1)[:, :K].astype(np.int32)  # distinct experts per token, like a router
+    lora = {
+        p: (randn(E, r, i, scale=i**-0.5), randn(E, o, r, scale=r**-0.5))
+        for p, (o, i) in {"gate": (I, H), "up": (I, H), "down": (H, I)}.items()
+    }
+    return dict(
+        x=randn(T, H),
+        ids=jnp.asarray(ids),
+        w=jnp.asarray(rng.uniform(0.05, 0.3, (T, K)), jnp.float32),
+        gate=randn(E, I, H, scale=H**-0.5),
+        up=randn(E, I, H, scale=H**-0.5),
+        down=randn(E, H, I, scale=I**-0.5),
+        lora=lora,
+        cot=randn(T, H),
+        capacity=dropless_capacity(ids, E),
+    )
+
+
+def make_fns(backend: str, inp: dict) -> dict[str, tuple[Callable, tuple]]:
+    """case -> (jitted function, its arguments) for one backend."""
+    if backend == "cpu":
+        weights = (inp["gate"], inp["up"], inp["down"])
+        lora = inp["lora"]
+
+        def moe(x, w, gate, up, down, lora):
+            return moe_experts(x, inp["ids"], w, gate, up, down, lora=lora, lora_scale=2.0)
+    else:  # the baseline runs in f32: weights converted once, outside the timing
+        weights = tuple(t.astype(jnp.float32) for t in (inp["gate"], inp["up"], inp["down"]))
+        lora = {k: tuple(t.astype(jnp.float32) for t in v) for k, v in inp["lora"].items()}
+
+        def moe(x, w, gate, up, down, lora):
+            return moe_experts_capacity(
+                x.astype(jnp.float32), inp["ids"], w, gate, up, down, lora, 2.0, capacity=inp["capacity"]
+            )
+
+    cot = inp["cot"].astype(jnp.float32)
+
+    def loss(x, w, gate, up, down, lora):
+        return jnp.sum(moe(x, w, gate, up, down, lora).astype(jnp.float32) * cot)
+
+    args = (inp["x"], inp["w"], *weights)
+    return {
+        "forward": (jax.jit(lambda *a: moe(*a, None)), args),
+        "full": (jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2, 3, 4))), args),
+        "lora": (jax.jit(jax.grad(loss, argnums=(0, 1, 5))), (*args, lora)),
+        "frozen": (jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1))), args),
+    }
+
+
+def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
+    """Read bandwidth: the best of a few sums over a buffer larger than any cache."""
+    data = np.ones(n_bytes // 8, np.float64)
+    best = min(_timed(lambda: data.sum()) for _ in range(3))
+    return n_bytes / best / 1e9
+
+
+def _timed(fn: Callable, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def bench_shape(name: str, shape: dict, backends: list[str], reps: int) -> dict:
+    inp = make_inputs(shape)
+    fns = {b: make_fns(b, inp) for b in backends}
+    for b in backends:  # compile and warm up
+        for case in CASES:
+            fn, args = fns[b][case]
+            jax.block_until_ready(fn(*args))
+    times = {(b, c): [] for b in backends for c in CASES}
+    for _ in range(reps):  # interleaved: every case of every backend once per round
+        for b in backends:
+            for case in CASES:
+                fn, args = fns[b][case]
+                times[(b, case)].append(_timed(fn, *args))
+    return {
+        "shape": shape,
+        "capacity": inp["capacity"],
+        "times": {f"{b}/{c}": v for (b, c), v in times.items()},
+    }
+
+
+def report(name: str, result: dict, peak_gflops: float, bandwidth_gbs: float) -> str:
+    s = result["shape"]
+    T, H, I, K, E = (s[k] for k in ("T", "H", "I", "K", "E"))
+    F = 2 * T * K * 3 * H * I
+    flops = {"forward": F, "full": 3 * F, "lora": 2 * F, "frozen": 2 * F}
+    t = {k: (min(v), statistics.median(v)) for k, v in result["times"].items()}
+    backends = sorted({k.split("/")[0] for k in t})
+    lines = [
+        f"\n{name}: T={T} H={H} I={I} K={K} E={E} bf16 (dropless capacity {result['capacity']}); "
+        f"forward F = {F / 1e9:.1f} GFLOP"
+    ]
+    head = f"{'case':<22}" + "".join(f"{b + ' ms min/med':>20}" for b in backends)
+    lines.append(
+        head + f"{'tokens/s':>11}{'GFLOP/s':>9}{'% peak':>8}" + ("  xla/cpu" if len(backends) > 1 else "")
+    )
+    rows = [(c, c if c == "forward" else f"{c} fwd+bwd") for c in CASES]
+    rows += [(f"bwd:{c}", f"{c} backward") for c in CASES[1:]]
+    for key, label in rows:
+
+        def get(b, key=key):
+            if key.startswith("bwd:"):
+                c = key[4:]
+                return tuple(max(x - y, 0.0) for x, y in zip(t[f"{b}/{c}"], t[f"{b}/forward"]))
+            return t[f"{b}/{key}"]
+
+        vals = {b: get(b) for b in backends}
+        line = f"{label:<22}" + "".join(f"{v[0] * 1e3:>11.1f}/{v[1] * 1e3:<8.1f}" for v in vals.values())
+        if "cpu" in vals and not key.startswith("bwd:"):
+            cpu = vals["cpu"][0]
+            gf = flops[key] / cpu / 1e9
+            line += f"{T / cpu:>11.0f}{gf:>9.1f}{gf / peak_gflops:>8.1%}"
+        else:
+            line += f"{'':>28}"
+        if len(backends) > 1:
+            line += f"{vals['xla'][0] / max(vals['cpu'][0], 1e-9):>8.2f}x"
+        lines.append(line)
+    weight_bytes = 3 * E * H * I * 2
+    stream = weight_bytes / (bandwidth_gbs * 1e9)
+    if "cpu/forward" in t:
+        lines.append(
+            f"bytes model: expert weights {weight_bytes / 2**20:.0f} MiB -> {stream * 1e3:.1f} ms to stream "
+            f"once at {bandwidth_gbs:.1f} GB/s; cpu forward = {t['cpu/forward'][0] / stream:.1f}x that"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        backends = sorted({k.split("/")[0] for k in res["times"]})
+        xs = np.arange(len(CASES))
+        for i, b in enumerate(backends):
+            ax.bar(xs + i * 0.4, [min(res["times"][f"{b}/{c}"]) * 1e3 for c in CASES], 0.4, label=b)
+        ax.set_xticks(
+            xs + 0.2 * (len(backends) - 1), [c if c == "forward" else f"{c}\nfwd+bwd" for c in CASES]
+        )
+        ax.set_ylabel("ms (min)")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ktjax.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes Q1, Q2")
+    parser.add_argument("--shapes", default="S1,S2,S3", help=f"comma-separated, of {list(SHAPES)}")
+    parser.add_argument("--backends", default="cpu,xla")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", help="write the raw timings here")
+    parser.add_argument("--png", help="write a bar chart here")
+    args = parser.parse_args(argv)
+    names = ["Q1", "Q2"] if args.quick else args.shapes.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; known: {list(SHAPES)}")
+    backends = args.backends.split(",")
+    threads = int(os.environ.get("KTJAX_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+    peak = ffi.measure_peak_gflops(threads)
+    bw = memory_bandwidth_gbs()
+    print(
+        f"ktjax.bench: {threads} threads, micro-kernel {ffi.selected_isa()}, "
+        f"measured f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s, jax {jax.__version__}"
+    )
+    results = {}
+    for name in names:
+        results[name] = bench_shape(name, SHAPES[name], backends, args.reps)
+        print(report(name, results[name], peak, bw), flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak RSS of this process: {rss:.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_gflops": peak, "bandwidth_gbs": bw, "results": results}, f, indent=1)
+    if args.png:
+        plot(results, args.png)
+
+
+if __name__ == "__main__":
+    main()

@@ -99,11 +99,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
       }
     }
   }
-  const Isa* isa = select_isa();
-  if (isa == nullptr) {
-    return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU cannot run; available: ") +
-                                       available_isas());
-  }
+  const Isa* isa = nullptr;
+  if (auto e = pick_isa(&isa); e.failure()) return e;
   Routing r;
   if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
     return ffi::Error::InvalidArgument(msg);
@@ -315,12 +312,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
 
   // dx[t, h0:h0+nh] += dg Gate_e + du Up_e (+ s p A): a work item owns a column block of every token.
   if (need_x) {
-    std::vector<float> dx_acc;
-    float* acc = static_cast<float*>(dx->untyped_data());
-    if (p.x_dtype != DType::kF32) {
-      dx_acc.resize(T * H);
-      acc = dx_acc.data();
-    }
+    TokenAccumulator dx_acc(*dx, p.x_dtype, T, H);
+    float* acc = dx_acc.data();
     ctx.run(num_tiles(H), [&](int64_t tile, int worker) {
       const int64_t h0 = tile * kTile, nh = std::min(kTile, H - h0);
       for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
@@ -338,12 +331,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
         }
       }
     });
-    if (p.x_dtype != DType::kF32) {
-      ctx.run((T + 63) / 64, [&](int64_t c, int) {
-        const int64_t t0 = c * 64, nt = std::min<int64_t>(64, T - t0);
-        store_row(acc + t0 * H, static_cast<uint16_t*>(dx->untyped_data()) + t0 * H, p.x_dtype, nt * H);
-      });
-    }
+    dx_acc.finish(ctx);
   }
   return ffi::Error::Success();
 }

@@ -1,5 +1,7 @@
 #include "moe_context.h"
 
+#include <string>
+
 namespace ktjax {
 
 void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routing& r, float* g,
@@ -51,6 +53,32 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
         for (int64_t i = 0; i < ni; ++i) hs[i] = gs[i] * sigmoid(gs[i]) * us[i];
       }
     }
+  });
+}
+
+ffi::Error pick_isa(const Isa** isa) {
+  *isa = select_isa();
+  if (*isa != nullptr) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU cannot run; available: ") +
+                                     available_isas());
+}
+
+TokenAccumulator::TokenAccumulator(ffi::AnyBuffer& out, DType dtype, int64_t T, int64_t H)
+    : out_(out), dtype_(dtype), T_(T), H_(H) {
+  if (dtype == DType::kF32) {
+    acc_ = static_cast<float*>(out.untyped_data());
+  } else {
+    scratch_.resize(T * H);
+    acc_ = scratch_.data();
+  }
+}
+
+void TokenAccumulator::finish(KernelContext& ctx) {
+  if (dtype_ == DType::kF32) return;
+  constexpr int64_t kRows = 64;
+  ctx.run((T_ + kRows - 1) / kRows, [&](int64_t chunk, int) {
+    const int64_t t0 = chunk * kRows, nt = std::min(kRows, T_ - t0);
+    store_row(acc_ + t0 * H_, static_cast<uint16_t*>(out_.untyped_data()) + t0 * H_, dtype_, nt * H_);
   });
 }
 

@@ -81,6 +81,25 @@ inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routing& r, float* g,
                             float* u, float* h, Work work);
 
+// The micro-kernel for this call (see select_isa), or an error naming KTJAX_ISA.
+ffi::Error pick_isa(const Isa** isa);
+
+// A [T, H] f32 accumulator for a per-token output (y, dx): the output buffer itself when it is f32,
+// else scratch that finish() rounds into the bf16 output.
+class TokenAccumulator {
+ public:
+  TokenAccumulator(ffi::AnyBuffer& out, DType dtype, int64_t T, int64_t H);
+  float* data() { return acc_; }
+  void finish(KernelContext& ctx);
+
+ private:
+  ffi::AnyBuffer& out_;
+  DType dtype_;
+  int64_t T_, H_;
+  std::vector<float> scratch_;
+  float* acc_;
+};
+
 // Writes a [rows, cols] f32 result into a stacked output of either dtype, expert e, starting at row r0.
 void store_expert_rows(const float* src, void* dst, DType dtype, int64_t e, int64_t rows_per_expert,
                        int64_t cols, int64_t r0, int64_t rows);

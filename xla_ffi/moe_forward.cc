@@ -30,11 +30,8 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
                       u_saved->element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("g_saved and u_saved must be float32");
   }
-  const Isa* isa = select_isa();
-  if (isa == nullptr) {
-    return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU cannot run; available: ") +
-                                       available_isas());
-  }
+  const Isa* isa = nullptr;
+  if (auto e = pick_isa(&isa); e.failure()) return e;
   Routing r;
   if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
     return ffi::Error::InvalidArgument(msg);
@@ -78,12 +75,8 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
 
   // Down projection, weighted and scattered into y. A work item owns columns [h0, h0 + kTile) of
   // every token, so the scatter-add needs no atomics.
-  std::vector<float> y_acc;
-  float* acc = static_cast<float*>(y->untyped_data());
-  if (p.x_dtype != DType::kF32) {
-    y_acc.resize(T * H);
-    acc = y_acc.data();
-  }
+  TokenAccumulator y_acc(*y, p.x_dtype, T, H);
+  float* acc = y_acc.data();
   ctx.run(num_tiles(H), [&](int64_t tile, int worker) {
     const int64_t h0 = tile * kTile, nh = std::min(kTile, H - h0);
     for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
@@ -103,12 +96,7 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
       }
     }
   });
-  if (p.x_dtype != DType::kF32) {
-    ctx.run((T + 63) / 64, [&](int64_t chunk, int) {
-      const int64_t t0 = chunk * 64, nt = std::min<int64_t>(64, T - t0);
-      store_row(acc + t0 * H, static_cast<uint16_t*>(y->untyped_data()) + t0 * H, p.x_dtype, nt * H);
-    });
-  }
+  y_acc.finish(ctx);
   return ffi::Error::Success();
 }
 

@@ -126,7 +126,7 @@ def _moe_cpu_fwd(lora_scale: float, policy: str, *primals):
     args = tuple(p.value for p in primals)
     needs = 0
     for name, p in zip(_INPUT_NAMES, primals):
-        if p.perturbed and name in NEED_BITS and args[_INPUT_NAMES.index(name)].size > 0:
+        if p.perturbed and name in NEED_BITS and p.value.size > 0:  # rank-0 adapters: nothing to do
             needs |= NEED_BITS[name]
     y, g_saved, u_saved = _forward_call(args, lora_scale, save_preact=policy == "retain")
     return y, (args, g_saved, u_saved, _Needs(needs))

@@ -339,33 +339,21 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
 }  // namespace ktjax
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeBackward, ktjax::moe_backward,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // dy
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // topk_ids
-                                  .Arg<xla::ffi::AnyBuffer>()  // topk_weights
-                                  .Arg<xla::ffi::AnyBuffer>()  // gate
-                                  .Arg<xla::ffi::AnyBuffer>()  // up
-                                  .Arg<xla::ffi::AnyBuffer>()  // down
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate A
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate B
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora up A
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora up B
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora down A
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora down B
+                              ktjax::bind_problem(xla::ffi::Ffi::Bind()
+                                                      .Ctx<xla::ffi::ThreadPool>()
+                                                      .Arg<xla::ffi::AnyBuffer>())  // dy
                                   .Arg<xla::ffi::AnyBuffer>()  // g_saved (empty: recompute)
                                   .Arg<xla::ffi::AnyBuffer>()  // u_saved
                                   .Attr<float>("lora_scale")
                                   .Attr<int64_t>("needs")
-                                  .Ret<xla::ffi::AnyBuffer>()   // dx
-                                  .Ret<xla::ffi::AnyBuffer>()   // dtopk_weights
-                                  .Ret<xla::ffi::AnyBuffer>()   // dgate
-                                  .Ret<xla::ffi::AnyBuffer>()   // dup
-                                  .Ret<xla::ffi::AnyBuffer>()   // ddown
-                                  .Ret<xla::ffi::AnyBuffer>()   // dA gate
-                                  .Ret<xla::ffi::AnyBuffer>()   // dB gate
-                                  .Ret<xla::ffi::AnyBuffer>()   // dA up
-                                  .Ret<xla::ffi::AnyBuffer>()   // dB up
-                                  .Ret<xla::ffi::AnyBuffer>()   // dA down
+                                  .Ret<xla::ffi::AnyBuffer>()    // dx
+                                  .Ret<xla::ffi::AnyBuffer>()    // dtopk_weights
+                                  .Ret<xla::ffi::AnyBuffer>()    // dgate
+                                  .Ret<xla::ffi::AnyBuffer>()    // dup
+                                  .Ret<xla::ffi::AnyBuffer>()    // ddown
+                                  .Ret<xla::ffi::AnyBuffer>()    // dA gate
+                                  .Ret<xla::ffi::AnyBuffer>()    // dB gate
+                                  .Ret<xla::ffi::AnyBuffer>()    // dA up
+                                  .Ret<xla::ffi::AnyBuffer>()    // dB up
+                                  .Ret<xla::ffi::AnyBuffer>()    // dA down
                                   .Ret<xla::ffi::AnyBuffer>());  // dB down

@@ -103,22 +103,9 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
 }  // namespace ktjax
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeForward, ktjax::moe_forward,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::ThreadPool>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // topk_ids
-                                  .Arg<xla::ffi::AnyBuffer>()  // topk_weights
-                                  .Arg<xla::ffi::AnyBuffer>()  // gate
-                                  .Arg<xla::ffi::AnyBuffer>()  // up
-                                  .Arg<xla::ffi::AnyBuffer>()  // down
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate A
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora gate B
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora up A
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora up B
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora down A
-                                  .Arg<xla::ffi::AnyBuffer>()  // lora down B
+                              ktjax::bind_problem(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>())
                                   .Attr<float>("lora_scale")
                                   .Attr<bool>("save_preact")
-                                  .Ret<xla::ffi::AnyBuffer>()   // y
-                                  .Ret<xla::ffi::AnyBuffer>()   // g_saved
+                                  .Ret<xla::ffi::AnyBuffer>()    // y
+                                  .Ret<xla::ffi::AnyBuffer>()    // g_saved
                                   .Ret<xla::ffi::AnyBuffer>());  // u_saved

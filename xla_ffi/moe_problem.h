@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "gemm.h"
 #include "xla/ffi/api/ffi.h"
@@ -68,6 +69,18 @@ ffi::Error expect_shape(const char* name, const ffi::AnyBuffer& b, std::initiali
 // Error unless b is either the full shape (when `needed`) or empty (when not).
 ffi::Error expect_output(const char* name, const ffi::AnyBuffer& b, bool needed,
                          std::initializer_list<int64_t> dims);
+
+// Adds the 12 buffers parse_problem reads to an FFI binding, in its order: x, topk_ids, topk_weights,
+// gate, up, down, then A and B of the gate, up and down adapters.
+template <typename Binding>
+auto bind_problem(Binding b) {
+  using B = ffi::AnyBuffer;
+  return std::move(b).template Arg<B>().template Arg<B>().template Arg<B>()  // x, topk_ids, topk_weights
+      .template Arg<B>().template Arg<B>().template Arg<B>()       // gate, up, down
+      .template Arg<B>().template Arg<B>()                         // LoRA gate A, B
+      .template Arg<B>().template Arg<B>()                         // LoRA up A, B
+      .template Arg<B>().template Arg<B>();                        // LoRA down A, B
+}
 
 ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& weights,
                          const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up, const ffi::AnyBuffer& down,

@@ -178,3 +178,11 @@ def test_thread_count_does_not_change_results(monkeypatch):
     np.testing.assert_array_equal(y1, y3)
     for name in g1:
         np.testing.assert_array_equal(g1[name], g3[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_wide_work_items_match_reference(dtype, monkeypatch):
+    # One worker and many experts: work items span more than 128 columns (I in one tile, H in 160s).
+    monkeypatch.setenv("KTJAX_NUM_THREADS", "1")
+    p = make_problem(13, T=48, K=2, E=12, H=520, I=300, dtype=dtype, ranks={"gate": 2, "down": 3})
+    check_against_reference(p, dtype)

@@ -172,10 +172,11 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (need_w) std::fill_n(static_cast<float*>(dweights->untyped_data()), T * K, 0.0f);
   if (need_dh) {
     std::vector<float> dh(S * I);
-    const auto items = expert_tiles(r, E, I, false);
+    const int64_t width = ctx.tile_width(I, static_cast<int64_t>(experts.size()));
+    const auto items = expert_tiles(r, E, I, false, width);
     ctx.run(items.size(), [&](int64_t item, int worker) {
-      const int64_t e = items[item].first, i0 = items[item].second * kTile;
-      const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
+      const int64_t e = items[item].first, i0 = items[item].second * width;
+      const int64_t ni = std::min(width, I - i0), off = r.offsets[e], n = r.count(e);
       OutView o = f32_out(dh.data() + off * I + i0, I);
       ctx.gemm(worker, n, ni, H, 1.0f, dy_rows(e), p.w[kDown].expert(e).skip_cols(i0), o, false,
                Work::kInputGrad);
@@ -314,8 +315,9 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (need_x) {
     TokenAccumulator dx_acc(*dx, p.x_dtype, T, H);
     float* acc = dx_acc.data();
-    ctx.run(num_tiles(H), [&](int64_t tile, int worker) {
-      const int64_t h0 = tile * kTile, nh = std::min(kTile, H - h0);
+    const int64_t width = ctx.tile_width(H, 1);
+    ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
+      const int64_t h0 = tile * width, nh = std::min(width, H - h0);
       for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
       for (int32_t e : experts) {
         const int64_t off = r.offsets[e], n = r.count(e);

@@ -26,10 +26,11 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
       }
     });
   }
-  const auto items = expert_tiles(r, p.E, I, false);
+  const int64_t width = ctx.tile_width(I, static_cast<int64_t>(experts.size()));
+  const auto items = expert_tiles(r, p.E, I, false, width);
   ctx.run(items.size(), [&](int64_t item, int worker) {
-    const int64_t e = items[item].first, i0 = items[item].second * kTile;
-    const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
+    const int64_t e = items[item].first, i0 = items[item].second * width;
+    const int64_t ni = std::min(width, I - i0), off = r.offsets[e], n = r.count(e);
     const MatView xe = p.x_rows(r.token.data() + off);
     float* gt = g + off * I + i0;
     float* ut = u + off * I + i0;

@@ -15,9 +15,9 @@
 
 namespace ktjax {
 
-inline constexpr int64_t kTile = 128;  // columns of an output tile in one work item
+inline constexpr int64_t kTile = 128;  // columns per work item in the weight-gradient phases
 
-inline int64_t num_tiles(int64_t n) { return (n + kTile - 1) / kTile; }
+inline int64_t num_tiles(int64_t n, int64_t width = kTile) { return (n + width - 1) / width; }
 
 struct KernelContext {
   ffi::ThreadPool& pool;
@@ -31,6 +31,15 @@ struct KernelContext {
       : pool(p), isa(i), workers(num_workers(p)), tile_floats(tile_floats_per_worker),
         gemm_space(static_cast<size_t>(workers) * gemm_scratch_floats()),
         tile_space(static_cast<size_t>(workers) * tile_floats_per_worker) {}
+
+  // Columns per work item when `groups` item groups (e.g. busy experts) split `cols` columns: as wide
+  // as possible, so each item packs its token rows once for many columns, while every worker still
+  // gets at least 4 items. A multiple of 32, and at least kTile unless cols is smaller.
+  int64_t tile_width(int64_t cols, int64_t groups) const {
+    const int64_t tiles = std::max<int64_t>(1, (4 * workers + groups - 1) / std::max<int64_t>(groups, 1));
+    const int64_t width = ((cols + tiles - 1) / tiles + 31) / 32 * 32;
+    return std::min(cols, std::max(width, std::min(kTile, cols)));
+  }
 
   float* gemm_scratch(int worker) { return gemm_space.data() + worker * gemm_scratch_floats(); }
   float* tile(int worker) { return tile_space.data() + worker * tile_floats; }
@@ -46,13 +55,13 @@ struct KernelContext {
   }
 };
 
-// (expert, tile) pairs over `cols` output columns; only experts with tokens unless `all_experts`.
+// (expert, tile) pairs over `cols` output columns in tiles of `width`; only experts with tokens unless `all_experts`.
 inline std::vector<std::pair<int32_t, int32_t>> expert_tiles(const Routing& r, int64_t E, int64_t cols,
-                                                              bool all_experts) {
+                                                              bool all_experts, int64_t width = kTile) {
   std::vector<std::pair<int32_t, int32_t>> items;
   for (int64_t e = 0; e < E; ++e) {
     if (!all_experts && r.count(e) == 0) continue;
-    for (int64_t t = 0; t < num_tiles(cols); ++t) items.emplace_back(e, t);
+    for (int64_t t = 0; t < num_tiles(cols, width); ++t) items.emplace_back(e, t);
   }
   return items;
 }

@@ -73,12 +73,13 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
     });
   }
 
-  // Down projection, weighted and scattered into y. A work item owns columns [h0, h0 + kTile) of
+  // Down projection, weighted and scattered into y. A work item owns a block of columns of
   // every token, so the scatter-add needs no atomics.
   TokenAccumulator y_acc(*y, p.x_dtype, T, H);
   float* acc = y_acc.data();
-  ctx.run(num_tiles(H), [&](int64_t tile, int worker) {
-    const int64_t h0 = tile * kTile, nh = std::min(kTile, H - h0);
+  const int64_t width = ctx.tile_width(H, 1);
+  ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
+    const int64_t h0 = tile * width, nh = std::min(width, H - h0);
     for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
     for (int32_t e : experts) {
       const int64_t off = r.offsets[e], n = r.count(e);

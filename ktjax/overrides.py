@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from typing import Any
 
@@ -31,7 +32,7 @@ def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 def parse_value(text: str, typ: Any, key: str) -> Any:
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         if text.lower() == "none" and type(None) in args:
             return None
@@ -113,6 +114,6 @@ def from_json(cls: Any, data: Any) -> Any:
     if origin is tuple:
         inner = args[0] if args else Any
         return tuple(from_json(inner, v) for v in data)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         return data
     return data

@@ -146,3 +146,14 @@ def test_config_round_trips_through_json():
 
     cfg = apply_overrides(get_config(), ["train.rules=*=full"])
     assert from_json(ExperimentConfig, json.loads(json.dumps(to_json(cfg)))) == cfg
+
+
+def test_optional_fields_accept_none_and_values():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        clip: float | None = 1.0
+
+    assert apply_overrides(Cfg(), ["clip=none"]).clip is None
+    assert apply_overrides(Cfg(), ["clip=0.5"]).clip == 0.5

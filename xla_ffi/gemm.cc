@@ -33,85 +33,46 @@ inline float widen<float>(const float* p) { return *p; }
 template <>
 inline float widen<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
 
-// Packs logical A[i0:i0+mc, k0:k0+kc] into panels of kMR rows: buf[(p*kc + k)*kMR + ii], zero-padded.
+// Packs logical A[i0:i0+mc, k0:k0+kc] into panels of `width` rows, zero-padded:
+// buf[(p*kc + k)*width + ii] = A(i0 + p*width + ii, k0 + k). The same layout serves both operands:
+// the A side uses width kMR, and B [K, N] packs as B^T in panels of the micro-kernel's nr columns.
 // Loops run panel by panel so no index needs a division in an inner loop.
 template <typename T>
-void pack_a(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* buf) {
+void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf) {
   const T* d = static_cast<const T*>(A.data);
-  const int64_t panels = (mc + kMR - 1) / kMR;
-  if (!A.trans) {  // stored (i, k): walk each row along k, writing with stride kMR
+  const int64_t panels = (mc + width - 1) / width;
+  if (!A.trans) {  // stored (i, k): walk each row along k, writing with stride `width`
     for (int64_t p = 0; p < panels; ++p) {
-      float* panel = buf + p * kc * kMR;
-      for (int64_t ii = 0; ii < kMR; ++ii) {
-        const int64_t i = p * kMR + ii;
+      float* panel = buf + p * kc * width;
+      for (int64_t ii = 0; ii < width; ++ii) {
+        const int64_t i = p * width + ii;
         float* dst = panel + ii;
         if (i >= mc) {
-          for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = 0.0f;
+          for (int64_t k = 0; k < kc; ++k) dst[k * width] = 0.0f;
           continue;
         }
         const T* src = d + A.row(i0 + i) * A.ld + k0;
         const float s = A.scale(i0 + i);
-        for (int64_t k = 0; k < kc; ++k) dst[k * kMR] = widen(src + k) * s;
+        for (int64_t k = 0; k < kc; ++k) dst[k * width] = widen(src + k) * s;
       }
     }
-  } else {  // stored (k, i): each stored row fills one k-slice of every panel
+  } else {  // stored (k, i): each stored row fills one k-slice of every panel, contiguously
     for (int64_t k = 0; k < kc; ++k) {
       const T* src = d + A.row(k0 + k) * A.ld + i0;
       const float s = A.scale(k0 + k);
       for (int64_t p = 0; p < panels; ++p) {
-        float* dst = buf + (p * kc + k) * kMR;
-        const int64_t w = std::min(kMR, mc - p * kMR);
-        for (int64_t ii = 0; ii < w; ++ii) dst[ii] = widen(src + p * kMR + ii) * s;
-        for (int64_t ii = w; ii < kMR; ++ii) dst[ii] = 0.0f;
+        float* dst = buf + (p * kc + k) * width;
+        const int64_t w = std::min(width, mc - p * width);
+        for (int64_t ii = 0; ii < w; ++ii) dst[ii] = widen(src + p * width + ii) * s;
+        for (int64_t ii = w; ii < width; ++ii) dst[ii] = 0.0f;
       }
     }
   }
 }
 
-// Packs logical B[k0:k0+kc, j0:j0+nc] into panels of nr columns: buf[(p*kc + k)*nr + jj], zero-padded.
-template <typename T>
-void pack_b(const MatView& B, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr, float* buf) {
-  const T* d = static_cast<const T*>(B.data);
-  const int64_t panels = (nc + nr - 1) / nr;
-  if (!B.trans) {  // stored (k, j): contiguous copies of nr elements per (panel, k)
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t w = std::min(nr, nc - p * nr);
-      float* panel = buf + p * kc * nr;
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = d + B.row(k0 + k) * B.ld + j0 + p * nr;
-        const float s = B.scale(k0 + k);
-        float* dst = panel + k * nr;
-        for (int64_t jj = 0; jj < w; ++jj) dst[jj] = widen(src + jj) * s;
-        for (int64_t jj = w; jj < nr; ++jj) dst[jj] = 0.0f;
-      }
-    }
-  } else {  // stored (j, k): walk each stored row along k, writing with stride nr
-    for (int64_t p = 0; p < panels; ++p) {
-      float* panel = buf + p * kc * nr;
-      for (int64_t jj = 0; jj < nr; ++jj) {
-        const int64_t j = p * nr + jj;
-        float* dst = panel + jj;
-        if (j >= nc) {
-          for (int64_t k = 0; k < kc; ++k) dst[k * nr] = 0.0f;
-          continue;
-        }
-        const T* src = d + B.row(j0 + j) * B.ld + k0;
-        const float s = B.scale(j0 + j);
-        for (int64_t k = 0; k < kc; ++k) dst[k * nr] = widen(src + k) * s;
-      }
-    }
-  }
-}
-
-void pack_a_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* buf) {
-  if (A.dtype == DType::kF32) pack_a<float>(A, i0, mc, k0, kc, buf);
-  else pack_a<uint16_t>(A, i0, mc, k0, kc, buf);
-}
-
-void pack_b_any(const MatView& B, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t nr,
-                float* buf) {
-  if (B.dtype == DType::kF32) pack_b<float>(B, k0, kc, j0, nc, nr, buf);
-  else pack_b<uint16_t>(B, k0, kc, j0, nc, nr, buf);
+void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf) {
+  if (A.dtype == DType::kF32) pack_panels<float>(A, i0, mc, k0, kc, width, buf);
+  else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf);
 }
 
 }  // namespace
@@ -185,10 +146,10 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
     for (int64_t pc = 0; pc < K; pc += kKC) {
       const int64_t kc = std::min(kKC, K - pc);
       const bool acc = accumulate || pc > 0;
-      pack_b_any(B, pc, kc, jc, nc, nr, bpack);
+      pack_any(B.t(), jc, nc, pc, kc, nr, bpack);  // B [K, N] = panels of nr rows of B^T
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
-        pack_a_any(A, ic, mc, pc, kc, apack);
+        pack_any(A, ic, mc, pc, kc, kMR, apack);
         for (int64_t jr = 0; jr < nc; jr += nr) {
           const int n_tile = static_cast<int>(std::min(nr, nc - jr));
           for (int64_t ir = 0; ir < mc; ir += kMR) {

@@ -16,11 +16,13 @@ import json
 import pathlib
 import time
 
+import numpy as np
+
 from ktjax.data import answer_accuracy
 from ktjax.experiment import MODES, DataConfig, ExperimentConfig, make_task, resolve
 from ktjax.models import build_model, qwen3_moe
 from ktjax.optim import GroupConfig
-from ktjax.params import merge_model, split_model
+from ktjax.params import merge_model
 from ktjax.plots import plot_comparison
 from ktjax.train import TrainConfig, train
 
@@ -76,8 +78,7 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     rows = []
     for mode, rules in MODES.items():
         print(f"\nstage 2 [{mode}]: fine-tune to {task.describe()}")
-        defn, _ = split_model(build_model(cfg.model, seed=cfg.train.seed))
-        model = merge_model(defn, pretrained.params)
+        model = merge_model(pretrained.defn, pretrained.params)
         start = time.perf_counter()
         result = train(
             model,
@@ -93,8 +94,10 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
                 "mode": mode,
                 "trainable_params": trainable,
                 "seconds": seconds,
-                "tokens_per_s": sum(r["tokens_per_s"] for r in result.history[1:])
-                / max(len(result.history) - 1, 1),
+                # mean over logged steps, leaving out the first (it includes compilation) when there are more
+                "tokens_per_s": float(
+                    np.mean([r["tokens_per_s"] for r in result.history[1:] or result.history])
+                ),
                 "before": result.evals[0],
                 "after": result.evals[-1],
             }

@@ -18,7 +18,6 @@ from ktjax.data import SortTask, answer_accuracy
 from ktjax.models import ModelConfig, build_model
 from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES
 from ktjax.overrides import to_json
-from ktjax.params import split_model
 from ktjax.plots import plot_run
 from ktjax.train import TrainConfig, TrainResult, make_eval_step, train
 
@@ -116,9 +115,8 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     for key in ("eval_loss", "token_accuracy", "sequence_accuracy"):
         print(f"  {key:<38} {before[key]:>16.4f} {after[key]:>16.4f}")
     print(f"  (chance token accuracy: {1 / cfg.data.num_values:.2f})")
-    defn, _ = split_model(build_model(cfg.model, seed=cfg.train.seed))
     batch = task.eval_batch(8)
-    _, logits = jax.jit(make_eval_step(defn))(result.params, batch)
+    _, logits = jax.jit(make_eval_step(result.defn))(result.params, batch)
     print("examples (digits -> model's sorted answer):")
     print(show_examples(task, np.asarray(logits), batch))
     summary = {

@@ -53,6 +53,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     params: Params  # all parameters after training (trainable and frozen)
+    defn: ModelDef  # the model without its parameters: merge_model(defn, params) rebuilds it
     labels: dict[str, str]
     history: list[dict]  # one record per logged step
     evals: list[dict]  # one record per eval
@@ -211,7 +212,7 @@ def train(
     ckpt.wait()
     ckpt.close()
     log_file.close()
-    return TrainResult(params={**trainable, **frozen}, labels=labels, history=history, evals=evals)
+    return TrainResult(params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals)
 
 
 def _load_logs(workdir: pathlib.Path, upto: int) -> tuple[list[dict], list[dict]]:

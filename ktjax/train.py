@@ -73,7 +73,7 @@ def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: Train
         micro = jax.tree.map(lambda a: a.reshape(n_micro, a.shape[0] // n_micro, *a.shape[1:]), batch)
 
         def micro_loss(trainable: Params, mb: Batch):
-            logits, aux = merge_model(defn, {**trainable, **frozen})(
+            logits, aux = merge_model(defn, {**trainable, **frozen}).forward(
                 mb["input_ids"], mb["segment_ids"], mb["positions"]
             )
             ce_sum = masked_cross_entropy_sum(logits, mb)
@@ -110,7 +110,7 @@ def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: Train
 
 def make_eval_step(defn: ModelDef) -> Callable:
     def evaluate(params: Params, batch: Batch):
-        logits, _ = merge_model(defn, params)(batch["input_ids"], batch["segment_ids"], batch["positions"])
+        logits = merge_model(defn, params)(batch["input_ids"], batch["segment_ids"], batch["positions"])
         n = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         return masked_cross_entropy_sum(logits, batch) / n, logits
 

@@ -28,7 +28,7 @@ def loss_and_grads(cfg, input_ids, targets):
     defn, params = split_model(build_model(cfg, seed=3))
 
     def loss(params):
-        logits, aux = merge_model(defn, params)(input_ids)
+        logits, aux = merge_model(defn, params).forward(input_ids)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return ce + 0.01 * aux["load_balance_loss"]
 

@@ -162,6 +162,6 @@ def test_exported_merged_weights_give_the_adapted_models_logits(tmp_path):
     plain_def, plain = split_model(build_model(cfg.replace(lora_rank=0, lora_targets=())))
     assert set(merged) == set(plain)
     ids = OneBatch().fixed["input_ids"]
-    want, _ = merge_model(adapted_def, result.params)(ids)
-    got, _ = merge_model(plain_def, {n: jax.numpy.asarray(v) for n, v in merged.items()})(ids)
+    want = merge_model(adapted_def, result.params)(ids)
+    got = merge_model(plain_def, {n: jax.numpy.asarray(v) for n, v in merged.items()})(ids)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)

@@ -7,7 +7,21 @@ from dataclasses import dataclass
 
 STYLES = ("qwen3_moe", "deepseek_v3", "mixtral")
 # Module names a LoRA target list may contain; "experts" adapts the routed experts' gate/up/down.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts")
+LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_a_proj",  # multi-head latent attention (DeepSeek-V3) ...
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "gate_proj",  # dense MLPs and shared experts
+    "up_proj",
+    "down_proj",
+    "experts",
+)
+ATTENTIONS = ("gqa", "mla")
 
 
 @dataclass
@@ -22,13 +36,26 @@ class ModelConfig:
     num_key_value_heads: int = 2  # GQA: heads share K/V in groups
     head_dim: int = 16
     qk_norm: bool = True  # RMSNorm on q and k per head (Qwen3)
+    attention_bias: bool = False  # biases on the attention projections
+    sliding_window: int = 0  # >0: a query sees only the last `sliding_window` keys (Mixtral, Qwen3)
+    attention: str = "gqa"  # gqa | mla (DeepSeek's multi-head latent attention, fields below)
+    q_lora_rank: int = 0  # mla: 0 = a plain q_proj, else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 16  # mla: width of the compressed key/value latent
+    qk_nope_head_dim: int = 16  # mla: per-head query/key width without position encoding
+    qk_rope_head_dim: int = 8  # mla: per-head query/key width with RoPE (the rope key is shared)
+    v_head_dim: int = 16  # mla: per-head value width
+    rope_interleave: bool = True  # mla: RoPE pairs are interleaved (x0, x1), (x2, x3), ...
     rope_theta: float = 10000.0
+    # None, or Hugging Face's rope_scaling dict; supported: {"rope_type": "yarn", "factor", ...}
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     num_experts: int = 8  # E, routed experts per MoE layer
     num_experts_per_tok: int = 2  # K
     moe_intermediate_size: int = 32  # I, per routed expert
     intermediate_size: int = 128  # dense MLP layers (first_k_dense_replace)
     first_k_dense_replace: int = 0  # the first N layers use a dense MLP (DeepSeek-V3)
+    decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
     n_shared_experts: int = 0  # shared experts beside the routed ones (DeepSeek-V3)
     scoring_func: str = "softmax"  # softmax | sigmoid (DeepSeek-V3, with e_score_correction_bias)
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
@@ -42,6 +69,9 @@ class ModelConfig:
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()  # subset of LORA_TARGETS
+    # A Hugging Face model directory: build_model loads it (ktjax.models.from_hf), and its config.json
+    # replaces the architecture fields above; dtype, backend, policy and LoRA fields still apply.
+    path: str = ""
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -59,7 +89,12 @@ class ModelConfig:
             raise ValueError(f"unknown lora_targets {sorted(unknown)}; allowed: {LORA_TARGETS}")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         self.lora_targets = tuple(self.lora_targets)
+        self.mlp_only_layers = tuple(self.mlp_only_layers)
 
     @property
     def lora_scale(self) -> float:
@@ -67,6 +102,14 @@ class ModelConfig:
 
     def lora_rank_for(self, target: str) -> int:
         return self.lora_rank if target in self.lora_targets else 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has routed experts (else a dense MLP of intermediate_size)."""
+        return (
+            layer >= self.first_k_dense_replace
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -78,10 +121,11 @@ def qwen3_moe(**overrides) -> ModelConfig:
 
 
 def deepseek_v3(**overrides) -> ModelConfig:
-    """DeepSeek-V3 layout: sigmoid scoring with correction bias, group-limited top-k, a shared
-    expert, first layer dense. (Attention here is GQA, not DeepSeek's multi-head latent attention.)"""
+    """DeepSeek-V3 layout: multi-head latent attention, sigmoid scoring with correction bias,
+    group-limited top-k, a shared expert, first layer dense."""
     defaults = dict(
         style="deepseek_v3",
+        attention="mla",
         scoring_func="sigmoid",
         n_group=4,
         topk_group=2,

@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with RoPE, optional q/k RMSNorm, causal and segment masking."""
+"""Grouped-query self-attention with RoPE, optional q/k RMSNorm and biases; causal, segment and
+sliding-window masking shared with the latent attention in mla.py."""
 
 from __future__ import annotations
 
@@ -9,34 +10,41 @@ from flax import nnx
 from ktjax.models.config import ModelConfig
 from ktjax.nn.linear import Linear
 from ktjax.nn.norm import RMSNorm
+from ktjax.nn.rope import rope, softmax_scale
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, Hugging Face "rotate_half" convention. x: [B, S, N, D]; positions: [B, S]."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[..., None].astype(jnp.float32) * freq  # [B, S, D/2]
-    cos = jnp.concatenate([jnp.cos(angle)] * 2, -1)[:, :, None, :]
-    sin = jnp.concatenate([jnp.sin(angle)] * 2, -1)[:, :, None, :]
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, S] segment ids (0 = padding) -> [B, 1, S, S] bool: causal, within one segment."""
+def attention_mask(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array:
+    """[B, S] segment ids (0 = padding) -> [B, 1, S, S] bool: causal, within one segment, and with
+    sliding_window > 0 only the last `sliding_window` keys (the query's own included)."""
     S = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((S, S), bool))
+    q, k = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    visible = k <= q
+    if sliding_window:
+        visible &= q - k < sliding_window
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal & same & (segment_ids[:, :, None] > 0))[:, None]
+    return (visible & same & (segment_ids[:, :, None] > 0))[:, None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention. q: [B, S, N, Dk]; k: [B, S, G, Dk]; v: [B, S, G, Dv] with N a multiple of G
+    (query heads share key/value heads in groups); mask: [B, 1, S, S] -> [B, S, N * Dv] f32."""
+    B, S, N, Dk = q.shape
+    G = k.shape[2]
+    q = q.reshape(B, S, G, N // G, Dk)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * scale  # [B, G, N/G, S, S]
+    logits = jnp.where(mask[:, :, None], logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(B, S, N * v.shape[-1])
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        scale = cfg.lora_scale
+        scale, bias = cfg.lora_scale, cfg.attention_bias
 
         def proj(name, i, o):
-            return Linear(i, o, rngs=rngs, dtype=dtype, lora_rank=cfg.lora_rank_for(name), lora_scale=scale)
+            rank = cfg.lora_rank_for(name)
+            return Linear(i, o, rngs=rngs, dtype=dtype, bias=bias, lora_rank=rank, lora_scale=scale)
 
         self.q_proj = proj("q_proj", H, nh * hd)
         self.k_proj = proj("k_proj", H, nkv * hd)
@@ -46,6 +54,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.shape = (nh, nkv, hd)
         self.theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, S, H] f32; positions: [B, S] int; mask: [B, 1, S, S] bool -> [B, S, H] f32."""
@@ -56,10 +65,6 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, S, nkv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
-        q = q.reshape(B, S, nkv, nh // nkv, hd)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * hd**-0.5  # [B, nkv, groups, S, S]
-        logits = jnp.where(mask[:, :, None], logits, -1e30)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(B, S, nh * hd)
-        return self.o_proj(out)
+        q = rope(q, positions, self.theta, self.rope_scaling)
+        k = rope(k, positions, self.theta, self.rope_scaling)
+        return self.o_proj(attend(q, k, v, mask, softmax_scale(hd, self.rope_scaling)))

@@ -11,6 +11,7 @@ from flax import nnx
 from ktjax.models.config import ModelConfig
 from ktjax.nn.attention import Attention, attention_mask
 from ktjax.nn.linear import Linear
+from ktjax.nn.mla import LatentAttention
 from ktjax.nn.mlp import MLP
 from ktjax.nn.moe import MoEBlock
 from ktjax.nn.norm import RMSNorm
@@ -19,9 +20,10 @@ from ktjax.nn.norm import RMSNorm
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype)
+        attention = LatentAttention if cfg.attention == "mla" else Attention
+        self.self_attn = attention(cfg, rngs=rngs, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        dense = layer < cfg.first_k_dense_replace
+        dense = not cfg.is_moe_layer(layer)
         ffn = (
             MLP(cfg, cfg.intermediate_size, rngs=rngs, dtype=dtype)
             if dense
@@ -62,7 +64,7 @@ class Backbone(nnx.Module):
 
 
 class MoeForCausalLM(nnx.Module):
-    """input_ids [B, S] int32 -> logits [B, S, V] f32, plus router statistics averaged over MoE layers."""
+    """input_ids [B, S] int32 -> logits [B, S, V] f32 (``forward`` also returns router statistics)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.param_dtype)
@@ -76,15 +78,22 @@ class MoeForCausalLM(nnx.Module):
 
     def __call__(
         self, input_ids: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids [B, S] int32 -> logits [B, S, V] f32. segment_ids [B, S]: packed-sequence ids,
+        0 = padding (default: one segment, no padding); positions [B, S]: RoPE positions (default 0..S-1)."""
+        return self.forward(input_ids, segment_ids, positions)[0]
+
+    def forward(
+        self, input_ids: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        """segment_ids [B, S]: packed-sequence ids, 0 = padding (default: one segment, no padding).
-        positions [B, S]: RoPE positions (default: 0..S-1)."""
+        """As ``__call__``, plus router statistics averaged over the MoE layers: load_balance_loss and
+        max_load (both 1.0 when perfectly balanced)."""
         B, S = input_ids.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, S), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        mask = attention_mask(segment_ids)
+        mask = attention_mask(segment_ids, self.config.sliding_window)
         token_mask = segment_ids > 0
         x = self.model.embed_tokens(input_ids)
         stats = []

@@ -1,0 +1,151 @@
+"""Load a local Hugging Face MoE checkpoint (config.json + *.safetensors) into a ktjax model.
+
+Weights stream tensor by tensor into their final arrays: per-expert tensors
+(``...experts.{e}.gate_proj.weight`` [I, H], Mixtral's w1/w3/w2) are read straight into slot e of the
+stacked [E, I, H] array the kernels use, and the arrays are handed to JAX without a copy, so peak memory
+stays close to one copy of the weights. LoRA adapters, which a base checkpoint does not hold, are
+initialised (A random, B zero).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ktjax.models.config import ModelConfig
+from ktjax.models.hf_config import config_from_hf, read_hf_config
+from ktjax.models.safetensors_io import TensorInfo, aligned_empty, read_header, read_into, to_jax
+from ktjax.params import ModelDef, Params, is_lora, merge_model, split_model
+
+# ktjax's stacked routed-expert parameters, and the per-expert names Hugging Face stores them under.
+EXPERT_PARAM = re.compile(
+    r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(gate|up|down)_proj\.(.+)$"
+)
+MIXTRAL_EXPERT = {"gate": "w1", "down": "w2", "up": "w3"}
+
+
+def expert_name(style: str, prefix: str, proj: str, expert: int, suffix: str) -> str:
+    """Hugging Face name of one expert's tensor: prefix ``model.layers.3.mlp.experts``, proj gate|up|down."""
+    module = MIXTRAL_EXPERT[proj] if style == "mixtral" else f"{proj}_proj"
+    return f"{prefix}.{expert}.{module}.{suffix}"
+
+
+def hf_names(cfg: ModelConfig, name: str) -> list[str]:
+    """The Hugging Face tensors one ktjax parameter is made of: a list of E per-expert tensors for a
+    stacked expert parameter, else the same name."""
+    match = EXPERT_PARAM.match(name)
+    if not match:
+        return [name]
+    prefix, proj, suffix = match.groups()
+    return [expert_name(cfg.style, prefix, proj, e, suffix) for e in range(cfg.num_experts)]
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    """Checkpoint tensors that are not model weights ktjax uses: cached RoPE tables, DeepSeek's
+    multi-token-prediction layers (numbered past num_hidden_layers), a tied head stored anyway."""
+    layer = re.match(r"^model\.layers\.(\d+)\.", name)
+    return (
+        name.endswith("rotary_emb.inv_freq")
+        or (layer is not None and int(layer.group(1)) >= cfg.num_hidden_layers)
+        or (cfg.tie_word_embeddings and name == "lm_head.weight")
+    )
+
+
+def index_checkpoint(path: str | pathlib.Path) -> dict[str, TensorInfo]:
+    """Tensor name -> location, over model.safetensors or the shards model.safetensors.index.json lists."""
+    path = pathlib.Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        tensors.update(read_header(path / file))
+    return tensors
+
+
+def abstract_model(cfg: ModelConfig, seed: int = 0) -> tuple[ModelDef, dict[str, jax.ShapeDtypeStruct]]:
+    """The model's structure and parameter shapes, without allocating any weights."""
+    from ktjax.nn.decoder import MoeForCausalLM
+
+    return split_model(nnx.eval_shape(lambda: MoeForCausalLM(cfg, rngs=nnx.Rngs(seed))))
+
+
+def _init_lora(name: str, shape: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
+    if name.endswith(".lora_B"):
+        return jnp.zeros(shape.shape, shape.dtype)
+    key = jax.random.fold_in(jax.random.key(seed), sum(map(ord, name)) * 7919 + len(name))
+    return (jax.random.normal(key, shape.shape) * shape.shape[-1] ** -0.5).astype(shape.dtype)
+
+
+def load_params(
+    cfg: ModelConfig, path: str | pathlib.Path, *, seed: int = 0, progress: bool = True
+) -> tuple[ModelDef, Params]:
+    """Reads the checkpoint at `path` into ktjax's parameter layout for `cfg`. Raises ValueError naming
+    the tensor when one is missing, has the wrong shape, or is not used by the model."""
+    defn, shapes = abstract_model(cfg, seed)
+    tensors = index_checkpoint(path)
+    used: set[str] = set()
+    params: Params = {}
+    names = sorted(shapes)
+    for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0):
+        target = shapes[name]
+        if is_lora(name):
+            params[name] = _init_lora(name, target, seed)
+            continue
+        sources = hf_names(cfg, name)
+        missing = [s for s in sources if s not in tensors]
+        if missing:
+            raise ValueError(
+                f"{path}: tensor {missing[0]!r} is missing (needed for ktjax parameter {name!r})"
+            )
+        array = aligned_empty(target.shape, np.dtype(target.dtype))
+        slots = [array] if len(sources) == 1 else list(array)  # expert e -> array[e]
+        for source, slot in zip(sources, slots):
+            info = tensors[source]
+            if tuple(info.shape) != slot.shape:
+                raise ValueError(
+                    f"{path}: tensor {source!r} has shape {list(info.shape)}, the config implies {list(slot.shape)}"
+                )
+            read_into(info, slot)
+            used.add(source)
+        params[name] = to_jax(array)
+    unexpected = sorted(n for n in tensors if n not in used and not _ignorable(n, cfg))
+    if unexpected:
+        raise ValueError(
+            f"{path}: {len(unexpected)} tensors are not used by the {cfg.style} model the config describes, "
+            f"e.g. {unexpected[:3]} (a config field such as attention_bias or tie_word_embeddings may be off)"
+        )
+    return defn, params
+
+
+def from_hf(
+    path: str | pathlib.Path,
+    *,
+    dtype: str = "bfloat16",
+    expert_backend: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    **overrides,
+):
+    """A MoeForCausalLM with the weights of the Hugging Face model directory `path` (Qwen3-MoE, Mixtral
+    or DeepSeek-V3). `dtype`: float32 | bfloat16 for every weight (routers stay f32). `overrides` set
+    other ModelConfig fields, e.g. ``lora_rank=8, lora_targets=("experts",)``.
+
+    ``model(input_ids [B, S] int32) -> logits [B, S, V] f32``; ``model.config`` is the ModelConfig.
+    """
+    cfg = config_from_hf(
+        read_hf_config(path), param_dtype=dtype, expert_backend=expert_backend, path=str(path), **overrides
+    )
+    defn, params = load_params(cfg, path, seed=seed, progress=progress)
+    return merge_model(defn, params)

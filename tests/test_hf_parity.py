@@ -1,0 +1,100 @@
+"""Parity with the reference implementations: tiny random Qwen3-MoE, Mixtral and DeepSeek-V3 models
+built with transformers, saved, loaded with ktjax.models.from_hf. Needs the [hf] test extra."""
+
+from __future__ import annotations
+
+import copy
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hf_testing import TINY, hf_logits, make_hf_model  # noqa: E402
+
+from ktjax.models import from_hf  # noqa: E402
+from ktjax.params import split_model, merge_model  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def hf_model(request, tmp_path_factory):
+    model = make_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def tokens(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 61, (2, 12))
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_f32_logits_match_transformers(hf_model):
+    kind, model, path = hf_model
+    ids = tokens()
+    got = from_hf(path, dtype="float32", progress=False)(jnp.asarray(ids, jnp.int32))
+    assert got.dtype == jnp.float32 and got.shape == (2, 12, 61)
+    assert rel_err(np.asarray(got), hf_logits(model, ids)) < 2e-5, kind
+
+
+def test_bf16_logits_match_transformers_loosely(hf_model):
+    kind, model, path = hf_model
+    ids = tokens(1)
+    want = hf_logits(copy.deepcopy(model).to(torch.bfloat16), ids)
+    got = np.asarray(from_hf(path, dtype="bfloat16", progress=False)(jnp.asarray(ids, jnp.int32)))
+    # bf16 rounding differs between the implementations (and can flip a near-tie in routing), so the
+    # bound is on the mean error; f32 above is the exact check.
+    assert np.abs(got - want).mean() / np.abs(want).mean() < 0.1, kind
+
+
+def hf_grad(model, hf_name: str, grads: dict, intermediate: int, proj: str) -> np.ndarray:
+    """A ktjax-layout gradient from transformers' parameters (its experts fuse gate and up)."""
+    if proj == "down":
+        return grads[hf_name + "down_proj"]
+    fused = grads[hf_name + "gate_up_proj"]
+    return fused[:, :intermediate] if proj == "gate" else fused[:, intermediate:]
+
+
+def test_loss_gradients_match_torch_autograd(hf_model):
+    kind, model, path = hf_model
+    ids = tokens(2)
+    model.zero_grad()
+    out = model(torch.as_tensor(ids), labels=torch.as_tensor(ids))
+    out.loss.backward()
+    want_grads = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+    kmodel = from_hf(path, dtype="float32", progress=False)
+    cfg = kmodel.config
+    defn, params = split_model(kmodel)
+    x = jnp.asarray(ids, jnp.int32)
+
+    def loss(params):
+        logits = merge_model(defn, params)(x)[:, :-1]
+        logp = jax.nn.log_softmax(logits, -1)
+        return -jnp.mean(jnp.take_along_axis(logp, x[:, 1:, None], -1))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert abs(float(value) - out.loss.item()) < 1e-5 * max(1.0, out.loss.item())
+    moe = max(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    ffn = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    attn = "q_a_proj" if cfg.attention == "mla" and cfg.q_lora_rank else "q_proj"
+    checks = {
+        f"model.layers.0.self_attn.{attn}.weight": want_grads[f"model.layers.0.self_attn.{attn}.weight"],
+        f"model.layers.{moe}.{ffn}.gate.weight": want_grads[f"model.layers.{moe}.mlp.gate.weight"],
+        "model.embed_tokens.weight": want_grads["model.embed_tokens.weight"],
+    }
+    experts = f"model.layers.{moe}.mlp.experts."
+    for proj in ("gate", "up", "down"):
+        checks[f"model.layers.{moe}.{ffn}.experts.{proj}_proj.weight"] = hf_grad(
+            model, experts, want_grads, cfg.moe_intermediate_size, proj
+        )
+    for name, want in checks.items():
+        got = np.asarray(grads[name])
+        assert got.shape == want.shape, name
+        assert np.abs(want).max() > 0, name
+        assert rel_err(got, want) < 1e-4, (kind, name, rel_err(got, want))

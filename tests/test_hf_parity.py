@@ -4,6 +4,7 @@ built with transformers, saved, loaded with ktjax.models.from_hf. Needs the [hf]
 from __future__ import annotations
 
 import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ pytest.importorskip("transformers")
 from hf_testing import TINY, hf_logits, make_hf_model  # noqa: E402
 
 from ktjax.models import from_hf  # noqa: E402
-from ktjax.params import split_model, merge_model  # noqa: E402
+from ktjax.params import merge_model, split_model  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))

@@ -115,7 +115,8 @@ def load_params(
             info = tensors[source]
             if tuple(info.shape) != slot.shape:
                 raise ValueError(
-                    f"{path}: tensor {source!r} has shape {list(info.shape)}, the config implies {list(slot.shape)}"
+                    f"{path}: tensor {source!r} has shape {list(info.shape)}, "
+                    f"the config implies {list(slot.shape)}"
                 )
             read_into(info, slot)
             used.add(source)

@@ -52,7 +52,8 @@ class TensorInfo:
             want = int(np.prod(self.shape)) * DTYPES[self.code].itemsize
             if want != self.nbytes:
                 raise ValueError(
-                    f"{path}: tensor {name!r} {self.code}{list(self.shape)} needs {want} bytes, has {self.nbytes}"
+                    f"{path}: tensor {name!r} {self.code}{list(self.shape)} needs {want} bytes, "
+                    f"has {self.nbytes}"
                 )
 
     @property

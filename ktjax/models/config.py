@@ -93,6 +93,9 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        from ktjax.nn.rope import rope_type
+
+        rope_type(self.rope_scaling)  # refuses scaling types the model cannot compute
         self.lora_targets = tuple(self.lora_targets)
         self.mlp_only_layers = tuple(self.mlp_only_layers)
 

@@ -77,7 +77,10 @@ def read_header(path: str | pathlib.Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise ValueError(f"{path}: not a safetensors file (header length {n} > file size)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
     header.pop("__metadata__", None)
     return {name: TensorInfo(path, name, entry, 8 + n, size) for name, entry in header.items()}
 

@@ -1,0 +1,230 @@
+"""Hugging Face checkpoint I/O without torch: export -> from_hf round trips, sharding, PEFT adapters,
+streaming safetensors against the safetensors library, memory use, and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from ktjax.models import build_model, deepseek_v3, from_hf, mixtral, qwen3_moe
+from ktjax.models.hf_export import export_hf, export_peft
+from ktjax.models.safetensors_io import read_header, read_into, to_jax, write_file
+from ktjax.params import is_lora, merge_model, split_model
+
+SMALL = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_experts=4, moe_intermediate_size=16)
+CONFIGS = {
+    "qwen3_moe": lambda **kw: qwen3_moe(**SMALL, head_dim=8, **kw),
+    "mixtral": lambda **kw: mixtral(**SMALL, head_dim=8, **kw),
+    "deepseek_v3": lambda **kw: deepseek_v3(
+        **SMALL, n_group=2, topk_group=1, q_lora_rank=8, kv_lora_rank=8, intermediate_size=24, **kw
+    ),
+}
+IDS = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 7)), jnp.int32)
+
+
+def randomised(cfg, seed=0):
+    """Params of a random model with every adapter non-zero (B starts at zero otherwise)."""
+    defn, params = split_model(build_model(cfg, seed))
+    rng = np.random.default_rng(seed)
+    for name in params:
+        if is_lora(name):
+            params[name] = jnp.asarray(rng.normal(0, 0.3, params[name].shape), params[name].dtype)
+    return defn, params
+
+
+@pytest.mark.parametrize("style", sorted(CONFIGS))
+def test_export_then_from_hf_gives_the_same_model(style, tmp_path):
+    cfg = CONFIGS[style](lora_rank=2, lora_targets=("experts", "o_proj"))
+    defn, params = randomised(cfg)
+    want = merge_model(defn, params)(IDS)
+    export_hf(params, cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == style
+    loaded = from_hf(tmp_path, dtype="float32", progress=False)
+    got = loaded(IDS)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert loaded.config.num_experts == cfg.num_experts and loaded.config.lora_rank == 0
+
+
+def test_large_exports_are_sharded_with_an_index(tmp_path):
+    cfg = CONFIGS["qwen3_moe"]()
+    defn, params = randomised(cfg)
+    export_hf(params, cfg, tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and not (tmp_path / "model.safetensors").exists()
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]
+    np.testing.assert_allclose(
+        np.asarray(from_hf(tmp_path, dtype="float32", progress=False)(IDS)),
+        np.asarray(merge_model(defn, params)(IDS)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("style", ["qwen3_moe", "mixtral"])
+def test_peft_adapters_reproduce_the_merged_weights(style, tmp_path):
+    cfg = CONFIGS[style](lora_rank=3, lora_alpha=6.0, lora_targets=("experts", "q_proj"))
+    _, params = randomised(cfg)
+    export_peft(params, cfg, tmp_path / "peft")
+    export_hf(params, cfg, tmp_path / "merged")
+    export_hf({n: v for n, v in params.items() if not is_lora(n)}, cfg, tmp_path / "base")
+    adapter = safetensors.numpy.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    merged = safetensors.numpy.load_file(tmp_path / "merged" / "model.safetensors")
+    base = safetensors.numpy.load_file(tmp_path / "base" / "model.safetensors")
+    expert = "block_sparse_moe.experts.3.w2" if style == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"base_model.model.model.layers.1.{expert}.lora_B.weight" in adapter
+    import re
+
+    modules = {k[len("base_model.model.") : -len(".lora_A.weight")] for k in adapter if "lora_A" in k}
+    assert len(modules) == 2 * (1 + 3 * cfg.num_experts)
+    assert all(re.fullmatch(config["target_modules"], m) for m in modules)
+    assert not re.fullmatch(config["target_modules"], "model.layers.0.self_attn.k_proj")
+    scale = config["lora_alpha"] / config["r"]
+    for module in modules:
+        a, b = (
+            adapter[f"base_model.model.{module}.lora_A.weight"],
+            adapter[f"base_model.model.{module}.lora_B.weight"],
+        )
+        want = base[module + ".weight"] + scale * b @ a
+        np.testing.assert_allclose(merged[module + ".weight"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_safetensors_agrees_with_the_library(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16),
+        "c": rng.integers(-9, 9, (2, 2, 2)).astype(np.int64),
+    }
+    layout = {n: (v.dtype, v.shape) for n, v in tensors.items()}
+    write_file(tmp_path / "ours.safetensors", tensors.items(), layout)
+    theirs = safetensors.numpy.load_file(tmp_path / "ours.safetensors")
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(theirs[name], value)
+    safetensors.numpy.save_file({"a": tensors["a"], "c": tensors["c"]}, tmp_path / "lib.safetensors")
+    header = read_header(tmp_path / "lib.safetensors")
+    out = np.empty((3, 5), np.float64)  # dtype converted on read
+    read_into(header["a"], out)
+    np.testing.assert_array_equal(out, tensors["a"])
+    shared = to_jax(np.asarray(tensors["b"]))
+    assert shared.dtype == jnp.bfloat16 and np.array_equal(np.asarray(shared), tensors["b"])
+
+
+def test_bad_checkpoints_fail_naming_the_tensor(tmp_path):
+    cfg = CONFIGS["qwen3_moe"]()
+    _, params = randomised(cfg)
+    export_hf(params, cfg, tmp_path)
+    weights = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    def rewrite(tensors, **config_changes):
+        safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
+        (tmp_path / "config.json").write_text(json.dumps({**config, **config_changes}))
+
+    missing = dict(weights)
+    del missing["model.layers.1.mlp.experts.2.up_proj.weight"]
+    rewrite(missing)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.2\.up_proj\.weight.*missing"):
+        from_hf(tmp_path, progress=False)
+    wrong = {**weights, "model.layers.0.self_attn.k_proj.weight": np.zeros((3, 32), np.float32)}
+    rewrite(wrong)
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*shape \[3, 32\]"):
+        from_hf(tmp_path, progress=False)
+    rewrite({**weights, "model.layers.0.self_attn.q_proj.bias": np.ones(32, np.float32)})
+    with pytest.raises(ValueError, match=r"q_proj\.bias.*attention_bias"):
+        from_hf(tmp_path, progress=False)
+    rewrite(weights, architectures=["LlamaForCausalLM"], model_type="llama")
+    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+        from_hf(tmp_path, progress=False)
+    rewrite(weights, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+    with pytest.raises(NotImplementedError, match="longrope"):
+        from_hf(tmp_path, progress=False)
+    rewrite(weights)
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(ValueError, match="outside the file"):
+        from_hf(tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_hf(tmp_path / "nowhere", progress=False)
+
+
+def test_fp8_checkpoints_are_refused_with_advice(tmp_path):
+    cfg = CONFIGS["mixtral"]()
+    _, params = randomised(cfg)
+    export_hf(params, cfg, tmp_path)
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    entry = header["model.norm.weight"]
+    entry["dtype"] = "F8_E4M3"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*F8_E4M3.*dequantize"):
+        from_hf(tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_realistic_layer_loads_within_1_3x_its_weights(tmp_path):
+    """One layer at H=2048, I=768, E=64 (604 MB of bf16 experts): the loading process's peak memory
+    above its baseline stays within 1.3x the weights' bytes."""
+    script = textwrap.dedent(
+        f"""
+        import json, resource, sys, numpy as np, ml_dtypes
+        from ktjax.models import qwen3_moe
+        from ktjax.models.hf_config import hf_config
+        from ktjax.models.hf_load import abstract_model, hf_names
+        from ktjax.models.safetensors_io import write_file
+        cfg = qwen3_moe(vocab_size=1024, hidden_size=2048, num_hidden_layers=1, num_attention_heads=16,
+                        num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=8,
+                        moe_intermediate_size=768, param_dtype="bfloat16")
+        out = {str(tmp_path)!r}
+        json.dump(hf_config(cfg), open(out + "/config.json", "w"))
+        _, params = abstract_model(cfg)
+        shapes = {{}}
+        for name, value in params.items():
+            targets = hf_names(cfg, name)
+            for target in targets:
+                shapes[target] = value.shape if len(targets) == 1 else value.shape[1:]
+        layout = {{n: (np.dtype(ml_dtypes.bfloat16), s) for n, s in shapes.items()}}
+        rng = np.random.default_rng(0)
+        bf16 = ml_dtypes.bfloat16
+        tensors = ((n, rng.standard_normal(s, np.float32).astype(bf16)) for n, s in shapes.items())
+        write_file(out + "/model.safetensors", tensors, layout)
+        print(sum(int(np.prod(s)) * 2 for s in shapes.values()))
+        """
+    )
+    weight_bytes = int(
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    )
+    load = textwrap.dedent(
+        f"""
+        import resource, jax, jax.numpy as jnp, numpy as np
+        from ktjax.models import from_hf
+        jnp.ones(4).block_until_ready()
+        base = int(open("/proc/self/statm").read().split()[1]) * 4096
+        model = from_hf({str(tmp_path)!r}, progress=False)
+        w = model.model.layers[0].mlp.experts.gate_proj.weight[...]
+        assert w.shape == (64, 768, 2048) and w.dtype == jnp.bfloat16
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(base, peak)
+        """
+    )
+    base, peak = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", load], check=True, capture_output=True, text=True
+        ).stdout.split(),
+    )
+    assert weight_bytes > 600e6
+    print(f"weights {weight_bytes / 1e6:.0f} MB; peak RSS above baseline {(peak - base) / weight_bytes:.2f}x")
+    assert peak - base <= 1.3 * weight_bytes, (peak - base) / weight_bytes

@@ -99,3 +99,30 @@ def test_loss_gradients_match_torch_autograd(hf_model):
         assert got.shape == want.shape, name
         assert np.abs(want).max() > 0, name
         assert rel_err(got, want) < 1e-4, (kind, name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3"])
+def test_lora_training_then_merged_export_loads_in_transformers(kind, tmp_path):
+    """from_hf -> LoRA training (a few steps) -> export merged -> transformers reproduces the logits."""
+    import transformers
+
+    from ktjax.data import SortTask
+    from ktjax.models.hf_export import export_hf
+    from ktjax.optim import LORA_RULES
+    from ktjax.train import TrainConfig, train
+
+    make_hf_model(kind).save_pretrained(tmp_path / "base")
+    targets = ("experts", "o_proj")
+    model = from_hf(tmp_path / "base", dtype="float32", lora_rank=4, lora_targets=targets, progress=False)
+    cfg = TrainConfig(steps=4, batch_size=4, eval_batch_size=4, rules=LORA_RULES, progress=False, log_every=1)
+    result = train(model, SortTask(length=4, num_values=6), cfg, tmp_path / "run")
+    adapters = [n for n in result.params if n.endswith(".lora_B")]
+    assert adapters and all(np.abs(np.asarray(result.params[n])).max() > 0 for n in adapters)
+    export_hf(result.params, model.config, tmp_path / "merged")
+
+    ids = tokens(3)
+    want = np.asarray(merge_model(result.defn, result.params)(jnp.asarray(ids, jnp.int32)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert rel_err(hf_logits(hf.eval(), ids), want) < 2e-5
+    reloaded = from_hf(tmp_path / "merged", dtype="float32", progress=False)(jnp.asarray(ids, jnp.int32))
+    assert rel_err(np.asarray(reloaded), want) < 2e-5

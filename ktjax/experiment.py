@@ -2,10 +2,15 @@
 evaluates before/after, and leaves a complete run directory:
 
     <workdir>/config.json  metrics.jsonl  checkpoints/  curves.png  summary.json
+              peft_adapter/ (when the model has LoRA adapters)  merged/ (with export_merged)
+
+The data is the digit-sorting task, or with data.path a jsonl file of SFT records (ktjax.sft). The
+model is random, or with model.path a Hugging Face checkpoint directory (ktjax.models.from_hf).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -16,20 +21,40 @@ import numpy as np
 
 from ktjax.data import SortTask, answer_accuracy
 from ktjax.models import ModelConfig, build_model
+from ktjax.models.hf_config import config_from_hf, read_hf_config
+from ktjax.models.hf_export import export_hf, export_peft
 from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES
 from ktjax.overrides import to_json
+from ktjax.params import is_lora
 from ktjax.plots import plot_run
+from ktjax.sft import SFTData
+from ktjax.tokenizer import load_tokenizer
 from ktjax.train import TrainConfig, TrainResult, make_eval_step, train
 
 MODES = {"full": FULL_RULES, "lora": LORA_RULES, "hybrid": HYBRID_RULES}
+# ModelConfig fields that are not architecture: they still apply when model.path supplies the rest.
+RUN_FIELDS = (
+    "param_dtype",
+    "expert_backend",
+    "expert_policy",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "path",
+)
+Task = SortTask | SFTData
 
 
 @dataclass
 class DataConfig:
-    length: int = 8  # digits to sort
-    num_values: int = 10  # digit range [0, num_values)
+    path: str = ""  # a jsonl file of SFT records; empty: the digit-sorting task below
+    seq_len: int = 256  # SFT: tokens per packed row
+    tokenizer: str = ""  # SFT: a directory with tokenizer.json, or "bytes"; default: model.path's, else bytes
+    eval_fraction: float = 0.1  # SFT: records held out for eval
+    length: int = 8  # sort: digits to sort
+    num_values: int = 10  # sort: digit range [0, num_values)
     seed: int = 0
-    descending: bool = False
+    descending: bool = False  # sort: the other way
 
 
 @dataclass
@@ -39,24 +64,43 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    export_peft: bool = True  # write LoRA adapters in PEFT format to <workdir>/peft_adapter
+    export_merged: bool = False  # write a Hugging Face model directory, adapters merged, to <workdir>/merged
 
     def __post_init__(self) -> None:
         if self.mode not in (*MODES, "rules"):
             raise ValueError(f"mode must be one of {(*MODES, 'rules')}, got {self.mode!r}")
 
 
-def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Fills in what follows from other fields: the task's vocabulary and the mode's rules."""
-    task = make_task(cfg.data)
-    model = cfg.model.replace(vocab_size=task.vocab_size)
+def resolve(cfg: ExperimentConfig, task: Task | None = None) -> ExperimentConfig:
+    """Fills in what follows from other fields: the architecture from model.path's config.json (else
+    the vocabulary from the task) and the mode's rules."""
+    task = task or make_task(cfg.data, cfg.model.path)
+    if cfg.model.path:
+        run = {k: getattr(cfg.model, k) for k in RUN_FIELDS}
+        model = config_from_hf(read_hf_config(cfg.model.path), **run)
+        if task.vocab_size > model.vocab_size:
+            raise ValueError(
+                f"the data uses token ids up to {task.vocab_size - 1}, the model has {model.vocab_size}"
+            )
+    else:
+        model = cfg.model.replace(vocab_size=task.vocab_size)
     rules = cfg.train.rules if cfg.mode == "rules" else MODES[cfg.mode]
     train_cfg = TrainConfig(**{**cfg.train.__dict__, "rules": tuple(tuple(r) for r in rules)})
-    return ExperimentConfig(name=cfg.name, mode=cfg.mode, model=model, data=cfg.data, train=train_cfg)
+    return dataclasses.replace(cfg, model=model, train=train_cfg)
 
 
-def make_task(data: DataConfig) -> SortTask:
-    return SortTask(
-        length=data.length, num_values=data.num_values, seed=data.seed, descending=data.descending
+def make_task(data: DataConfig, model_path: str = "") -> Task:
+    """The sorting task, or SFT data from data.path tokenized with data.tokenizer (default: the model
+    directory's tokenizer when it has one, else bytes)."""
+    if not data.path:
+        return SortTask(
+            length=data.length, num_values=data.num_values, seed=data.seed, descending=data.descending
+        )
+    has_tokenizer = model_path and (pathlib.Path(model_path) / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(data.tokenizer or (model_path if has_tokenizer else "bytes"))
+    return SFTData(
+        data.path, tokenizer, seq_len=data.seq_len, seed=data.seed, eval_fraction=data.eval_fraction
     )
 
 
@@ -74,8 +118,11 @@ def format_config(cfg: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def show_examples(task: SortTask, logits: np.ndarray, batch: dict, n: int = 3) -> str:
-    """A few eval sequences: the digits, the true sorted answer and the model's (teacher-forced) one."""
+def show_examples(task: Task, logits: np.ndarray, batch: dict, n: int = 3) -> str:
+    """A few eval sequences: the digits, the true sorted answer and the model's (teacher-forced) one;
+    for SFT data, the trained text and the model's teacher-forced prediction of it."""
+    if isinstance(task, SFTData):
+        return show_sft_examples(task, logits, batch, n)
     pred = logits.argmax(-1)
     rows = []
     for i in range(n):
@@ -89,14 +136,25 @@ def show_examples(task: SortTask, logits: np.ndarray, batch: dict, n: int = 3) -
     return "\n".join(rows)
 
 
+def show_sft_examples(task: SFTData, logits: np.ndarray, batch: dict, n: int = 2) -> str:
+    pred = logits.argmax(-1)
+    rows = []
+    for i in range(min(n, len(pred))):
+        first = (batch["segment_ids"][i] == 1) & (batch["loss_mask"][i] > 0)
+        want = task.tokenizer.decode(batch["targets"][i][first])
+        got = task.tokenizer.decode(pred[i][first])
+        rows.append(f"  target: {want[:200]!r}\n  model:  {got[:200]!r}")
+    return "\n".join(rows)
+
+
 def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> TrainResult:
-    """The default driver: train on the task, eval before and after, plot, summarise."""
-    cfg = resolve(cfg)
+    """The default driver: train on the task, eval before and after, plot, summarise, export."""
+    task = make_task(cfg.data, cfg.model.path)
+    cfg = resolve(cfg, task)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(to_json(cfg), indent=2))
     print(f"experiment {cfg.name}: {cfg.mode} mode -> {workdir}")
     print(format_config(cfg))
-    task = make_task(cfg.data)
     print(f"task: {task.describe()}")
     start = time.perf_counter()
     result = train(
@@ -114,10 +172,11 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     print(f"\neval on {cfg.train.eval_batch_size} held-out sequences      {head}")
     for key in ("eval_loss", "token_accuracy", "sequence_accuracy"):
         print(f"  {key:<38} {before[key]:>16.4f} {after[key]:>16.4f}")
-    print(f"  (chance token accuracy: {1 / cfg.data.num_values:.2f})")
+    if isinstance(task, SortTask):
+        print(f"  (chance token accuracy: {1 / cfg.data.num_values:.2f})")
     batch = task.eval_batch(8)
     _, logits = jax.jit(make_eval_step(result.defn))(result.params, batch)
-    print("examples (digits -> model's sorted answer):")
+    print("examples (teacher-forced):")
     print(show_examples(task, np.asarray(logits), batch))
     summary = {
         "name": cfg.name,
@@ -128,6 +187,12 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         "final_train": result.history[-1] if result.history else None,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.export_peft and any(is_lora(n) for n in result.params):
+        print(
+            f"LoRA adapters (PEFT format): {export_peft(result.params, cfg.model, workdir / 'peft_adapter')}"
+        )
+    if cfg.export_merged:
+        print(f"merged Hugging Face model: {export_hf(result.params, cfg.model, workdir / 'merged')}")
     print(
         f"\nrun directory: {workdir} (config.json, metrics.jsonl, checkpoints/, curves.png) — {seconds:.0f} s"
     )

@@ -1,0 +1,157 @@
+"""Tokenizers, SFT records -> loss-masked packed rows, and experiments that start from a Hugging Face
+model directory (`model.path`) on SFT data (`data.path`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ktjax.experiment import DataConfig, ExperimentConfig, resolve, run_experiment
+from ktjax.models import qwen3_moe
+from ktjax.models.hf_export import export_hf
+from ktjax.params import split_model
+from ktjax.sft import SFTData, pack, tokenize_record
+from ktjax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from ktjax.train import TrainConfig
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+}
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def trained_text(tokenizer, record) -> str:
+    ids, trained = tokenize_record(tokenizer, record)
+    return tokenizer.decode(ids[trained])
+
+
+def make_hf_tokenizer(directory):
+    """A word-level tokenizer.json plus a tokenizer_config.json with special tokens and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "[", "]", "system", "user", "assistant", "Be", "brief", ".", "hi"]
+    words += ["hello", "2", "+", "?", "4", "<unk>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return load_tokenizer(directory)
+
+
+def test_byte_tokenizer_round_trips_text():
+    tok = load_tokenizer("bytes")
+    assert isinstance(tok, ByteTokenizer)
+    text = "héllo, wörld"
+    assert tok.decode(tok.encode(text)) == text and min(tok.encode(text)) >= 3
+
+
+def test_chat_loss_is_on_assistant_turns_only(tmp_path):
+    tok = make_hf_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and tok.bos_id == 1 and tok.eos_id == 2
+    ids, trained = tokenize_record(tok, CHAT)
+    full = tok.encode(tok.render_chat(CHAT["messages"]))
+    assert ids.tolist() == full  # the pieces tokenize to the whole conversation
+    assert trained_text(tok, CHAT).split() == ["hello", "</s>", "4", "</s>"]
+    byte = ByteTokenizer()
+    assert trained_text(byte, CHAT) == "hello\n4\n"
+
+
+def test_prompt_completion_loss_is_on_the_completion_and_eos():
+    tok = ByteTokenizer()
+    ids, trained = tokenize_record(tok, {"prompt": "Q: 1+1 ", "completion": "2"})
+    assert ids[0] == tok.BOS and ids[-1] == tok.EOS
+    assert trained.tolist() == [False] * 8 + [True, True]
+
+
+def test_packing_keeps_records_apart():
+    a = (np.array([10, 11, 12, 13]), np.array([False, False, True, True]))
+    b = (np.array([20, 21, 22]), np.array([False, True, True]))
+    c = (np.array(list(range(30, 40))), np.ones(10, bool))
+    rows, truncated = pack([a, b, c], seq_len=6)
+    assert truncated == 1 and len(rows["input_ids"]) == 2
+    np.testing.assert_array_equal(rows["input_ids"][0], [10, 11, 12, 20, 21, 0])
+    np.testing.assert_array_equal(rows["targets"][0], [11, 12, 13, 21, 22, 0])
+    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 0, 1, 0])
+    np.testing.assert_array_equal(rows["input_ids"][1], range(30, 36))  # truncated to seq_len
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_batches_are_a_function_of_seed_and_step(tmp_path):
+    records = [{"prompt": f"q{i} ", "completion": f"a{i}"} for i in range(30)]
+    data = SFTData(str(write_jsonl(tmp_path / "d.jsonl", records)), ByteTokenizer(), seq_len=16, seed=3)
+    again = SFTData(str(tmp_path / "d.jsonl"), ByteTokenizer(), seq_len=16, seed=3)
+    assert data.n_eval == 3 and data.n_rows > 4
+    for step in (0, 5, 2):
+        for key, value in data.batch(step, 4).items():
+            np.testing.assert_array_equal(value, again.batch(step, 4)[key])
+    one_epoch = np.concatenate([data.batch(s, 1)["input_ids"] for s in range(data.n_rows)])
+    assert len({r.tobytes() for r in one_epoch}) == data.n_rows  # every row once per epoch
+    held_out = {r.tobytes() for r in data.eval_batch(100)["input_ids"]}
+    assert not held_out & {r.tobytes() for r in data.rows["input_ids"]}
+
+
+def test_bad_records_name_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "x"}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: needs 'messages', or 'prompt' and 'completion'"):
+        SFTData(str(path), ByteTokenizer())
+    path.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
+        SFTData(str(path), ByteTokenizer())
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "only a question"}]}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: a chat needs at least one assistant message"):
+        SFTData(str(path), ByteTokenizer())
+
+
+def test_experiment_starts_from_a_model_directory(tmp_path):
+    """model.path + data.path: the architecture comes from config.json, the tokenizer from the directory,
+    training runs, and the adapters are exported in PEFT format plus a merged model directory."""
+    from ktjax.models import build_model
+
+    arch = qwen3_moe(vocab_size=300, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=4)
+    _, params = split_model(build_model(arch))
+    model_dir = export_hf(params, arch, tmp_path / "model")
+    records = [{"prompt": f"{i} plus one is ", "completion": str(i + 1)} for i in range(20)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    cfg = ExperimentConfig(
+        name="t",
+        mode="lora",
+        model=qwen3_moe(hidden_size=999, path=str(model_dir), lora_rank=2, lora_targets=("experts",)),
+        data=DataConfig(path=str(data), seq_len=32, tokenizer="bytes"),
+        train=TrainConfig(steps=3, batch_size=2, eval_batch_size=2, progress=False, checkpoint_every=0),
+        export_merged=True,
+    )
+    resolved = resolve(cfg)
+    assert resolved.model.hidden_size == 32 and resolved.model.vocab_size == 300
+    assert resolved.model.lora_rank == 2 and resolved.model.path == str(model_dir)
+    result = run_experiment(cfg, tmp_path / "run")
+    assert result.evals[-1]["step"] == 3
+    adapter = json.loads((tmp_path / "run" / "peft_adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["base_model_name_or_path"] == str(model_dir)
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="token ids up to 120, the model has 100"):
+        small = qwen3_moe(vocab_size=100, hidden_size=32, num_hidden_layers=1, head_dim=8, num_experts=4)
+        _, p = split_model(build_model(small))
+        resolve(
+            ExperimentConfig(model=qwen3_moe(path=str(export_hf(p, small, tmp_path / "s"))), data=cfg.data)
+        )

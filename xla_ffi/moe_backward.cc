@@ -110,8 +110,6 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   for (ffi::AnyBuffer* b : out.lora) poison_if_debug(*b);
   stats().backward_calls.fetch_add(1, std::memory_order_relaxed);
 
-  const Lora& lg = p.lora[kGate];
-  const Lora& lu = p.lora[kUp];
   const Lora& ld = p.lora[kDown];
   const float s = p.lora_scale;
   const bool need_gu_lora = need_lora[0] || need_lora[1] || need_lora[2] || need_lora[3];

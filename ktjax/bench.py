@@ -228,7 +228,13 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = bench_shape(name, SHAPES[name], backends, args.reps)
         print(report(name, results[name], peak, bw), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\npeak RSS of this process: {rss:.2f} GiB")
+    counters = ffi.kernel_counters()
+    print(
+        f"\npeak RSS of this process: {rss:.2f} GiB; kernel scratch pool: "
+        f"{counters['scratch_peak_bytes'] / 2**20:.0f} MiB at most, "
+        f"{counters['scratch_allocations']} buffers allocated over "
+        f"{counters['forward_calls'] + counters['backward_calls']} kernel calls (reused across calls)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peak_gflops": peak, "bandwidth_gbs": bw, "results": results}, f, indent=1)

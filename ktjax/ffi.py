@@ -61,10 +61,18 @@ def kernel_counters() -> dict[str, int]:
     """GEMM FLOPs done by the kernels per kind of work, plus call counts, since start or last reset.
 
     Keys: ``forward``, ``recompute`` (forward work redone in backward), ``input_grad`` (dx and the
-    chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``. Kernels run
-    asynchronously: block on the results (``jax.block_until_ready``) before reading.
+    chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``; and the scratch
+    pool the calls borrow their intermediates from (reused across calls, not reset):
+    ``scratch_bytes`` held now, ``scratch_peak_bytes``, ``scratch_allocations`` (buffers ever
+    allocated; flat once calls reuse them). Kernels run asynchronously: block on the results
+    (``jax.block_until_ready``) before reading.
     """
     return dict(_ktjax_ffi.counters())
+
+
+def release_scratch() -> int:
+    """Frees the kernels' idle scratch buffers (the next call allocates again); returns bytes freed."""
+    return _ktjax_ffi.release_scratch()
 
 
 def reset_kernel_counters() -> None:

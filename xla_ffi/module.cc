@@ -6,6 +6,7 @@
 #include "moe_backward.h"
 #include "moe_forward.h"
 #include "peak_probe.h"
+#include "scratch.h"
 #include "stats.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -45,8 +46,15 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     }
     d["forward_calls"] = s.forward_calls.load();
     d["backward_calls"] = s.backward_calls.load();
+    const ktjax::ScratchStats scratch = ktjax::scratch_stats();
+    d["scratch_bytes"] = scratch.held_bytes;
+    d["scratch_peak_bytes"] = scratch.peak_bytes;
+    d["scratch_allocations"] = scratch.allocations;
     return d;
-  }, "GEMM FLOPs per kind of work and call counts since start (or the last reset).");
+  }, "GEMM FLOPs per kind of work, call counts since start (or the last reset), and the scratch pool: "
+     "bytes held, most bytes ever held, buffers ever allocated.");
+  m.def("release_scratch", &ktjax::release_idle_scratch,
+        "Frees the kernels' idle scratch buffers; returns the bytes freed.");
   m.def("reset_counters", []() {
     auto& s = ktjax::stats();
     for (auto& f : s.flops) f.store(0);

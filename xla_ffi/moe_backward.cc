@@ -122,17 +122,16 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   const std::vector<int32_t> experts = busy_experts(r, E);
 
   // Pre-activations: saved by the forward, or recomputed now.
-  std::vector<float> own_g, own_u;
   const float* g = static_cast<const float*>(g_saved.untyped_data());
   const float* u = static_cast<const float*>(u_saved.untyped_data());
   if (!retained && (need_dh || need_h)) {
-    own_g.resize(S * I);
-    own_u.resize(S * I);
-    compute_preactivations(ctx, p, r, own_g.data(), own_u.data(), nullptr, Work::kRecompute);
-    g = own_g.data();
-    u = own_u.data();
+    float* own_g = ctx.alloc(S * I);
+    float* own_u = ctx.alloc(S * I);
+    compute_preactivations(ctx, p, r, own_g, own_u, nullptr, Work::kRecompute);
+    g = own_g;
+    u = own_u;
   }
-  std::vector<float> h(need_h ? S * I : 0);
+  float* h = need_h ? ctx.alloc(S * I) : nullptr;
   const int64_t chunks = (S + 63) / 64;
   if (need_h) {
     ctx.run(chunks, [&](int64_t c, int) {
@@ -155,46 +154,46 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   };
 
   // q = dy B_down, [S, r_down]: feeds dh (through LoRA down) and dA_down.
-  std::vector<float> q;
+  float* q = nullptr;
   if (ld.rank > 0 && (need_dh || need_lora[4])) {
-    q.resize(S * ld.rank);
+    q = ctx.alloc(S * ld.rank);
     ctx.run(experts.size(), [&](int64_t item, int worker) {
       const int64_t e = experts[item], off = r.offsets[e];
       ctx.gemm(worker, r.count(e), ld.rank, H, 1.0f, dy_rows(e), ld.B.expert(e),
-               f32_out(q.data() + off * ld.rank, ld.rank), false, need_dh ? Work::kInputGrad : Work::kLoraGrad);
+               f32_out(q + off * ld.rank, ld.rank), false, need_dh ? Work::kInputGrad : Work::kLoraGrad);
     });
   }
 
   // dh_full = dy Down_e (+ s q A_down), then per slot: d topk_weights, and dg / du.
-  std::vector<float> dg, du;
+  float* dg = nullptr;
+  float* du = nullptr;
   if (need_w) std::fill_n(static_cast<float*>(dweights->untyped_data()), T * K, 0.0f);
   if (need_dh) {
-    std::vector<float> dh(S * I);
-    const int64_t width = ctx.tile_width(I, static_cast<int64_t>(experts.size()));
-    const auto items = expert_tiles(r, E, I, false, width);
+    float* dh = ctx.alloc(S * I);
+    const auto items = ctx.balanced_blocks(r, E, I);
     ctx.run(items.size(), [&](int64_t item, int worker) {
-      const int64_t e = items[item].first, i0 = items[item].second * width;
-      const int64_t ni = std::min(width, I - i0), off = r.offsets[e], n = r.count(e);
-      OutView o = f32_out(dh.data() + off * I + i0, I);
+      const int64_t e = items[item].e, i0 = items[item].c0, ni = items[item].n;
+      const int64_t off = r.offsets[e], n = r.count(e);
+      OutView o = f32_out(dh + off * I + i0, I);
       ctx.gemm(worker, n, ni, H, 1.0f, dy_rows(e), p.w[kDown].expert(e).skip_cols(i0), o, false,
                Work::kInputGrad);
       if (ld.rank > 0) {
-        ctx.gemm(worker, n, ni, ld.rank, s, f32_view(q.data() + off * ld.rank, ld.rank),
+        ctx.gemm(worker, n, ni, ld.rank, s, f32_view(q + off * ld.rank, ld.rank),
                  ld.A.expert(e).skip_cols(i0), o, true, Work::kInputGrad);
       }
     });
     if (need_dgdu) {
-      dg.resize(S * I);
-      du.resize(S * I);
+      dg = ctx.alloc(S * I);
+      du = ctx.alloc(S * I);
     }
     float* dw = static_cast<float*>(dweights->untyped_data());
     ctx.run(chunks, [&](int64_t c, int) {
       for (int64_t sl = c * 64, end = std::min(S, (c + 1) * 64); sl < end; ++sl) {
-        const float* dhs = dh.data() + sl * I;
+        const float* dhs = dh + sl * I;
         const float* gs = g + sl * I;
         const float* us = u + sl * I;
         if (need_w) {
-          const float* hs = h.data() + sl * I;
+          const float* hs = h + sl * I;
           float dot = 0.0f;
           for (int64_t i = 0; i < I; ++i) dot += dhs[i] * hs[i];
           dw[r.slot[sl]] = dot;
@@ -231,29 +230,29 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
       grad_tile(out.base[kDown], worker, e, H, I, h0, nh, [&](const OutView& o) {
         MatView a = dy_rows(e).skip_cols(h0);
         a.row_scale = r.weight.data() + off;
-        ctx.gemm(worker, nh, I, n, 1.0f, a.t(), f32_view(h.data() + off * I, I), o, false, Work::kBaseGrad);
+        ctx.gemm(worker, nh, I, n, 1.0f, a.t(), f32_view(h + off * I, I), o, false, Work::kBaseGrad);
       });
     });
   }
 
   // LoRA of down: dB = s (w dy)^T z with z = h A^T; dA = s (w q)^T h. One item per expert.
   if (need_lora[4] || need_lora[5]) {
+    float* z_all = ctx.alloc(S * ld.rank);  // z of expert e at rows [off, off + n)
     ctx.run(E, [&](int64_t e, int worker) {
       const int64_t off = r.offsets[e], n = r.count(e), rk = ld.rank;
-      const MatView he = f32_view(h.data() + off * I, I);
+      const MatView he = f32_view(h + off * I, I);
       if (need_lora[5]) {
-        std::vector<float> z(n * rk);
-        ctx.gemm(worker, n, rk, I, 1.0f, he, ld.A.expert(e).t(), f32_out(z.data(), rk), false,
-                 Work::kLoraGrad);
+        float* z = z_all + off * rk;
+        ctx.gemm(worker, n, rk, I, 1.0f, he, ld.A.expert(e).t(), f32_out(z, rk), false, Work::kLoraGrad);
         grad_tile(out.lora[5], worker, e, H, rk, 0, H, [&](const OutView& o) {
           MatView a = dy_rows(e);
           a.row_scale = r.weight.data() + off;
-          ctx.gemm(worker, H, rk, n, s, a.t(), f32_view(z.data(), rk), o, false, Work::kLoraGrad);
+          ctx.gemm(worker, H, rk, n, s, a.t(), f32_view(z, rk), o, false, Work::kLoraGrad);
         });
       }
       if (need_lora[4]) {
         grad_tile(out.lora[4], worker, e, rk, I, 0, rk, [&](const OutView& o) {
-          MatView a = f32_view(q.data() + off * rk, rk);
+          MatView a = f32_view(q + off * rk, rk);
           a.row_scale = r.weight.data() + off;
           ctx.gemm(worker, rk, I, n, s, a.t(), he, o, false, Work::kLoraGrad);
         });
@@ -262,29 +261,29 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   }
 
   // LoRA of gate and up: p = d B ([S, r], feeds dx and dA); dB = s d^T z with z = x A^T; dA = s p^T x.
-  const float* dgu[2] = {dg.data(), du.data()};
-  std::vector<float> pgu[2];
+  const float* dgu[2] = {dg, du};
+  float* pgu[2] = {nullptr, nullptr};
   for (int j = 0; j < 2; ++j) {
     const Lora& l = p.lora[j];
     const bool nA = need_lora[2 * j], nB = need_lora[2 * j + 1];
     if (l.rank == 0 || !(need_x || nA || nB)) continue;
     const int64_t rk = l.rank;
-    pgu[j].resize(S * rk);
+    pgu[j] = ctx.alloc(S * rk);
+    float* z_all = nB ? ctx.alloc(S * rk) : nullptr;  // z of expert e at rows [off, off + n)
     ctx.run(E, [&](int64_t e, int worker) {
       const int64_t off = r.offsets[e], n = r.count(e);
       const MatView xe = p.x_rows(r.token.data() + off);
       const MatView de = f32_view(dgu[j] + off * I, I);
-      float* pe = pgu[j].data() + off * rk;
+      float* pe = pgu[j] + off * rk;
       if (need_x || nA) {
         ctx.gemm(worker, n, rk, I, 1.0f, de, l.B.expert(e), f32_out(pe, rk), false,
                  need_x ? Work::kInputGrad : Work::kLoraGrad);
       }
       if (nB) {
-        std::vector<float> z(n * rk);
-        ctx.gemm(worker, n, rk, H, 1.0f, xe, l.A.expert(e).t(), f32_out(z.data(), rk), false,
-                 Work::kLoraGrad);
+        float* z = z_all + off * rk;
+        ctx.gemm(worker, n, rk, H, 1.0f, xe, l.A.expert(e).t(), f32_out(z, rk), false, Work::kLoraGrad);
         grad_tile(out.lora[2 * j + 1], worker, e, I, rk, 0, I, [&](const OutView& o) {
-          ctx.gemm(worker, I, rk, n, s, de.t(), f32_view(z.data(), rk), o, false, Work::kLoraGrad);
+          ctx.gemm(worker, I, rk, n, s, de.t(), f32_view(z, rk), o, false, Work::kLoraGrad);
         });
       }
       if (nA) {
@@ -311,7 +310,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
 
   // dx[t, h0:h0+nh] += dg Gate_e + du Up_e (+ s p A): a work item owns a column block of every token.
   if (need_x) {
-    TokenAccumulator dx_acc(*dx, p.x_dtype, T, H);
+    TokenAccumulator dx_acc(ctx, *dx, p.x_dtype, T, H);
     float* acc = dx_acc.data();
     const int64_t width = ctx.tile_width(H, 1);
     ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
@@ -325,7 +324,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
                    true, Work::kInputGrad);
           const Lora& l = p.lora[j];
           if (l.rank > 0) {
-            ctx.gemm(worker, n, nh, l.rank, s, f32_view(pgu[j].data() + off * l.rank, l.rank),
+            ctx.gemm(worker, n, nh, l.rank, s, f32_view(pgu[j] + off * l.rank, l.rank),
                      l.A.expert(e).skip_cols(h0), o, true, Work::kInputGrad);
           }
         }

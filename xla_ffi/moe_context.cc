@@ -10,7 +10,8 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
   const Lora& lg = p.lora[kGate];
   const Lora& lu = p.lora[kUp];
   // LoRA A products z = x A^T: [S, r], small, one work item per expert.
-  std::vector<float> zg(S * lg.rank), zu(S * lu.rank);
+  float* zg = ctx.alloc(S * lg.rank);
+  float* zu = ctx.alloc(S * lu.rank);
   const std::vector<int32_t> experts = busy_experts(r, p.E);
   if (lg.rank > 0 || lu.rank > 0) {
     ctx.run(experts.size(), [&](int64_t item, int worker) {
@@ -18,19 +19,18 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
       const MatView xe = p.x_rows(r.token.data() + off);
       if (lg.rank > 0) {
         ctx.gemm(worker, n, lg.rank, H, 1.0f, xe, lg.A.expert(e).t(),
-                 f32_out(zg.data() + off * lg.rank, lg.rank), false, work);
+                 f32_out(zg + off * lg.rank, lg.rank), false, work);
       }
       if (lu.rank > 0) {
         ctx.gemm(worker, n, lu.rank, H, 1.0f, xe, lu.A.expert(e).t(),
-                 f32_out(zu.data() + off * lu.rank, lu.rank), false, work);
+                 f32_out(zu + off * lu.rank, lu.rank), false, work);
       }
     });
   }
-  const int64_t width = ctx.tile_width(I, static_cast<int64_t>(experts.size()));
-  const auto items = expert_tiles(r, p.E, I, false, width);
+  const auto items = ctx.balanced_blocks(r, p.E, I);
   ctx.run(items.size(), [&](int64_t item, int worker) {
-    const int64_t e = items[item].first, i0 = items[item].second * width;
-    const int64_t ni = std::min(width, I - i0), off = r.offsets[e], n = r.count(e);
+    const int64_t e = items[item].e, i0 = items[item].c0, ni = items[item].n;
+    const int64_t off = r.offsets[e], n = r.count(e);
     const MatView xe = p.x_rows(r.token.data() + off);
     float* gt = g + off * I + i0;
     float* ut = u + off * I + i0;
@@ -39,11 +39,11 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
     ctx.gemm(worker, n, ni, H, 1.0f, xe, p.w[kUp].expert(e).skip_rows(i0).t(), f32_out(ut, I), false,
              work);
     if (lg.rank > 0) {
-      ctx.gemm(worker, n, ni, lg.rank, p.lora_scale, f32_view(zg.data() + off * lg.rank, lg.rank),
+      ctx.gemm(worker, n, ni, lg.rank, p.lora_scale, f32_view(zg + off * lg.rank, lg.rank),
                lg.B.expert(e).skip_rows(i0).t(), f32_out(gt, I), true, work);
     }
     if (lu.rank > 0) {
-      ctx.gemm(worker, n, ni, lu.rank, p.lora_scale, f32_view(zu.data() + off * lu.rank, lu.rank),
+      ctx.gemm(worker, n, ni, lu.rank, p.lora_scale, f32_view(zu + off * lu.rank, lu.rank),
                lu.B.expert(e).skip_rows(i0).t(), f32_out(ut, I), true, work);
     }
     if (h != nullptr) {
@@ -64,14 +64,10 @@ ffi::Error pick_isa(const Isa** isa) {
                                      available_isas());
 }
 
-TokenAccumulator::TokenAccumulator(ffi::AnyBuffer& out, DType dtype, int64_t T, int64_t H)
+TokenAccumulator::TokenAccumulator(KernelContext& ctx, ffi::AnyBuffer& out, DType dtype, int64_t T,
+                                   int64_t H)
     : out_(out), dtype_(dtype), T_(T), H_(H) {
-  if (dtype == DType::kF32) {
-    acc_ = static_cast<float*>(out.untyped_data());
-  } else {
-    scratch_.resize(T * H);
-    acc_ = scratch_.data();
-  }
+  acc_ = dtype == DType::kF32 ? static_cast<float*>(out.untyped_data()) : ctx.alloc(T * H);
 }
 
 void TokenAccumulator::finish(KernelContext& ctx) {

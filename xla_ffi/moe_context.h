@@ -11,6 +11,7 @@
 #include "gemm.h"
 #include "moe_problem.h"
 #include "routing.h"
+#include "scratch.h"
 #include "thread_pool.h"
 
 namespace ktjax {
@@ -23,14 +24,18 @@ struct KernelContext {
   ffi::ThreadPool& pool;
   const Isa& isa;
   int workers;
-  int64_t tile_floats;            // per-worker f32 tile for outputs stored in bf16
-  std::vector<float> gemm_space;  // workers * gemm_scratch_floats()
-  std::vector<float> tile_space;  // workers * tile_floats
+  int64_t tile_floats;  // per-worker f32 tile for outputs stored in bf16
+  Scratch scratch;      // every buffer of this call, borrowed from the pool (scratch.h)
+  float* gemm_space;    // workers * gemm_scratch_floats()
+  float* tile_space;    // workers * tile_floats
 
   KernelContext(ffi::ThreadPool& p, const Isa& i, int64_t tile_floats_per_worker)
       : pool(p), isa(i), workers(num_workers(p)), tile_floats(tile_floats_per_worker),
-        gemm_space(static_cast<size_t>(workers) * gemm_scratch_floats()),
-        tile_space(static_cast<size_t>(workers) * tile_floats_per_worker) {}
+        gemm_space(scratch.floats(workers * gemm_scratch_floats())),
+        tile_space(scratch.floats(workers * tile_floats_per_worker)) {}
+
+  // n floats of scratch for this call (uninitialised; see Scratch::floats).
+  float* alloc(int64_t n) { return scratch.floats(n); }
 
   // Columns per work item when `groups` item groups (e.g. busy experts) split `cols` columns: as wide
   // as possible, so each item packs its token rows once for many columns, while every worker still
@@ -41,8 +46,33 @@ struct KernelContext {
     return std::min(cols, std::max(width, std::min(kTile, cols)));
   }
 
-  float* gemm_scratch(int worker) { return gemm_space.data() + worker * gemm_scratch_floats(); }
-  float* tile(int worker) { return tile_space.data() + worker * tile_floats; }
+  // Column blocks of every busy expert's [tokens, cols] output as work items of about equal cost: an
+  // expert's columns are split in proportion to its share of the slots, aiming at 4 items per worker
+  // overall (blocks of at least kTile columns). With even routing over many experts an item is a whole expert (its token rows packed
+  // once); a dominant expert is split so that every worker shares it.
+  struct ColumnBlock {
+    int32_t e;
+    int64_t c0, n;
+  };
+  std::vector<ColumnBlock> balanced_blocks(const Routing& r, int64_t E, int64_t cols) const {
+    std::vector<ColumnBlock> items;
+    const int64_t S = std::max<int64_t>(r.kept(), 1), target = 4 * workers;
+    const int64_t max_parts = std::max<int64_t>(1, (cols + 31) / 32);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = r.count(e);
+      if (n == 0) continue;
+      const int64_t parts = std::clamp<int64_t>((n * target + S - 1) / S, 1, max_parts);
+      const int64_t width =
+          std::min(cols, std::max(((cols + parts - 1) / parts + 31) / 32 * 32, std::min(kTile, cols)));
+      for (int64_t c0 = 0; c0 < cols; c0 += width) {
+        items.push_back({static_cast<int32_t>(e), c0, std::min(width, cols - c0)});
+      }
+    }
+    return items;
+  }
+
+  float* gemm_scratch(int worker) { return gemm_space + worker * gemm_scratch_floats(); }
+  float* tile(int worker) { return tile_space + worker * tile_floats; }
 
   template <typename F>
   void run(int64_t n, const F& fn) {
@@ -97,7 +127,7 @@ ffi::Error pick_isa(const Isa** isa);
 // else scratch that finish() rounds into the bf16 output.
 class TokenAccumulator {
  public:
-  TokenAccumulator(ffi::AnyBuffer& out, DType dtype, int64_t T, int64_t H);
+  TokenAccumulator(KernelContext& ctx, ffi::AnyBuffer& out, DType dtype, int64_t T, int64_t H);
   float* data() { return acc_; }
   void finish(KernelContext& ctx);
 
@@ -105,7 +135,6 @@ class TokenAccumulator {
   ffi::AnyBuffer& out_;
   DType dtype_;
   int64_t T_, H_;
-  std::vector<float> scratch_;
   float* acc_;
 };
 

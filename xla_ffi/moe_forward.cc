@@ -44,7 +44,6 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
   const int64_t S = r.kept();
   const Lora& ld = p.lora[kDown];
   KernelContext ctx(pool, *isa, 0);
-  std::vector<float> own_g, own_u;
   float* g = nullptr;
   float* u = nullptr;
   if (save_preact) {
@@ -54,28 +53,26 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
     std::fill(g + S * I, g + T * K * I, 0.0f);
     std::fill(u + S * I, u + T * K * I, 0.0f);
   } else {
-    own_g.resize(S * I);
-    own_u.resize(S * I);
-    g = own_g.data();
-    u = own_u.data();
+    g = ctx.alloc(S * I);
+    u = ctx.alloc(S * I);
   }
-  std::vector<float> h(S * I);
-  compute_preactivations(ctx, p, r, g, u, h.data(), Work::kForward);
+  float* h = ctx.alloc(S * I);
+  compute_preactivations(ctx, p, r, g, u, h, Work::kForward);
 
   // LoRA A of down: zd = h A^T, [S, r_down].
   const std::vector<int32_t> experts = busy_experts(r, E);
-  std::vector<float> zd(S * ld.rank);
+  float* zd = ctx.alloc(S * ld.rank);
   if (ld.rank > 0) {
     ctx.run(experts.size(), [&](int64_t item, int worker) {
       const int64_t e = experts[item], off = r.offsets[e];
-      ctx.gemm(worker, r.count(e), ld.rank, I, 1.0f, f32_view(h.data() + off * I, I),
-               ld.A.expert(e).t(), f32_out(zd.data() + off * ld.rank, ld.rank), false, Work::kForward);
+      ctx.gemm(worker, r.count(e), ld.rank, I, 1.0f, f32_view(h + off * I, I), ld.A.expert(e).t(),
+               f32_out(zd + off * ld.rank, ld.rank), false, Work::kForward);
     });
   }
 
   // Down projection, weighted and scattered into y. A work item owns a block of columns of
   // every token, so the scatter-add needs no atomics.
-  TokenAccumulator y_acc(*y, p.x_dtype, T, H);
+  TokenAccumulator y_acc(ctx, *y, p.x_dtype, T, H);
   float* acc = y_acc.data();
   const int64_t width = ctx.tile_width(H, 1);
   ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
@@ -85,12 +82,12 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
       const int64_t off = r.offsets[e], n = r.count(e);
       OutView out{acc, H, r.token.data() + off};
       out = out.skip_cols(h0);
-      MatView he = f32_view(h.data() + off * I, I);
+      MatView he = f32_view(h + off * I, I);
       he.row_scale = r.weight.data() + off;
       ctx.gemm(worker, n, nh, I, 1.0f, he, p.w[kDown].expert(e).skip_rows(h0).t(), out, true,
                Work::kForward);
       if (ld.rank > 0) {
-        MatView ze = f32_view(zd.data() + off * ld.rank, ld.rank);
+        MatView ze = f32_view(zd + off * ld.rank, ld.rank);
         ze.row_scale = r.weight.data() + off;
         ctx.gemm(worker, n, nh, ld.rank, p.lora_scale, ze, ld.B.expert(e).skip_rows(h0).t(), out, true,
                  Work::kForward);

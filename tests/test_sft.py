@@ -155,3 +155,25 @@ def test_experiment_starts_from_a_model_directory(tmp_path):
         resolve(
             ExperimentConfig(model=qwen3_moe(path=str(export_hf(p, small, tmp_path / "s"))), data=cfg.data)
         )
+
+
+def test_packed_records_attend_only_within_themselves():
+    """A packed row gives each record the logits it gets alone (attention, RoPE positions and expert
+    routing all stay inside the record)."""
+    import jax.numpy as jnp
+
+    from ktjax.models import build_model
+
+    model = build_model(
+        qwen3_moe(vocab_size=50, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=4)
+    )
+    a, b = np.array([1, 5, 6, 7, 8, 9]), np.array([1, 12, 13, 14])
+    rows, _ = pack([(a, np.ones(6, bool)), (b, np.ones(4, bool))], seq_len=10)
+    packed = np.asarray(model(*(jnp.asarray(rows[k]) for k in ("input_ids", "segment_ids", "positions"))))
+    alone_a = np.asarray(model(jnp.asarray(a[None, :-1])))[0]
+    alone_b = np.asarray(model(jnp.asarray(b[None, :-1])))[0]
+    np.testing.assert_allclose(packed[0, :5], alone_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:8], alone_b, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(
+        packed[0, 5:8], np.asarray(model(jnp.asarray(rows["input_ids"])))[0, 5:8], atol=1e-3
+    )

@@ -16,9 +16,9 @@ constexpr int64_t kKC = 256;  // depth of one packed block
 constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
-const Isa kAvx512 = {"avx512", 32, microkernel_avx512};
-const Isa kAvx2 = {"avx2", 16, microkernel_avx2};
-const Isa kGeneric = {"generic", 16, microkernel_generic};
+const Isa kAvx512 = {"avx512", 32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512};
+const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr};
+const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
@@ -37,13 +37,25 @@ inline float widen<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
 // buf[(p*kc + k)*width + ii] = A(i0 + p*width + ii, k0 + k). The same layout serves both operands:
 // the A side uses width kMR, and B [K, N] packs as B^T in panels of the micro-kernel's nr columns.
 // Loops run panel by panel so no index needs a division in an inner loop.
-template <typename T>
-void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf) {
+// `fast` (may be null) packs full panels of `width` stored rows (T = uint16_t: bf16, T = float: f32).
+template <typename T, typename Packer>
+void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf,
+                 Packer fast) {
   const T* d = static_cast<const T*>(A.data);
   const int64_t panels = (mc + width - 1) / width;
   if (!A.trans) {  // stored (i, k): walk each row along k, writing with stride `width`
     for (int64_t p = 0; p < panels; ++p) {
       float* panel = buf + p * kc * width;
+      if (fast != nullptr && width == kMaxNR && (p + 1) * width <= mc) {  // the ISA's transposing packer
+        const T* rows[kMaxNR];
+        float scales[kMaxNR];
+        for (int64_t ii = 0; ii < width; ++ii) {
+          rows[ii] = d + A.row(i0 + p * width + ii) * A.ld + k0;
+          scales[ii] = A.scale(i0 + p * width + ii);
+        }
+        fast(rows, scales, kc, panel);
+        continue;
+      }
       for (int64_t ii = 0; ii < width; ++ii) {
         const int64_t i = p * width + ii;
         float* dst = panel + ii;
@@ -70,9 +82,11 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
   }
 }
 
-void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf) {
-  if (A.dtype == DType::kF32) pack_panels<float>(A, i0, mc, k0, kc, width, buf);
-  else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf);
+// With an ISA, its panel packers handle full panels of its nr rows.
+void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf,
+              const Isa* isa = nullptr) {
+  if (A.dtype == DType::kF32) pack_panels<float>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_f32_panel : nullptr);
+  else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_bf16_panel : nullptr);
 }
 
 }  // namespace
@@ -146,7 +160,7 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
     for (int64_t pc = 0; pc < K; pc += kKC) {
       const int64_t kc = std::min(kKC, K - pc);
       const bool acc = accumulate || pc > 0;
-      pack_any(B.t(), jc, nc, pc, kc, nr, bpack);  // B [K, N] = panels of nr rows of B^T
+      pack_any(B.t(), jc, nc, pc, kc, nr, bpack, &isa);  // B [K, N] = panels of nr rows of B^T
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
         pack_any(A, ic, mc, pc, kc, kMR, apack);

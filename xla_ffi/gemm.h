@@ -50,10 +50,18 @@ struct OutView {
 using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* const* c, int mr,
                              int nr, float alpha, bool acc);
 
+// Packs one full panel of nr stored rows, transposed (and widened from bf16):
+// dst[k * nr + j] = rows[j][k] * scale[j] for j < nr, k < kc. The ISA's vectorised version of the
+// common case of the packing (a weight slice as the B operand); null where the ISA has none.
+using Bf16PanelPacker = void (*)(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
+using F32PanelPacker = void (*)(const float* const* rows, const float* scale, int64_t kc, float* dst);
+
 struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
   MicroKernel kernel;
+  Bf16PanelPacker pack_bf16_panel;
+  F32PanelPacker pack_f32_panel;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when

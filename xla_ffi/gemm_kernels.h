@@ -13,4 +13,8 @@ void microkernel_avx2(int64_t kc, const float* a, const float* b, float* const* 
 void microkernel_generic(int64_t kc, const float* a, const float* b, float* const* c, int mr, int nr,
                          float alpha, bool acc);  // MR=6, NR=16
 
+// AVX-512 panel packers for nr = 32: 16x16 in-register transposes instead of strided scalar stores.
+void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
+void pack_f32_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst);
+
 }  // namespace ktjax

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from model_testing import jit_logits
 
 from ktjax.models import build_model, deepseek_v3, from_hf, mixtral, qwen3_moe
 from ktjax.models.hf_export import export_hf, export_peft
@@ -44,11 +45,11 @@ def randomised(cfg, seed=0):
 def test_export_then_from_hf_gives_the_same_model(style, tmp_path):
     cfg = CONFIGS[style](lora_rank=2, lora_targets=("experts", "o_proj"))
     defn, params = randomised(cfg)
-    want = merge_model(defn, params)(IDS)
+    want = jit_logits(merge_model(defn, params), IDS)
     export_hf(params, cfg, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == style
     loaded = from_hf(tmp_path, dtype="float32", progress=False)
-    got = loaded(IDS)
+    got = jit_logits(loaded, IDS)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     assert loaded.config.num_experts == cfg.num_experts and loaded.config.lora_rank == 0
 
@@ -62,8 +63,8 @@ def test_large_exports_are_sharded_with_an_index(tmp_path):
     assert len(files) > 3 and not (tmp_path / "model.safetensors").exists()
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]
     np.testing.assert_allclose(
-        np.asarray(from_hf(tmp_path, dtype="float32", progress=False)(IDS)),
-        np.asarray(merge_model(defn, params)(IDS)),
+        np.asarray(jit_logits(from_hf(tmp_path, dtype="float32", progress=False), IDS)),
+        np.asarray(jit_logits(merge_model(defn, params), IDS)),
         rtol=1e-6,
         atol=1e-6,
     )

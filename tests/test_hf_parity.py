@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hf_testing import TINY, hf_logits, make_hf_model  # noqa: E402
+from model_testing import jit_logits  # noqa: E402
 
 from ktjax.models import from_hf  # noqa: E402
 from ktjax.params import merge_model, split_model  # noqa: E402
@@ -38,7 +39,7 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 def test_f32_logits_match_transformers(hf_model):
     kind, model, path = hf_model
     ids = tokens()
-    got = from_hf(path, dtype="float32", progress=False)(jnp.asarray(ids, jnp.int32))
+    got = jit_logits(from_hf(path, dtype="float32", progress=False), jnp.asarray(ids, jnp.int32))
     assert got.dtype == jnp.float32 and got.shape == (2, 12, 61)
     assert rel_err(np.asarray(got), hf_logits(model, ids)) < 2e-5, kind
 
@@ -47,7 +48,7 @@ def test_bf16_logits_match_transformers_loosely(hf_model):
     kind, model, path = hf_model
     ids = tokens(1)
     want = hf_logits(copy.deepcopy(model).to(torch.bfloat16), ids)
-    got = np.asarray(from_hf(path, dtype="bfloat16", progress=False)(jnp.asarray(ids, jnp.int32)))
+    got = np.asarray(jit_logits(from_hf(path, dtype="bfloat16", progress=False), jnp.asarray(ids, jnp.int32)))
     # bf16 rounding differs between the implementations (and can flip a near-tie in routing), so the
     # bound is on the mean error; f32 above is the exact check.
     assert np.abs(got - want).mean() / np.abs(want).mean() < 0.1, kind
@@ -79,7 +80,7 @@ def test_loss_gradients_match_torch_autograd(hf_model):
         logp = jax.nn.log_softmax(logits, -1)
         return -jnp.mean(jnp.take_along_axis(logp, x[:, 1:, None], -1))
 
-    value, grads = jax.value_and_grad(loss)(params)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert abs(float(value) - out.loss.item()) < 1e-5 * max(1.0, out.loss.item())
     moe = max(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     ffn = "block_sparse_moe" if kind == "mixtral" else "mlp"
@@ -121,8 +122,10 @@ def test_lora_training_then_merged_export_loads_in_transformers(kind, tmp_path):
     export_hf(result.params, model.config, tmp_path / "merged")
 
     ids = tokens(3)
-    want = np.asarray(merge_model(result.defn, result.params)(jnp.asarray(ids, jnp.int32)))
+    want = np.asarray(jit_logits(merge_model(result.defn, result.params), jnp.asarray(ids, jnp.int32)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert rel_err(hf_logits(hf.eval(), ids), want) < 2e-5
-    reloaded = from_hf(tmp_path / "merged", dtype="float32", progress=False)(jnp.asarray(ids, jnp.int32))
+    reloaded = jit_logits(
+        from_hf(tmp_path / "merged", dtype="float32", progress=False), jnp.asarray(ids, jnp.int32)
+    )
     assert rel_err(np.asarray(reloaded), want) < 2e-5

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from model_testing import jit_logits
 
 from ktjax.experiment import DataConfig, ExperimentConfig, resolve, run_experiment
 from ktjax.models import qwen3_moe
@@ -169,11 +170,13 @@ def test_packed_records_attend_only_within_themselves():
     )
     a, b = np.array([1, 5, 6, 7, 8, 9]), np.array([1, 12, 13, 14])
     rows, _ = pack([(a, np.ones(6, bool)), (b, np.ones(4, bool))], seq_len=10)
-    packed = np.asarray(model(*(jnp.asarray(rows[k]) for k in ("input_ids", "segment_ids", "positions"))))
-    alone_a = np.asarray(model(jnp.asarray(a[None, :-1])))[0]
-    alone_b = np.asarray(model(jnp.asarray(b[None, :-1])))[0]
+    packed = np.asarray(
+        jit_logits(model, *(jnp.asarray(rows[k]) for k in ("input_ids", "segment_ids", "positions")))
+    )
+    alone_a = np.asarray(jit_logits(model, jnp.asarray(a[None, :-1])))[0]
+    alone_b = np.asarray(jit_logits(model, jnp.asarray(b[None, :-1])))[0]
     np.testing.assert_allclose(packed[0, :5], alone_a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(packed[0, 5:8], alone_b, rtol=1e-5, atol=1e-5)
     assert not np.allclose(
-        packed[0, 5:8], np.asarray(model(jnp.asarray(rows["input_ids"])))[0, 5:8], atol=1e-3
+        packed[0, 5:8], np.asarray(jit_logits(model, jnp.asarray(rows["input_ids"])))[0, 5:8], atol=1e-3
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def abstract_model(cfg: ModelConfig, seed: int = 0) -> tuple[ModelDef, dict[str,
 def _init_lora(name: str, shape: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
     if name.endswith(".lora_B"):
         return jnp.zeros(shape.shape, shape.dtype)
-    key = jax.random.fold_in(jax.random.key(seed), sum(map(ord, name)) * 7919 + len(name))
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
     return (jax.random.normal(key, shape.shape) * shape.shape[-1] ** -0.5).astype(shape.dtype)
 
 
@@ -95,38 +96,36 @@ def load_params(
     the tensor when one is missing, has the wrong shape, or is not used by the model."""
     defn, shapes = abstract_model(cfg, seed)
     tensors = index_checkpoint(path)
-    used: set[str] = set()
-    params: Params = {}
-    names = sorted(shapes)
-    for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0):
-        target = shapes[name]
-        if is_lora(name):
-            params[name] = _init_lora(name, target, seed)
-            continue
-        sources = hf_names(cfg, name)
-        missing = [s for s in sources if s not in tensors]
+    # Check names before reading anything, so a mismatched config fails at once, not after the load.
+    sources = {name: hf_names(cfg, name) for name in sorted(shapes) if not is_lora(name)}
+    for name, names in sources.items():
+        missing = [s for s in names if s not in tensors]
         if missing:
             raise ValueError(
                 f"{path}: tensor {missing[0]!r} is missing (needed for ktjax parameter {name!r})"
             )
-        array = aligned_empty(target.shape, np.dtype(target.dtype))
-        slots = [array] if len(sources) == 1 else list(array)  # expert e -> array[e]
-        for source, slot in zip(sources, slots):
-            info = tensors[source]
-            if tuple(info.shape) != slot.shape:
+        want = shapes[name].shape if len(names) == 1 else shapes[name].shape[1:]  # stacked: one expert
+        for source in names:
+            if tuple(tensors[source].shape) != tuple(want):
                 raise ValueError(
-                    f"{path}: tensor {source!r} has shape {list(info.shape)}, "
-                    f"the config implies {list(slot.shape)}"
+                    f"{path}: tensor {source!r} has shape {list(tensors[source].shape)}, "
+                    f"the config implies {list(want)}"
                 )
-            read_into(info, slot)
-            used.add(source)
-        params[name] = to_jax(array)
+    used = {s for names in sources.values() for s in names}
     unexpected = sorted(n for n in tensors if n not in used and not _ignorable(n, cfg))
     if unexpected:
         raise ValueError(
             f"{path}: {len(unexpected)} tensors are not used by the {cfg.style} model the config describes, "
             f"e.g. {unexpected[:3]} (a config field such as attention_bias or tie_word_embeddings may be off)"
         )
+    params: Params = {n: _init_lora(n, shapes[n], seed) for n in shapes if is_lora(n)}
+    for name in tqdm(sources, desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0):
+        target = shapes[name]
+        array = aligned_empty(target.shape, np.dtype(target.dtype))
+        slots = [array] if len(sources[name]) == 1 else list(array)  # expert e -> array[e]
+        for source, slot in zip(sources[name], slots):
+            read_into(tensors[source], slot)
+        params[name] = to_jax(array)
     return defn, params
 
 

@@ -51,17 +51,20 @@ def is_lora(name: str) -> bool:
     return name.endswith(".lora_A") or name.endswith(".lora_B")
 
 
+def merged_weight(params: Params, name: str, lora_scale: float) -> jax.Array:
+    """Base parameter `name` with its adapter folded in (W + scale * B A, per expert for stacked
+    weights), in the parameter's dtype; the parameter itself when it has no adapter."""
+    w = params[name]
+    base = name[: -len(".weight")]
+    if not name.endswith(".weight") or base + ".lora_A" not in params:
+        return w
+    a = params[base + ".lora_A"].astype(jnp.float32)
+    b = params[base + ".lora_B"].astype(jnp.float32)
+    delta = jnp.einsum("...or,...ri->...oi", b, a) * lora_scale
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
 def merge_lora(params: Params, lora_scale: float) -> Params:
-    """Folds every adapter into its base weight (W += scale * B A, per expert for stacked weights) and
-    drops the adapters. Returns a new dict; the result has the parameter names of the base model."""
-    merged = {n: v for n, v in params.items() if not is_lora(n)}
-    for name in params:
-        if not name.endswith(".lora_A"):
-            continue
-        base = name[: -len(".lora_A")]
-        a = params[name].astype(jnp.float32)
-        b = params[base + ".lora_B"].astype(jnp.float32)
-        w = merged[base + ".weight"]
-        delta = jnp.einsum("...or,...ri->...oi", b, a) * lora_scale
-        merged[base + ".weight"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-    return merged
+    """Folds every adapter into its base weight and drops the adapters. Returns a new dict with the
+    parameter names of the base model."""
+    return {n: merged_weight(params, n, lora_scale) for n in params if not is_lora(n)}

@@ -17,14 +17,13 @@ import re
 import shutil
 from collections.abc import Iterator
 
-import jax.numpy as jnp
 import numpy as np
 
 from ktjax.models.config import ModelConfig
 from ktjax.models.hf_config import hf_config, read_hf_config
 from ktjax.models.hf_load import hf_names
 from ktjax.models.safetensors_io import write_file
-from ktjax.params import Params, is_lora
+from ktjax.params import Params, is_lora, merged_weight
 
 # Files of a model directory that travel with the weights (tokenizer, chat template, generation).
 SIDECARS = (
@@ -36,22 +35,10 @@ SIDECARS = (
 )
 
 
-def _merged(params: Params, name: str, scale: float) -> np.ndarray:
-    """Base weight `name` with its adapter (if any) folded in, in the weight's dtype."""
-    w = params[name]
-    base = name[: -len(".weight")] if name.endswith(".weight") else None
-    if base is None or base + ".lora_A" not in params:
-        return np.asarray(w)
-    a = params[base + ".lora_A"].astype(jnp.float32)
-    b = params[base + ".lora_B"].astype(jnp.float32)
-    delta = jnp.einsum("...or,...ri->...oi", b, a) * scale
-    return np.asarray((w.astype(jnp.float32) + delta).astype(w.dtype))
-
-
 def _hf_tensors(params: Params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face name, array) for every merged base weight, experts split per expert."""
     for name in sorted(n for n in params if not is_lora(n)):
-        merged = _merged(params, name, cfg.lora_scale)
+        merged = np.asarray(merged_weight(params, name, cfg.lora_scale))
         targets = hf_names(cfg, name)
         if len(targets) == 1:
             yield targets[0], merged

@@ -223,7 +223,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
 
   // d Down_e[h0:h0+nh, :] = (w dy_e)^T[h0:h0+nh] h_e.
   if (need_base[kDown]) {
-    const auto items = expert_tiles(r, E, H, true);
+    const auto items = expert_tiles(E, H);
     ctx.run(items.size(), [&](int64_t item, int worker) {
       const int64_t e = items[item].first, h0 = items[item].second * kTile;
       const int64_t nh = std::min(kTile, H - h0), off = r.offsets[e], n = r.count(e);
@@ -297,7 +297,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   // d Gate_e / d Up_e [i0:i0+ni, :] = d_e^T[i0:i0+ni] x_e.
   for (int j = 0; j < 2; ++j) {
     if (!need_base[j]) continue;
-    const auto items = expert_tiles(r, E, I, true);
+    const auto items = expert_tiles(E, I);
     ctx.run(items.size(), [&](int64_t item, int worker) {
       const int64_t e = items[item].first, i0 = items[item].second * kTile;
       const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
@@ -312,7 +312,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (need_x) {
     TokenAccumulator dx_acc(ctx, *dx, p.x_dtype, T, H);
     float* acc = dx_acc.data();
-    const int64_t width = ctx.tile_width(H, 1);
+    const int64_t width = ctx.tile_width(H);
     ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
       const int64_t h0 = tile * width, nh = std::min(width, H - h0);
       for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);

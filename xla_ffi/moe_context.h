@@ -37,11 +37,11 @@ struct KernelContext {
   // n floats of scratch for this call (uninitialised; see Scratch::floats).
   float* alloc(int64_t n) { return scratch.floats(n); }
 
-  // Columns per work item when `groups` item groups (e.g. busy experts) split `cols` columns: as wide
-  // as possible, so each item packs its token rows once for many columns, while every worker still
-  // gets at least 4 items. A multiple of 32, and at least kTile unless cols is smaller.
-  int64_t tile_width(int64_t cols, int64_t groups) const {
-    const int64_t tiles = std::max<int64_t>(1, (4 * workers + groups - 1) / std::max<int64_t>(groups, 1));
+  // Columns per work item when the items split `cols` columns among the workers: as wide as possible,
+  // so each item packs its token rows once for many columns, while every worker still gets 4 items.
+  // A multiple of 32, and at least kTile unless cols is smaller.
+  int64_t tile_width(int64_t cols) const {
+    const int64_t tiles = 4 * static_cast<int64_t>(workers);
     const int64_t width = ((cols + tiles - 1) / tiles + 31) / 32 * 32;
     return std::min(cols, std::max(width, std::min(kTile, cols)));
   }
@@ -85,13 +85,12 @@ struct KernelContext {
   }
 };
 
-// (expert, tile) pairs over `cols` output columns in tiles of `width`; only experts with tokens unless `all_experts`.
-inline std::vector<std::pair<int32_t, int32_t>> expert_tiles(const Routing& r, int64_t E, int64_t cols,
-                                                              bool all_experts, int64_t width = kTile) {
+// (expert, tile) pairs over `cols` output columns in tiles of kTile, for every expert (weight gradients:
+// an expert without tokens still gets its zero gradient written).
+inline std::vector<std::pair<int32_t, int32_t>> expert_tiles(int64_t E, int64_t cols) {
   std::vector<std::pair<int32_t, int32_t>> items;
   for (int64_t e = 0; e < E; ++e) {
-    if (!all_experts && r.count(e) == 0) continue;
-    for (int64_t t = 0; t < num_tiles(cols, width); ++t) items.emplace_back(e, t);
+    for (int64_t t = 0; t < num_tiles(cols); ++t) items.emplace_back(e, t);
   }
   return items;
 }

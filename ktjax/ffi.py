@@ -61,7 +61,9 @@ def kernel_counters() -> dict[str, int]:
     """GEMM FLOPs done by the kernels per kind of work, plus call counts, since start or last reset.
 
     Keys: ``forward``, ``recompute`` (forward work redone in backward), ``input_grad`` (dx and the
-    chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``; and the scratch
+    chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``;
+    ``small_batch_flops``, the part of those FLOPs done on the small-batch path (a few tokens against
+    bf16 weights read in place, without packing; AVX-512 only); and the scratch
     pool the calls borrow their intermediates from (reused across calls, not reset):
     ``scratch_bytes`` held now, ``scratch_peak_bytes``, ``scratch_allocations`` (buffers ever
     allocated; flat once calls reuse them). Kernels run asynchronously: block on the results

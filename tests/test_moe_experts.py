@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,9 @@ SHAPES = {
     "one_slot": dict(T=7, K=1, E=3, H=20, I=12),
     "one_expert": dict(T=9, K=1, E=1, H=24, I=8),
     "blocks_past_cache_tiles": dict(T=300, K=1, E=1, H=600, I=130),  # K-dim > 256, N > 512, M > 96
+    # ~10 tokens per expert (the small-batch dot path for bf16 weights), H > its reduction block of
+    # 1024, and every edge: H % 32, I % 32, H % 4, I % 4 and the tokens per expert % 6 all nonzero.
+    "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
 }
 
 
@@ -166,6 +171,41 @@ def test_fallback_isas_match_reference(isa, monkeypatch):
     assert ffi.selected_isa() == isa
     p = make_problem(11, T=10, K=2, E=3, H=72, I=40, ranks={"gate": 3, "down": 2})
     check_against_reference(p, jnp.float32)
+
+
+@pytest.mark.parametrize("policy", ["retain", "recompute"])
+def test_small_batches_against_bf16_weights_are_exact_to_f32(policy):
+    # A few tokens per expert against bf16 weights take the dot path, which reads the weights in place
+    # (AVX-512). With f32 tokens, y and dx stay f32, so that path is held to f32 accuracy; LoRA on
+    # every projection puts the adapters' products (rank 2-5: edges only) through it too.
+    from ktjax import ffi
+
+    p = make_problem(14, **SHAPES["small_batches_with_edges"], ranks={"gate": 3, "up": 2, "down": 5})
+    bf16 = {k: getattr(p, k).astype(jnp.bfloat16) for k in ("gate", "up", "down")}
+    lora = {k: (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for k, (a, b) in p.lora.items()}
+    p = dataclasses.replace(p, lora=lora, **bf16)
+    cot = np.random.default_rng(2).standard_normal(p.x.shape)
+    ffi.reset_kernel_counters()
+    y, grads = loss_and_grads(p, cpu_moe(policy), jnp.asarray(cot, jnp.float32))
+    counters = ffi.kernel_counters()
+    y_ref, grads_ref = reference_loss_and_grads(p, cot)
+    if ffi.selected_isa() == "avx512":
+        assert counters["small_batch_flops"] > 0.3 * counters["forward"]
+    assert y.dtype == jnp.float32
+    assert rel_err(y, y_ref) < 2e-5, "forward"
+    for name, g in grads.items():
+        tol = 2e-5 if name in ("x", "weights") else 1.2e-2  # the weights' gradients are rounded to bf16
+        err = rel_err(g, grads_ref[name])
+        assert err < tol, f"gradient of {name}: relative error {err:.2e}"
+
+
+def test_f32_weights_never_take_the_small_batch_path():
+    from ktjax import ffi
+
+    p = make_problem(15, **SHAPES["small_batches_with_edges"], ranks={"down": 2})
+    ffi.reset_kernel_counters()
+    jax.block_until_ready(loss_and_grads(p, cpu_moe(), jnp.ones(p.x.shape, jnp.float32)))
+    assert ffi.kernel_counters()["small_batch_flops"] == 0
 
 
 def test_thread_count_does_not_change_results(monkeypatch):

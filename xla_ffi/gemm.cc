@@ -16,9 +16,15 @@ constexpr int64_t kKC = 256;  // depth of one packed block
 constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
-const Isa kAvx512 = {"avx512", 32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512};
-const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr};
-const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr};
+// The dot path (DotKernel in gemm.h) takes products of at most kDotMaxM token rows, in blocks of
+// kDotKC of the reduction (the token rows' block stays in L1/L2 while the weight rows stream past).
+constexpr int64_t kDotMaxM = 24;
+constexpr int64_t kDotKC = 1024;
+
+const Isa kAvx512 = {"avx512",         32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512,
+                     dot_bf16_avx512, pack_dot_row_avx512};
+const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr};
+const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
@@ -89,6 +95,44 @@ void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, 
   else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_bf16_panel : nullptr);
 }
 
+// Whether C = op(A) op(B) takes the dot path: few rows, and B a bf16 weight stored [N, K].
+bool use_dot(const Isa& isa, int64_t M, const MatView& A, const MatView& B) {
+  return isa.dot_bf16 != nullptr && M <= kDotMaxM && !A.trans && B.trans && B.dtype == DType::kBF16 &&
+         B.rows == nullptr && B.row_scale == nullptr;
+}
+
+// The dot path: A's rows packed once per block of the reduction, the weights read where they are.
+// Edges (the last N % 4 rows, the last K % 32 columns) go through a zero-padded copy.
+void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+              const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const auto* w = static_cast<const uint16_t*>(B.data);
+  const int64_t kc32_max = (std::min(kDotKC, K) + 31) / 32 * 32;
+  float* apack = scratch;
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDotMaxM * kc32_max);
+  float* crow[kDotMaxM];
+  for (int64_t pc = 0; pc < K; pc += kDotKC) {
+    const int64_t kc = std::min(kDotKC, K - pc), kc32 = (kc + 31) / 32 * 32, kfull = kc / 32 * 32;
+    const bool acc = accumulate || pc > 0;
+    for (int64_t i = 0; i < M; ++i) {
+      const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
+      isa.pack_dot_row(src, A.dtype, A.scale(i), kc, apack + i * kc32);
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+      const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
+      for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
+      const uint16_t* rows = w + n0 * B.ld + pc;
+      const bool in_place = nw == 4 && kfull > 0;
+      if (in_place) isa.dot_bf16(kfull, apack, kc32, static_cast<int>(M), rows, B.ld, 4, crow, alpha, acc);
+      if (nw == 4 && kfull == kc) continue;
+      const int64_t k0 = in_place ? kfull : 0, len = kc - k0, len32 = (len + 31) / 32 * 32;
+      std::fill_n(wpad, 4 * len32, uint16_t{0});
+      for (int j = 0; j < nw; ++j) std::copy_n(rows + j * B.ld + k0, len, wpad + j * len32);
+      isa.dot_bf16(len32, apack + k0, kc32, static_cast<int>(M), wpad, len32, nw, crow, alpha,
+                   in_place || acc);
+    }
+  }
+}
+
 }  // namespace
 
 MatView MatView::skip_rows(int64_t r0) const {
@@ -139,7 +183,11 @@ const char* available_isas() {
   return "generic";
 }
 
-int64_t gemm_scratch_floats() { return kMC * kKC + kKC * kNC + kMR * kMaxNR; }
+int64_t gemm_scratch_floats() {
+  const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
+  const int64_t dot = kDotMaxM * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
+  return std::max(packed, dot);
+}
 
 void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
           const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work) {
@@ -149,6 +197,11 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
     if (!accumulate) {
       for (int64_t i = 0; i < M; ++i) std::fill_n(C.row_ptr(i), N, 0.0f);
     }
+    return;
+  }
+  if (use_dot(isa, M, A, B)) {
+    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     return;
   }
   const int64_t nr = isa.nr;

@@ -56,12 +56,29 @@ using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* 
 using Bf16PanelPacker = void (*)(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 using F32PanelPacker = void (*)(const float* const* rows, const float* scale, int64_t kc, float* dst);
 
+// Small-M kernel that reads bf16 weights in place, without packing them. Weights stored [N, K] with k
+// contiguous (every forward projection: W [out, in]) are multiplied against a few token rows, 4 stored
+// weight rows at a time:
+//   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} a_i[k] * w[j * ldw + k],  i < m, j < nw <= 4.
+// kc is a multiple of 32 and all 4 rows are readable for kc elements (the driver pads the edges).
+// Token row i starts at a + i * lda in the dot layout written by DotRowPacker: within each block of 32
+// values, the 16 even-k ones, then the 16 odd-k ones. That is the order in which one 64-byte load of
+// 32 bf16 weights widens to f32 with a single shift (even) or mask (odd), so a weight costs half an
+// instruction to widen instead of a packed f32 copy: what makes memory-bound small batches fast.
+using DotKernel = void (*)(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+                           int nw, float* const* c, float alpha, bool acc);
+// Writes n values of one stored row (widened, times scale) in the dot layout, zero-padded to a
+// multiple of 32.
+using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t n, float* dst);
+
 struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
   MicroKernel kernel;
   Bf16PanelPacker pack_bf16_panel;
   F32PanelPacker pack_f32_panel;
+  DotKernel dot_bf16;  // null where the ISA has none: every product then takes the packed path
+  DotRowPacker pack_dot_row;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace ktjax {
 
 void microkernel_avx512(int64_t kc, const float* a, const float* b, float* const* c, int mr, int nr,
@@ -16,5 +18,10 @@ void microkernel_generic(int64_t kc, const float* a, const float* b, float* cons
 // AVX-512 panel packers for nr = 32: 16x16 in-register transposes instead of strided scalar stores.
 void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 void pack_f32_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst);
+
+// AVX-512 small-M kernel against bf16 weight rows read in place, and its row packer (see gemm.h).
+void dot_bf16_avx512(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+                     int nw, float* const* c, float alpha, bool acc);
+void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, float* dst);
 
 }  // namespace ktjax

@@ -27,6 +27,7 @@ struct Stats {
   std::array<std::atomic<int64_t>, static_cast<int>(Work::kCount)> flops{};
   std::atomic<int64_t> forward_calls{0};
   std::atomic<int64_t> backward_calls{0};
+  std::atomic<int64_t> small_batch_flops{0};  // the part of all FLOPs done on the dot path (gemm.h)
 };
 
 Stats& stats();

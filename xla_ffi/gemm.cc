@@ -16,15 +16,17 @@ constexpr int64_t kKC = 256;  // depth of one packed block
 constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
-// The dot path (DotKernel in gemm.h) takes products of at most kDotMaxM token rows, in blocks of
-// kDotKC of the reduction (the token rows' block stays in L1/L2 while the weight rows stream past).
-constexpr int64_t kDotMaxM = 24;
+// Products of at most kSmallM rows against bf16 weights read them in place (gemm.h): the dot path
+// (DotKernel) in blocks of kDotKC of the reduction, so the token rows' block stays in L1/L2 while the
+// weight rows stream past; the direct path (DirectKernel) in blocks of kKC.
+constexpr int64_t kSmallM = 24;
 constexpr int64_t kDotKC = 1024;
+constexpr int64_t kDirectKC = 32;
 
-const Isa kAvx512 = {"avx512",         32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512,
-                     dot_bf16_avx512, pack_dot_row_avx512};
-const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr};
-const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr};
+const Isa kAvx512 = {"avx512",           32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512,
+                     dot_bf16_avx512,    pack_dot_row_avx512, direct_bf16_avx512};
+const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr};
+const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
@@ -95,10 +97,48 @@ void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, 
   else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_bf16_panel : nullptr);
 }
 
-// Whether C = op(A) op(B) takes the dot path: few rows, and B a bf16 weight stored [N, K].
+// Whether C = op(A) op(B) reads B in place: few rows, and B a bf16 weight (no row gather or scale),
+// stored [N, K] (the dot path) or [K, N] (the direct path).
 bool use_dot(const Isa& isa, int64_t M, const MatView& A, const MatView& B) {
-  return isa.dot_bf16 != nullptr && M <= kDotMaxM && !A.trans && B.trans && B.dtype == DType::kBF16 &&
+  return isa.dot_bf16 != nullptr && M <= kSmallM && !A.trans && B.trans && B.dtype == DType::kBF16 &&
          B.rows == nullptr && B.row_scale == nullptr;
+}
+bool use_direct(const Isa& isa, int64_t M, const MatView& B) {
+  return isa.direct_bf16 != nullptr && M <= kSmallM && !B.trans && B.dtype == DType::kBF16 &&
+         B.rows == nullptr && B.row_scale == nullptr;
+}
+
+// The direct path: A packed in micro-kernel panels per block of kKC, each 32-column block of B read
+// from its stored rows (the last, partial block through a zero-padded copy).
+void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                 const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const auto* w = static_cast<const uint16_t*>(B.data);
+  float* apack = scratch;
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kSmallM * kKC);
+  float* crow[kMR];
+  for (int64_t pc = 0; pc < K; pc += kDirectKC) {
+    const int64_t kc = std::min(kDirectKC, K - pc);
+    const bool acc = accumulate || pc > 0;
+    pack_any(A, 0, M, pc, kc, kMR, apack);
+    for (int64_t jc = 0; jc < N; jc += 32) {
+      const int nb = static_cast<int>(std::min<int64_t>(32, N - jc));
+      const uint16_t* b = w + pc * B.ld + jc;
+      int64_t ldb = B.ld;
+      if (nb < 32) {
+        std::fill_n(wpad, kc * 32, uint16_t{0});
+        for (int64_t k = 0; k < kc; ++k) std::copy_n(b + k * B.ld, nb, wpad + k * 32);
+        b = wpad;
+        ldb = 32;
+      }
+      for (int64_t ir = 0; ir < M; ir += kMR) {
+        const int mr = static_cast<int>(std::min(kMR, M - ir));
+        for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
+        // The first row tile fetches the same columns of the next block of rows.
+        isa.direct_bf16(kc, apack + ir * kc, b, ldb, crow, mr, nb, alpha, acc,
+                        ir == 0 && nb == 32 && pc + kc < K ? kc : 0);
+      }
+    }
+  }
 }
 
 // The dot path: A's rows packed once per block of the reduction, the weights read where they are.
@@ -108,8 +148,8 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   const auto* w = static_cast<const uint16_t*>(B.data);
   const int64_t kc32_max = (std::min(kDotKC, K) + 31) / 32 * 32;
   float* apack = scratch;
-  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDotMaxM * kc32_max);
-  float* crow[kDotMaxM];
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kSmallM * kc32_max);
+  float* crow[kSmallM];
   for (int64_t pc = 0; pc < K; pc += kDotKC) {
     const int64_t kc = std::min(kDotKC, K - pc), kc32 = (kc + 31) / 32 * 32, kfull = kc / 32 * 32;
     const bool acc = accumulate || pc > 0;
@@ -185,8 +225,9 @@ const char* available_isas() {
 
 int64_t gemm_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
-  const int64_t dot = kDotMaxM * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
-  return std::max(packed, dot);
+  const int64_t dot = kSmallM * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
+  const int64_t direct = kSmallM * kDirectKC + kDirectKC * 32 / 2;  // A panels + a padded bf16 block
+  return std::max({packed, dot, direct});
 }
 
 void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
@@ -202,6 +243,11 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   if (use_dot(isa, M, A, B)) {
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
     gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    return;
+  }
+  if (use_direct(isa, M, B)) {
+    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     return;
   }
   const int64_t nr = isa.nr;

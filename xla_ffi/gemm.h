@@ -71,14 +71,27 @@ using DotKernel = void (*)(int64_t kc, const float* a, int64_t lda, int m, const
 // multiple of 32.
 using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t n, float* dst);
 
+// The other small-M kernel: bf16 weights stored [K, N] with n contiguous (the input-gradient chain of
+// the backward: dy Down_e, dg Gate_e) are read in place as the micro-kernel's B panel, one 64-byte row
+// segment of 32 columns per k, widened in registers (even and odd columns, put back in order once per
+// tile): c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_k a[k * 6 + i] * w[k * ldw + 0:32], i < mr.
+// All 32 columns are readable (the driver pads the last block). With prefetch_rows > 0, the same
+// columns prefetch_rows rows further down are fetched on the way. The driver runs it on short blocks
+// of rows (kc = 32) across all column blocks, so that the rows' pages stay in the TLB: one 64-byte
+// segment per 4 KiB page and k would otherwise miss the TLB on every load.
+using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c,
+                              int mr, int nr, float alpha, bool acc, int64_t prefetch_rows);
+
 struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
   MicroKernel kernel;
   Bf16PanelPacker pack_bf16_panel;
   F32PanelPacker pack_f32_panel;
-  DotKernel dot_bf16;  // null where the ISA has none: every product then takes the packed path
+  // The small-M kernels; null where the ISA has none: every product then takes the packed path.
+  DotKernel dot_bf16;
   DotRowPacker pack_dot_row;
+  DirectKernel direct_bf16;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when

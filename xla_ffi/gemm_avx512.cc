@@ -155,7 +155,59 @@ void dot_tile(int64_t kc, const float* a, int64_t lda, const uint16_t* w, int64_
   }
 }
 
+// MR rows of A (packed 6 apart) against 32 bf16 columns read in place; see DirectKernel in gemm.h.
+template <int MR>
+void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
+                 float alpha, bool acc, int64_t prefetch_rows) {
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 ce[MR], co[MR];  // even and odd columns
+  for (int i = 0; i < MR; ++i) ce[i] = co[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k, a += 6, w += ldw) {
+    if (prefetch_rows) _mm_prefetch(reinterpret_cast<const char*>(w + prefetch_rows * ldw), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(w);
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      ce[i] = _mm512_fmadd_ps(ai, we, ce[i]);
+      co[i] = _mm512_fmadd_ps(ai, wo, co[i]);
+    }
+  }
+  // Back to column order: columns 0..15 interleave the first halves of even and odd, 16..31 the rest.
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512 va = _mm512_set1_ps(alpha);
+  const __mmask16 m0 = nr >= 16 ? __mmask16(0xffff) : __mmask16((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? __mmask16(0xffff)
+                       : nr > 16 ? __mmask16((1u << (nr - 16)) - 1)
+                                 : __mmask16(0);
+#pragma GCC unroll 6  // constant indices keep ce and co in registers (the kernel runs on short blocks)
+  for (int i = 0; i < MR; ++i) {
+    float* p = c[i];
+    __m512 r0 = _mm512_mul_ps(_mm512_permutex2var_ps(ce[i], lo_idx, co[i]), va);
+    __m512 r1 = _mm512_mul_ps(_mm512_permutex2var_ps(ce[i], hi_idx, co[i]), va);
+    if (acc) {
+      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, p));
+      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, p + 16));
+    }
+    _mm512_mask_storeu_ps(p, m0, r0);
+    _mm512_mask_storeu_ps(p + 16, m1, r1);
+  }
+}
+
 }  // namespace
+
+void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                        int nr, float alpha, bool acc, int64_t prefetch_rows) {
+  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
+    case 1: direct_tile<1>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+    case 2: direct_tile<2>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+    case 3: direct_tile<3>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+    case 4: direct_tile<4>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+    case 5: direct_tile<5>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+    default: direct_tile<6>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+  }
+}
 
 void dot_bf16_avx512(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc) {

@@ -19,7 +19,9 @@ void microkernel_generic(int64_t kc, const float* a, const float* b, float* cons
 void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 void pack_f32_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst);
 
-// AVX-512 small-M kernel against bf16 weight rows read in place, and its row packer (see gemm.h).
+// AVX-512 small-M kernels against bf16 weights read in place, and the dot kernel's row packer (gemm.h).
+void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                        int nr, float alpha, bool acc, int64_t prefetch_rows);
 void dot_bf16_avx512(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc);
 void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, float* dst);

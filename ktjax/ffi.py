@@ -12,6 +12,8 @@ import re
 
 import jax
 import jaxlib
+import ml_dtypes
+import numpy as np
 
 try:
     from ktjax import _ktjax_ffi
@@ -90,6 +92,16 @@ def available_isas() -> list[str]:
 def selected_isa() -> str:
     """The ISA the next kernel call uses ('' when ``KTJAX_ISA`` names one this CPU lacks)."""
     return _ktjax_ffi.selected_isa()
+
+
+def round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to bf16 exactly as the kernels round their bf16 outputs (the selected ISA's rounder).
+
+    x: any shape, converted to float32. Returns the same shape as ``ml_dtypes.bfloat16``.
+    """
+    x = np.asarray(x, np.float32)
+    bits = _ktjax_ffi.round_to_bf16(np.ascontiguousarray(x).reshape(-1))
+    return bits.view(ml_dtypes.bfloat16).reshape(x.shape)
 
 
 def measure_peak_gflops(threads: int, seconds: float = 0.5) -> float:

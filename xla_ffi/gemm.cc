@@ -24,9 +24,9 @@ constexpr int64_t kDotKC = 1024;
 constexpr int64_t kDirectKC = 32;
 
 const Isa kAvx512 = {"avx512",           32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512,
-                     dot_bf16_avx512,    pack_dot_row_avx512, direct_bf16_avx512};
-const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr};
-const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr};
+                     dot_bf16_avx512,    pack_dot_row_avx512, direct_bf16_avx512,   round_bf16_avx512};
+const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
@@ -221,6 +221,14 @@ const char* available_isas() {
   if (cpu_has(kAvx512)) return "avx512,avx2,generic";
   if (cpu_has(kAvx2)) return "avx2,generic";
   return "generic";
+}
+
+void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) {
+  if (t == DType::kBF16 && isa.round_bf16 != nullptr) {
+    isa.round_bf16(src, static_cast<uint16_t*>(dst), n);
+  } else {
+    store_row(src, dst, t, n);
+  }
 }
 
 int64_t gemm_scratch_floats() {

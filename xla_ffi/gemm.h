@@ -82,6 +82,9 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
 using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c,
                               int mr, int nr, float alpha, bool acc, int64_t prefetch_rows);
 
+// Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
+using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
+
 struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
@@ -92,6 +95,7 @@ struct Isa {
   DotKernel dot_bf16;
   DotRowPacker pack_dot_row;
   DirectKernel direct_bf16;
+  Bf16Rounder round_bf16;  // null: the portable loop of store_row (dtype.h)
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when
@@ -99,6 +103,9 @@ struct Isa {
 const Isa* select_isa();
 // Comma-separated ISAs this CPU can run, best first.
 const char* available_isas();
+
+// Writes n f32 values into a buffer of either type, rounding to bf16 with the ISA's rounder if any.
+void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n);
 
 // Floats of packing scratch one gemm() call needs (a fixed amount, independent of the shapes).
 int64_t gemm_scratch_floats();

@@ -255,6 +255,22 @@ void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, f
   }
 }
 
+void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(src + i));
+    const __m512i top = _mm512_srli_epi32(u, 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(top, one))), 16);
+    r = _mm512_mask_or_epi32(r, nan, top, quiet);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
 void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst) {
   pack_panel32(rows, scale, kc, dst);
 }

@@ -24,6 +24,7 @@ void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t l
                         int nr, float alpha, bool acc, int64_t prefetch_rows);
 void dot_bf16_avx512(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc);
+void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n);
 void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, float* dst);
 
 }  // namespace ktjax

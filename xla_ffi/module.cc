@@ -1,5 +1,6 @@
 // pybind11 module `ktjax._ktjax_ffi`: FFI handler capsules for jax.ffi.register_ffi_target, plus the
 // FFI API version the kernels were built against, the CPU's ISAs and the work counters.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include "gemm.h"
@@ -36,6 +37,13 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     const ktjax::Isa* isa = ktjax::select_isa();
     return isa ? std::string(isa->name) : std::string();
   }, "The micro-kernel the next call will use (honours KTJAX_ISA); '' if KTJAX_ISA is unusable.");
+  m.def("round_to_bf16", [](py::array_t<float, py::array::c_style | py::array::forcecast> src) {
+    const ktjax::Isa* isa = ktjax::select_isa();
+    if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU cannot run");
+    py::array_t<uint16_t> dst(src.size());
+    ktjax::store_row(*isa, src.data(), dst.mutable_data(), ktjax::DType::kBF16, src.size());
+    return dst;
+  }, "bf16 bit patterns of a float32 array, rounded as the kernels round their outputs (selected ISA).");
   m.def("measure_peak_gflops", &ktjax::measure_peak_gflops, py::arg("threads"), py::arg("seconds") = 0.5,
         "f32 GFLOP/s of the selected micro-kernel on L1-resident data, summed over threads.");
   m.def("counters", []() {

@@ -218,7 +218,9 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     float* dst = f32 ? static_cast<float*>(o->untyped_data()) + (e * rows_per_expert + r0) * cols
                      : ctx.tile(worker);
     compute(f32_out(dst, cols));
-    if (!f32) store_expert_rows(dst, o->untyped_data(), DType::kBF16, e, rows_per_expert, cols, r0, rows);
+    if (!f32) {
+      store_expert_rows(ctx.isa, dst, o->untyped_data(), DType::kBF16, e, rows_per_expert, cols, r0, rows);
+    }
   };
 
   // d Down_e[h0:h0+nh, :] = (w dy_e)^T[h0:h0+nh] h_e.

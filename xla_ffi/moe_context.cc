@@ -75,14 +75,14 @@ void TokenAccumulator::finish(KernelContext& ctx) {
   constexpr int64_t kRows = 64;
   ctx.run((T_ + kRows - 1) / kRows, [&](int64_t chunk, int) {
     const int64_t t0 = chunk * kRows, nt = std::min(kRows, T_ - t0);
-    store_row(acc_ + t0 * H_, static_cast<uint16_t*>(out_.untyped_data()) + t0 * H_, dtype_, nt * H_);
+    store_row(ctx.isa, acc_ + t0 * H_, static_cast<uint16_t*>(out_.untyped_data()) + t0 * H_, dtype_, nt * H_);
   });
 }
 
-void store_expert_rows(const float* src, void* dst, DType dtype, int64_t e, int64_t rows_per_expert,
-                       int64_t cols, int64_t r0, int64_t rows) {
+void store_expert_rows(const Isa& isa, const float* src, void* dst, DType dtype, int64_t e,
+                       int64_t rows_per_expert, int64_t cols, int64_t r0, int64_t rows) {
   char* base = static_cast<char*>(dst) + ((e * rows_per_expert + r0) * cols) * dtype_bytes(dtype);
-  store_row(src, base, dtype, rows * cols);
+  store_row(isa, src, base, dtype, rows * cols);
 }
 
 }  // namespace ktjax

@@ -138,7 +138,7 @@ class TokenAccumulator {
 };
 
 // Writes a [rows, cols] f32 result into a stacked output of either dtype, expert e, starting at row r0.
-void store_expert_rows(const float* src, void* dst, DType dtype, int64_t e, int64_t rows_per_expert,
-                       int64_t cols, int64_t r0, int64_t rows);
+void store_expert_rows(const Isa& isa, const float* src, void* dst, DType dtype, int64_t e,
+                       int64_t rows_per_expert, int64_t cols, int64_t r0, int64_t rows);
 
 }  // namespace ktjax

@@ -77,7 +77,13 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
       }
     }
   } else {  // stored (k, i): each stored row fills one k-slice of every panel, contiguously
+    constexpr int64_t kAhead = 4;  // rows prefetched ahead: each is a new page, often gathered
+    constexpr int64_t kLine = 64 / sizeof(T);
     for (int64_t k = 0; k < kc; ++k) {
+      if (k + kAhead < kc) {
+        const T* next = d + A.row(k0 + k + kAhead) * A.ld + i0;
+        for (int64_t c = 0; c < mc; c += kLine) __builtin_prefetch(next + c);
+      }
       const T* src = d + A.row(k0 + k) * A.ld + i0;
       const float s = A.scale(k0 + k);
       for (int64_t p = 0; p < panels; ++p) {

@@ -12,7 +12,7 @@ namespace {
 
 constexpr int64_t kMR = 6;    // every micro-kernel's row count
 constexpr int64_t kMaxNR = 32;
-constexpr int64_t kKC = 256;  // depth of one packed block
+constexpr int64_t kKC = 128;  // depth of one packed block: a 128 x 32 f32 B micro-panel (16 KiB) stays in L1
 constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
@@ -29,7 +29,10 @@ const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, null
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
-  if (&isa == &kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (&isa == &kAvx512) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("fma");
+  }
   if (&isa == &kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return true;
 }
@@ -161,19 +164,20 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
     const bool acc = accumulate || pc > 0;
     for (int64_t i = 0; i < M; ++i) {
       const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
-      isa.pack_dot_row(src, A.dtype, A.scale(i), kc, apack + i * kc32);
+      const int64_t tile = i / 6, mb = std::min<int64_t>(6, M - 6 * tile);
+      isa.pack_dot_row(src, A.dtype, A.scale(i), kc, mb * 32, apack + 6 * tile * kc32 + (i % 6) * 32);
     }
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
       const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
       for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
       const uint16_t* rows = w + n0 * B.ld + pc;
       const bool in_place = nw == 4 && kfull > 0;
-      if (in_place) isa.dot_bf16(kfull, apack, kc32, static_cast<int>(M), rows, B.ld, 4, crow, alpha, acc);
+      if (in_place) isa.dot_bf16(0, kfull, apack, kc32, static_cast<int>(M), rows, B.ld, 4, crow, alpha, acc);
       if (nw == 4 && kfull == kc) continue;
       const int64_t k0 = in_place ? kfull : 0, len = kc - k0, len32 = (len + 31) / 32 * 32;
       std::fill_n(wpad, 4 * len32, uint16_t{0});
       for (int j = 0; j < nw; ++j) std::copy_n(rows + j * B.ld + k0, len, wpad + j * len32);
-      isa.dot_bf16(len32, apack + k0, kc32, static_cast<int>(M), wpad, len32, nw, crow, alpha,
+      isa.dot_bf16(k0, len32, apack, kc32, static_cast<int>(M), wpad, len32, nw, crow, alpha,
                    in_place || acc);
     }
   }

@@ -59,17 +59,20 @@ using F32PanelPacker = void (*)(const float* const* rows, const float* scale, in
 // Small-M kernel that reads bf16 weights in place, without packing them. Weights stored [N, K] with k
 // contiguous (every forward projection: W [out, in]) are multiplied against a few token rows, 4 stored
 // weight rows at a time:
-//   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} a_i[k] * w[j * ldw + k],  i < m, j < nw <= 4.
-// kc is a multiple of 32 and all 4 rows are readable for kc elements (the driver pads the edges).
-// Token row i starts at a + i * lda in the dot layout written by DotRowPacker: within each block of 32
-// values, the 16 even-k ones, then the 16 odd-k ones. That is the order in which one 64-byte load of
-// 32 bf16 weights widens to f32 with a single shift (even) or mask (odd), so a weight costs half an
-// instruction to widen instead of a packed f32 copy: what makes memory-bound small batches fast.
-using DotKernel = void (*)(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
-                           int nw, float* const* c, float alpha, bool acc);
+//   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} A(i, k0 + k) * w[j * ldw + k],  i < m, j < nw <= 4.
+// k0 and kc are multiples of 32 and all 4 rows are readable for kc elements (the driver pads the edges).
+// A is in the dot layout written by DotRowPacker, lda floats per row (a multiple of 32): rows in tiles
+// of 6 (the last tile has the remaining mb rows), tile t at a + 6 * t * lda, and in a tile of mb rows
+// the values k in [32 b, 32 b + 32) of its row i at tile + (b * mb + i) * 32: the 16 even-k ones, then
+// the 16 odd-k ones. Even/odd is the order in which one 64-byte load of 32 bf16 weights widens to f32
+// with a single shift (even) or mask (odd), so a weight costs half an instruction to widen instead of
+// a packed f32 copy; the interleaved tiles let one pointer walk all of a tile's rows.
+using DotKernel = void (*)(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w,
+                           int64_t ldw, int nw, float* const* c, float alpha, bool acc);
 // Writes n values of one stored row (widened, times scale) in the dot layout, zero-padded to a
-// multiple of 32.
-using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t n, float* dst);
+// multiple of 32: its block b (values 32 b .. 32 b + 31) at dst + b * stride.
+using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t n, int64_t stride,
+                              float* dst);
 
 // The other small-M kernel: bf16 weights stored [K, N] with n contiguous (the input-gradient chain of
 // the backward: dy Down_e, dg Gate_e) are read in place as the micro-kernel's B panel, one 64-byte row

@@ -1,4 +1,4 @@
-// AVX-512F kernels, compiled with -mavx512f -mfma: the 6x32 f32 micro-kernel (12 zmm accumulators,
+// AVX-512 kernels, compiled with -mavx512f -mavx512bw -mfma: the 6x32 f32 micro-kernel (12 zmm accumulators,
 // masked stores for edge tiles), its panel packers, and the small-M dot kernel that reads bf16
 // weights in place.
 #include <immintrin.h>
@@ -109,39 +109,50 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   return _mm512_castps512_ps128(s);
 }
 
-// MB token rows against the 4 weight rows; see DotKernel in gemm.h.
-// With `prefetch`, the same columns of the next 4 stored rows are fetched into L1 on the way: the
-// weights stream from memory in row segments too short for the hardware prefetcher to ramp up.
+// MB token rows against the 4 weight rows; see DotKernel in gemm.h. The token rows are interleaved
+// per block of 32 (one pointer walks them) and the loops use constant indices only, so that the 24
+// accumulators, the 4 widened weight vectors and the addresses all stay in registers.
 template <int MB>
-void dot_tile(int64_t kc, const float* a, int64_t lda, const uint16_t* w, int64_t ldw, int nw,
-              float* const* c, float alpha, bool acc, bool prefetch) {
-  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw, float* const* c,
+              float alpha, bool acc, bool prefetch) {
+  constexpr __mmask32 kOdd = 0xAAAAAAAAu;  // the odd 16-bit halves: a mask register, not a zmm
   __m512 s[4][MB];
+#pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 6
     for (int i = 0; i < MB; ++i) s[j][i] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < kc; k += 32) {
-    // One 64-byte load holds 32 bf16 weights: shifted left, its even elements are f32; masked, its odd.
-    __m512 wv[4];
+  const uint16_t* next = w + 4 * ldw;
+  for (int64_t k = 0; k < kc; k += 32, a += MB * 32) {
+    // One 64-byte load holds 32 bf16 weights: shifted left, its even elements are f32; with the even
+    // halves zeroed, its odd ones.
     if (prefetch) {
-      for (int j = 4; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + k), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T0);
     }
+    __m512 wv[4];
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       wv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(w + j * ldw + k), 16));
     }
+#pragma GCC unroll 6
     for (int i = 0; i < MB; ++i) {
-      const __m512 av = _mm512_loadu_ps(a + i * lda + k);
+      const __m512 av = _mm512_loadu_ps(a + i * 32);
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) s[j][i] = _mm512_fmadd_ps(av, wv[j], s[j][i]);
     }
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      wv[j] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(w + j * ldw + k), odd));
+      wv[j] = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(kOdd, _mm512_loadu_si512(w + j * ldw + k)));
     }
+#pragma GCC unroll 6
     for (int i = 0; i < MB; ++i) {
-      const __m512 av = _mm512_loadu_ps(a + i * lda + k + 16);
+      const __m512 av = _mm512_loadu_ps(a + i * 32 + 16);
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) s[j][i] = _mm512_fmadd_ps(av, wv[j], s[j][i]);
     }
   }
   const __m128 va = _mm_set1_ps(alpha);
+#pragma GCC unroll 6
   for (int i = 0; i < MB; ++i) {
     __m128 r = _mm_mul_ps(reduce4(s[0][i], s[1][i], s[2][i], s[3][i]), va);
     if (nw == 4) {
@@ -209,22 +220,26 @@ void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t l
   }
 }
 
-void dot_bf16_avx512(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc) {
   int i = 0;
-  for (; i + 6 <= m; i += 6) dot_tile<6>(kc, a + i * lda, lda, w, ldw, nw, c + i, alpha, acc, i == 0);
+  for (; i + 6 <= m; i += 6) {
+    dot_tile<6>(kc, a + i * lda + k0 * 6, w, ldw, nw, c + i, alpha, acc, i == 0);
+  }
+  const int mb = m - i;
+  const float* tile = a + i * lda + k0 * mb;
   const bool first = i == 0;
-  switch (m - i) {
-    case 1: dot_tile<1>(kc, a + i * lda, lda, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 2: dot_tile<2>(kc, a + i * lda, lda, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 3: dot_tile<3>(kc, a + i * lda, lda, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 4: dot_tile<4>(kc, a + i * lda, lda, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 5: dot_tile<5>(kc, a + i * lda, lda, w, ldw, nw, c + i, alpha, acc, first); break;
+  switch (mb) {
+    case 1: dot_tile<1>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
+    case 2: dot_tile<2>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
+    case 3: dot_tile<3>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
+    case 4: dot_tile<4>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
+    case 5: dot_tile<5>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
     default: break;
   }
 }
 
-void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, float* dst) {
+void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {
   const __m512 vs = _mm512_set1_ps(scale);
   int64_t k = 0;
   if (dtype == DType::kBF16) {
@@ -232,8 +247,9 @@ void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, f
     const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (; k + 32 <= n; k += 32) {
       const __m512i v = _mm512_loadu_si512(p + k);
-      _mm512_storeu_ps(dst + k, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vs));
-      _mm512_storeu_ps(dst + k + 16, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), vs));
+      float* d = dst + k / 32 * stride;
+      _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vs));
+      _mm512_storeu_ps(d + 16, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), vs));
     }
   } else {
     const auto* p = static_cast<const float*>(src);
@@ -241,16 +257,18 @@ void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, f
     const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (; k + 32 <= n; k += 32) {
       const __m512 lo = _mm512_loadu_ps(p + k), hi = _mm512_loadu_ps(p + k + 16);
-      _mm512_storeu_ps(dst + k, _mm512_mul_ps(_mm512_permutex2var_ps(lo, even_idx, hi), vs));
-      _mm512_storeu_ps(dst + k + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd_idx, hi), vs));
+      float* d = dst + k / 32 * stride;
+      _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_permutex2var_ps(lo, even_idx, hi), vs));
+      _mm512_storeu_ps(d + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd_idx, hi), vs));
     }
   }
   if (k < n) {  // the last partial block of 32, zero-padded
     float tail[32] = {};
     for (int64_t t = k; t < n; ++t) tail[t - k] = load_f32(src, dtype, t) * scale;
+    float* d = dst + k / 32 * stride;
     for (int t = 0; t < 16; ++t) {
-      dst[k + t] = tail[2 * t];
-      dst[k + 16 + t] = tail[2 * t + 1];
+      d[t] = tail[2 * t];
+      d[16 + t] = tail[2 * t + 1];
     }
   }
 }

@@ -22,9 +22,9 @@ void pack_f32_panel_avx512(const float* const* rows, const float* scale, int64_t
 // AVX-512 small-M kernels against bf16 weights read in place, and the dot kernel's row packer (gemm.h).
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
                         int nr, float alpha, bool acc, int64_t prefetch_rows);
-void dot_bf16_avx512(int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc);
 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n);
-void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, float* dst);
+void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 
 }  // namespace ktjax

@@ -12,7 +12,7 @@ namespace ktjax {
 double measure_peak_gflops(int threads, double seconds) {
   const Isa* isa = select_isa();
   if (isa == nullptr || threads < 1) return 0.0;
-  constexpr int64_t kc = 256, mr = 6;
+  constexpr int64_t kc = 128, mr = 6;  // panels of 3 + 16 KiB: L1-resident
   std::vector<double> gflops(threads, 0.0);
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {

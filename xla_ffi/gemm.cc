@@ -12,13 +12,18 @@ namespace {
 
 constexpr int64_t kMR = 6;    // every micro-kernel's row count
 constexpr int64_t kMaxNR = 32;
-constexpr int64_t kKC = 128;  // depth of one packed block: a 128 x 32 f32 B micro-panel (16 KiB) stays in L1
+// Depth of one packed block. The micro-kernel keeps one kc x 32 f32 B micro-panel while it walks the A
+// panels: at kc = 128 (16 KiB) it stays in L1, which pays up to a few hundred rows of A; with more rows,
+// the C tile's extra passes (one per depth block) cost more and kc = 256 measured faster (docs).
+constexpr int64_t kKC = 256;
+constexpr int64_t kKCFewRows = 128;
+constexpr int64_t kFewRows = 256;
 constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
 // Products of at most kSmallM rows against bf16 weights read them in place (gemm.h): the dot path
 // (DotKernel) in blocks of kDotKC of the reduction, so the token rows' block stays in L1/L2 while the
-// weight rows stream past; the direct path (DirectKernel) in blocks of kKC.
+// weight rows stream past; the direct path (DirectKernel) in blocks of kDirectKC rows.
 constexpr int64_t kSmallM = 24;
 constexpr int64_t kDotKC = 1024;
 constexpr int64_t kDirectKC = 32;
@@ -117,13 +122,13 @@ bool use_direct(const Isa& isa, int64_t M, const MatView& B) {
          B.rows == nullptr && B.row_scale == nullptr;
 }
 
-// The direct path: A packed in micro-kernel panels per block of kKC, each 32-column block of B read
+// The direct path: A packed in micro-kernel panels per block of kDirectKC, each 32-column block of B read
 // from its stored rows (the last, partial block through a zero-padded copy).
 void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
                  const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
   float* apack = scratch;
-  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kSmallM * kKC);
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kSmallM * kDirectKC);
   float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
     const int64_t kc = std::min(kDirectKC, K - pc);
@@ -269,13 +274,14 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
     return;
   }
   const int64_t nr = isa.nr;
+  const int64_t depth = M <= kFewRows ? kKCFewRows : kKC;
   float* apack = scratch;
   float* bpack = scratch + kMC * kKC;
   float* crow[kMR];
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
-    for (int64_t pc = 0; pc < K; pc += kKC) {
-      const int64_t kc = std::min(kKC, K - pc);
+    for (int64_t pc = 0; pc < K; pc += depth) {
+      const int64_t kc = std::min(depth, K - pc);
       const bool acc = accumulate || pc > 0;
       pack_any(B.t(), jc, nc, pc, kc, nr, bpack, &isa);  // B [K, N] = panels of nr rows of B^T
       for (int64_t ic = 0; ic < M; ic += kMC) {

@@ -70,32 +70,36 @@ def make_inputs(shape: dict, seed: int = 0) -> dict:
 
 
 def make_fns(backend: str, inp: dict) -> dict[str, tuple[Callable, tuple]]:
-    """case -> (jitted function, its arguments) for one backend."""
+    """case -> (jitted function, its arguments) for one backend.
+
+    The routing (ids) is an argument, as it is in training, not a constant: XLA would otherwise sort
+    the slots by expert at compile time and the baseline's dispatch would cost nothing.
+    """
     if backend == "cpu":
         weights = (inp["gate"], inp["up"], inp["down"])
         lora = inp["lora"]
 
-        def moe(x, w, gate, up, down, lora):
-            return moe_experts(x, inp["ids"], w, gate, up, down, lora=lora, lora_scale=2.0)
+        def moe(x, w, gate, up, down, ids, lora):
+            return moe_experts(x, ids, w, gate, up, down, lora=lora, lora_scale=2.0)
     else:  # the baseline runs in f32: weights converted once, outside the timing
         weights = tuple(t.astype(jnp.float32) for t in (inp["gate"], inp["up"], inp["down"]))
         lora = {k: tuple(t.astype(jnp.float32) for t in v) for k, v in inp["lora"].items()}
 
-        def moe(x, w, gate, up, down, lora):
+        def moe(x, w, gate, up, down, ids, lora):
             return moe_experts_capacity(
-                x.astype(jnp.float32), inp["ids"], w, gate, up, down, lora, 2.0, capacity=inp["capacity"]
+                x.astype(jnp.float32), ids, w, gate, up, down, lora, 2.0, capacity=inp["capacity"]
             )
 
     cot = inp["cot"].astype(jnp.float32)
 
-    def loss(x, w, gate, up, down, lora):
-        return jnp.sum(moe(x, w, gate, up, down, lora).astype(jnp.float32) * cot)
+    def loss(x, w, gate, up, down, ids, lora):
+        return jnp.sum(moe(x, w, gate, up, down, ids, lora).astype(jnp.float32) * cot)
 
-    args = (inp["x"], inp["w"], *weights)
+    args = (inp["x"], inp["w"], *weights, inp["ids"])
     return {
         "forward": (jax.jit(lambda *a: moe(*a, None)), args),
         "full": (jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2, 3, 4))), args),
-        "lora": (jax.jit(jax.grad(loss, argnums=(0, 1, 5))), (*args, lora)),
+        "lora": (jax.jit(jax.grad(loss, argnums=(0, 1, 6))), (*args, lora)),
         "frozen": (jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1))), args),
     }
 

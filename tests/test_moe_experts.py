@@ -42,8 +42,9 @@ SHAPES = {
     "one_slot": dict(T=7, K=1, E=3, H=20, I=12),
     "one_expert": dict(T=9, K=1, E=1, H=24, I=8),
     "blocks_past_cache_tiles": dict(T=300, K=1, E=1, H=600, I=130),  # K-dim > 256, N > 512, M > 96
-    # ~10 tokens per expert (the small-batch dot path for bf16 weights), H > its reduction block of
-    # 1024, and every edge: H % 32, I % 32, H % 4, I % 4 and the tokens per expert % 6 all nonzero.
+    # ~10 tokens per expert (the small-batch paths for bf16 weights), H > the dot path's reduction
+    # block of 1024, and every edge: H % 32, I % 32, H % 4, I % 4 and the tokens per expert % 6 all
+    # nonzero.
     "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
 }
 
@@ -175,9 +176,10 @@ def test_fallback_isas_match_reference(isa, monkeypatch):
 
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
 def test_small_batches_against_bf16_weights_are_exact_to_f32(policy):
-    # A few tokens per expert against bf16 weights take the dot path, which reads the weights in place
-    # (AVX-512). With f32 tokens, y and dx stay f32, so that path is held to f32 accuracy; LoRA on
-    # every projection puts the adapters' products (rank 2-5: edges only) through it too.
+    # A few tokens per expert against bf16 weights take the small-batch paths, which read the weights
+    # in place (AVX-512): the dot path in the forward projections, the direct path in the chain to dx.
+    # With f32 tokens, y and dx stay f32, so those paths are held to f32 accuracy; LoRA on every
+    # projection puts the adapters' products (rank 2-5: edges only) through them too.
     from ktjax import ffi
 
     p = make_problem(14, **SHAPES["small_batches_with_edges"], ranks={"gate": 3, "up": 2, "down": 5})

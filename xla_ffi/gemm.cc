@@ -1,4 +1,5 @@
-// GEMM driver: cache blocking, packing (bf16 -> f32 widening, row gather, row scale), ISA dispatch.
+// GEMM driver: cache blocking, packing (bf16 -> f32 widening, row gather, row scale), ISA dispatch,
+// and the small-batch paths that read bf16 weights in place (gemm_dot, gemm_direct).
 #include "gemm.h"
 
 #include <algorithm>

@@ -3,7 +3,9 @@
 // Operands are views over row-major buffers of f32 or bf16 with optional row indirection (to read an
 // expert's tokens straight out of x without gathering them) and optional per-row scale (router
 // weights). Packing widens bf16 to f32, so one f32 micro-kernel per ISA serves both types, and every
-// product is accumulated in f32. Callers parallelise over (expert, tile) work items.
+// product is accumulated in f32. With few rows of A against bf16 weights, the ISA's small-batch
+// kernels (DotKernel, DirectKernel below) read the weights in place instead of packing them. Callers
+// parallelise over (expert, tile) work items.
 #pragma once
 
 #include <cstdint>

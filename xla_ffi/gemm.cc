@@ -112,15 +112,12 @@ void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, 
   else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_bf16_panel : nullptr);
 }
 
-// Whether C = op(A) op(B) reads B in place: few rows, and B a bf16 weight (no row gather or scale),
-// stored [N, K] (the dot path) or [K, N] (the direct path).
-bool use_dot(const Isa& isa, int64_t M, const MatView& A, const MatView& B) {
-  return isa.dot_bf16 != nullptr && M <= kSmallM && !A.trans && B.trans && B.dtype == DType::kBF16 &&
-         B.rows == nullptr && B.row_scale == nullptr;
-}
-bool use_direct(const Isa& isa, int64_t M, const MatView& B) {
-  return isa.direct_bf16 != nullptr && M <= kSmallM && !B.trans && B.dtype == DType::kBF16 &&
-         B.rows == nullptr && B.row_scale == nullptr;
+// Whether C = op(A) op(B) can read B in place: few rows, and B a bf16 weight (no row gather or
+// scale), with an ISA that has the small-batch kernels. B stored [N, K] then takes the dot path (A
+// not transposed), B stored [K, N] the direct path.
+bool small_batch(const Isa& isa, int64_t M, const MatView& B) {
+  return isa.dot_bf16 != nullptr && M <= kSmallM && B.dtype == DType::kBF16 && B.rows == nullptr &&
+         B.row_scale == nullptr;
 }
 
 // The direct path: A packed in micro-kernel panels per block of kDirectKC, each 32-column block of B read
@@ -264,14 +261,11 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
     }
     return;
   }
-  if (use_dot(isa, M, A, B)) {
+  const bool dot = B.trans && !A.trans, direct = !B.trans;
+  if ((dot || direct) && small_batch(isa, M, B)) {
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    return;
-  }
-  if (use_direct(isa, M, B)) {
-    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    if (dot) gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    else gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     return;
   }
   const int64_t nr = isa.nr;

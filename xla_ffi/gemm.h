@@ -96,7 +96,7 @@ struct Isa {
   MicroKernel kernel;
   Bf16PanelPacker pack_bf16_panel;
   F32PanelPacker pack_f32_panel;
-  // The small-M kernels; null where the ISA has none: every product then takes the packed path.
+  // The small-M kernels, all three or none (null): without them every product takes the packed path.
   DotKernel dot_bf16;
   DotRowPacker pack_dot_row;
   DirectKernel direct_bf16;

@@ -1,6 +1,6 @@
-// AVX-512 kernels, compiled with -mavx512f -mavx512bw -mfma: the 6x32 f32 micro-kernel (12 zmm accumulators,
-// masked stores for edge tiles), its panel packers, and the small-M dot kernel that reads bf16
-// weights in place.
+// AVX-512 kernels, compiled with -mavx512f -mavx512bw -mfma: the 6x32 f32 micro-kernel (12 zmm
+// accumulators, masked stores for edge tiles), its panel packers, the small-batch dot and direct
+// kernels that read bf16 weights in place, and the bf16 rounder.
 #include <immintrin.h>
 
 #include "gemm_kernels.h"
@@ -73,13 +73,15 @@ inline __m512 load16(const uint16_t* p, float scale) {
 inline __m512 load16(const float* p, float scale) {
   return _mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(scale));
 }
-inline float widen1(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
-  return f;
-}
+inline float widen1(uint16_t v) { return bf16_to_f32(v); }
 inline float widen1(float v) { return v; }
+
+// 32 bf16 values in one 64-byte vector, widened to f32 in two halves: the even elements (shifted into
+// the high half of their 32-bit lane) and the odd ones (already there: the even halves zeroed).
+inline __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline __m512 bf16_odd(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_maskz_mov_epi16(0xAAAAAAAAu, v));  // a k-mask, not a zmm constant
+}
 
 template <typename T>
 void pack_panel32(const T* const* rows, const float* scale, int64_t kc, float* dst) {
@@ -115,7 +117,6 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 template <int MB>
 void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw, float* const* c,
               float alpha, bool acc, bool prefetch) {
-  constexpr __mmask32 kOdd = 0xAAAAAAAAu;  // the odd 16-bit halves: a mask register, not a zmm
   __m512 s[4][MB];
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
@@ -124,15 +125,13 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
   }
   const uint16_t* next = w + 4 * ldw;
   for (int64_t k = 0; k < kc; k += 32, a += MB * 32) {
-    // One 64-byte load holds 32 bf16 weights: shifted left, its even elements are f32; with the even
-    // halves zeroed, its odd ones.
     if (prefetch) {
       for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T0);
     }
     __m512 wv[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      wv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(w + j * ldw + k), 16));
+      wv[j] = bf16_even(_mm512_loadu_si512(w + j * ldw + k));
     }
 #pragma GCC unroll 6
     for (int i = 0; i < MB; ++i) {
@@ -142,7 +141,7 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
     }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      wv[j] = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(kOdd, _mm512_loadu_si512(w + j * ldw + k)));
+      wv[j] = bf16_odd(_mm512_loadu_si512(w + j * ldw + k));
     }
 #pragma GCC unroll 6
     for (int i = 0; i < MB; ++i) {
@@ -170,14 +169,12 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
 template <int MR>
 void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
                  float alpha, bool acc, int64_t prefetch_rows) {
-  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 ce[MR], co[MR];  // even and odd columns
   for (int i = 0; i < MR; ++i) ce[i] = co[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k, a += 6, w += ldw) {
     if (prefetch_rows) _mm_prefetch(reinterpret_cast<const char*>(w + prefetch_rows * ldw), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(w);
-    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
+    const __m512 we = bf16_even(v), wo = bf16_odd(v);
     for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i]);
       ce[i] = _mm512_fmadd_ps(ai, we, ce[i]);
@@ -244,12 +241,11 @@ void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, i
   int64_t k = 0;
   if (dtype == DType::kBF16) {
     const auto* p = static_cast<const uint16_t*>(src);
-    const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (; k + 32 <= n; k += 32) {
       const __m512i v = _mm512_loadu_si512(p + k);
       float* d = dst + k / 32 * stride;
-      _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vs));
-      _mm512_storeu_ps(d + 16, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), vs));
+      _mm512_storeu_ps(d, _mm512_mul_ps(bf16_even(v), vs));
+      _mm512_storeu_ps(d + 16, _mm512_mul_ps(bf16_odd(v), vs));
     }
   } else {
     const auto* p = static_cast<const float*>(src);

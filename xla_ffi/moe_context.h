@@ -40,16 +40,20 @@ struct KernelContext {
   // Columns per work item when the items split `cols` columns among the workers: as wide as possible,
   // so each item packs its token rows once for many columns, while every worker still gets 4 items.
   // A multiple of 32, and at least kTile unless cols is smaller.
-  int64_t tile_width(int64_t cols) const {
-    const int64_t tiles = 4 * static_cast<int64_t>(workers);
-    const int64_t width = ((cols + tiles - 1) / tiles + 31) / 32 * 32;
+  int64_t tile_width(int64_t cols) const { return block_width(cols, 4 * static_cast<int64_t>(workers)); }
+
+  // Width of `parts` column blocks covering `cols`: a multiple of 32, at least kTile unless cols is
+  // smaller, at most cols.
+  static int64_t block_width(int64_t cols, int64_t parts) {
+    const int64_t width = ((cols + parts - 1) / parts + 31) / 32 * 32;
     return std::min(cols, std::max(width, std::min(kTile, cols)));
   }
 
   // Column blocks of every busy expert's [tokens, cols] output as work items of about equal cost: an
   // expert's columns are split in proportion to its share of the slots, aiming at 4 items per worker
-  // overall (blocks of at least kTile columns). With even routing over many experts an item is a whole expert (its token rows packed
-  // once); a dominant expert is split so that every worker shares it.
+  // overall (blocks of at least kTile columns). With even routing over many experts an item is a
+  // whole expert (its token rows packed once); a dominant expert is split so that every worker
+  // shares it.
   struct ColumnBlock {
     int32_t e;
     int64_t c0, n;
@@ -62,8 +66,7 @@ struct KernelContext {
       const int64_t n = r.count(e);
       if (n == 0) continue;
       const int64_t parts = std::clamp<int64_t>((n * target + S - 1) / S, 1, max_parts);
-      const int64_t width =
-          std::min(cols, std::max(((cols + parts - 1) / parts + 31) / 32 * 32, std::min(kTile, cols)));
+      const int64_t width = block_width(cols, parts);
       for (int64_t c0 = 0; c0 < cols; c0 += width) {
         items.push_back({static_cast<int32_t>(e), c0, std::min(width, cols - c0)});
       }

@@ -72,8 +72,9 @@ def make_inputs(shape: dict, seed: int = 0) -> dict:
 def make_fns(backend: str, inp: dict) -> dict[str, tuple[Callable, tuple]]:
     """case -> (jitted function, its arguments) for one backend.
 
-    The routing (ids) is an argument, as it is in training, not a constant: XLA would otherwise sort
-    the slots by expert at compile time and the baseline's dispatch would cost nothing.
+    The routing (ids) and the output cotangent are arguments, as they are in training, not constants:
+    XLA would otherwise sort the slots by expert at compile time (the baseline's dispatch would cost
+    nothing) and fold work on the cotangent into the compiled program.
     """
     if backend == "cpu":
         weights = (inp["gate"], inp["up"], inp["down"])
@@ -90,17 +91,19 @@ def make_fns(backend: str, inp: dict) -> dict[str, tuple[Callable, tuple]]:
                 x.astype(jnp.float32), ids, w, gate, up, down, lora, 2.0, capacity=inp["capacity"]
             )
 
-    cot = inp["cot"].astype(jnp.float32)
-
-    def loss(x, w, gate, up, down, ids, lora):
+    def loss(x, w, gate, up, down, ids, lora, cot):
         return jnp.sum(moe(x, w, gate, up, down, ids, lora).astype(jnp.float32) * cot)
 
+    def no_lora_loss(x, w, gate, up, down, ids, cot):
+        return loss(x, w, gate, up, down, ids, None, cot)
+
     args = (inp["x"], inp["w"], *weights, inp["ids"])
+    cot = inp["cot"].astype(jnp.float32)
     return {
         "forward": (jax.jit(lambda *a: moe(*a, None)), args),
-        "full": (jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2, 3, 4))), args),
-        "lora": (jax.jit(jax.grad(loss, argnums=(0, 1, 6))), (*args, lora)),
-        "frozen": (jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1))), args),
+        "full": (jax.jit(jax.grad(no_lora_loss, argnums=(0, 1, 2, 3, 4))), (*args, cot)),
+        "lora": (jax.jit(jax.grad(loss, argnums=(0, 1, 6))), (*args, lora, cot)),
+        "frozen": (jax.jit(jax.grad(no_lora_loss, argnums=(0, 1))), (*args, cot)),
     }
 
 

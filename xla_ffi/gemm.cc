@@ -29,10 +29,22 @@ constexpr int64_t kSmallM = 24;
 constexpr int64_t kDotKC = 1024;
 constexpr int64_t kDirectKC = 32;
 
-const Isa kAvx512 = {"avx512",           32, microkernel_avx512, pack_bf16_panel_avx512, pack_f32_panel_avx512,
-                     dot_bf16_avx512,    pack_dot_row_avx512, direct_bf16_avx512,   round_bf16_avx512};
-const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+const Isa kAvx512 = {"avx512",
+                     32,
+                     microkernel_avx512,
+                     pack_bf16_panel_avx512,
+                     pack_f32_panel_avx512,
+                     pack_bf16_a_panel_avx512,
+                     pack_f32_a_panel_avx512,
+                     pack_row_panels_avx512,
+                     dot_bf16_avx512,
+                     pack_dot_row_avx512,
+                     direct_bf16_avx512,
+                     round_bf16_avx512};
+const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                   nullptr, nullptr};
+const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                      nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512) {
@@ -54,16 +66,17 @@ inline float widen<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
 // buf[(p*kc + k)*width + ii] = A(i0 + p*width + ii, k0 + k). The same layout serves both operands:
 // the A side uses width kMR, and B [K, N] packs as B^T in panels of the micro-kernel's nr columns.
 // Loops run panel by panel so no index needs a division in an inner loop.
-// `fast` (may be null) packs full panels of `width` stored rows (T = uint16_t: bf16, T = float: f32).
+// `fast` (may be null) packs full panels of `width` stored rows (T = uint16_t: bf16, T = float: f32);
+// `row_fast` (may be null) packs one stored row of the transposed operand.
 template <typename T, typename Packer>
 void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf,
-                 Packer fast) {
+                 Packer fast, RowPanelPacker row_fast) {
   const T* d = static_cast<const T*>(A.data);
   const int64_t panels = (mc + width - 1) / width;
   if (!A.trans) {  // stored (i, k): walk each row along k, writing with stride `width`
     for (int64_t p = 0; p < panels; ++p) {
       float* panel = buf + p * kc * width;
-      if (fast != nullptr && width == kMaxNR && (p + 1) * width <= mc) {  // the ISA's transposing packer
+      if (fast != nullptr && (p + 1) * width <= mc) {  // the ISA's transposing packer
         const T* rows[kMaxNR];
         float scales[kMaxNR];
         for (int64_t ii = 0; ii < width; ++ii) {
@@ -95,6 +108,10 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
       }
       const T* src = d + A.row(k0 + k) * A.ld + i0;
       const float s = A.scale(k0 + k);
+      if (row_fast != nullptr) {
+        row_fast(src, A.dtype, s, mc, width, kc * width, buf + k * width);
+        continue;
+      }
       for (int64_t p = 0; p < panels; ++p) {
         float* dst = buf + (p * kc + k) * width;
         const int64_t w = std::min(width, mc - p * width);
@@ -105,11 +122,17 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
   }
 }
 
-// With an ISA, its panel packers handle full panels of its nr rows.
-void pack_any(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, float* buf,
-              const Isa* isa = nullptr) {
-  if (A.dtype == DType::kF32) pack_panels<float>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_f32_panel : nullptr);
-  else pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf, isa ? isa->pack_bf16_panel : nullptr);
+// Packs with the ISA's vectorised packers where it has them: width is kMR (A side) or isa.nr (B side).
+void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
+              float* buf) {
+  const bool a_side = width == kMR;
+  if (A.dtype == DType::kF32) {
+    pack_panels<float>(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel,
+                       isa.pack_row_panels);
+  } else {
+    pack_panels<uint16_t>(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_bf16_a_panel : isa.pack_bf16_panel,
+                          isa.pack_row_panels);
+  }
 }
 
 // Whether C = op(A) op(B) can read B in place: few rows, and B a bf16 weight (no row gather or
@@ -131,7 +154,7 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
     const int64_t kc = std::min(kDirectKC, K - pc);
     const bool acc = accumulate || pc > 0;
-    pack_any(A, 0, M, pc, kc, kMR, apack);
+    pack_any(isa, A, 0, M, pc, kc, kMR, apack);
     for (int64_t jc = 0; jc < N; jc += 32) {
       const int nb = static_cast<int>(std::min<int64_t>(32, N - jc));
       const uint16_t* b = w + pc * B.ld + jc;
@@ -278,10 +301,10 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
     for (int64_t pc = 0; pc < K; pc += depth) {
       const int64_t kc = std::min(depth, K - pc);
       const bool acc = accumulate || pc > 0;
-      pack_any(B.t(), jc, nc, pc, kc, nr, bpack, &isa);  // B [K, N] = panels of nr rows of B^T
+      pack_any(isa, B.t(), jc, nc, pc, kc, nr, bpack);  // B [K, N] = panels of nr rows of B^T
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
-        pack_any(A, ic, mc, pc, kc, kMR, apack);
+        pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
         for (int64_t jr = 0; jr < nc; jr += nr) {
           const int n_tile = static_cast<int>(std::min(nr, nc - jr));
           for (int64_t ir = 0; ir < mc; ir += kMR) {

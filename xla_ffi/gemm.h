@@ -57,6 +57,10 @@ using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* 
 // common case of the packing (a weight slice as the B operand); null where the ISA has none.
 using Bf16PanelPacker = void (*)(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 using F32PanelPacker = void (*)(const float* const* rows, const float* scale, int64_t kc, float* dst);
+// Packs one stored row into the k-slice of consecutive panels that it fills when the operand is stored
+// transposed: dst[p * stride + j] = src[p * width + j] * scale for j < width, zero past n.
+using RowPanelPacker = void (*)(const void* src, DType dtype, float scale, int64_t n, int64_t width,
+                                int64_t stride, float* dst);
 
 // Small-M kernel that reads bf16 weights in place, without packing them. Weights stored [N, K] with k
 // contiguous (every forward projection: W [out, in]) are multiplied against a few token rows, 4 stored
@@ -94,8 +98,14 @@ struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
   MicroKernel kernel;
+  // Vectorised packing, each null where the ISA has none (the portable loops then pack): full panels
+  // of nr stored rows (B side), full panels of 6 stored rows (A side), and stored rows of a
+  // transposed operand.
   Bf16PanelPacker pack_bf16_panel;
   F32PanelPacker pack_f32_panel;
+  Bf16PanelPacker pack_bf16_a_panel;
+  F32PanelPacker pack_f32_a_panel;
+  RowPanelPacker pack_row_panels;
   // The small-M kernels, all three or none (null): without them every product takes the packed path.
   DotKernel dot_bf16;
   DotRowPacker pack_dot_row;

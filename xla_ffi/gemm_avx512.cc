@@ -3,6 +3,8 @@
 // kernels that read bf16 weights in place, and the bf16 rounder.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "gemm_kernels.h"
 
 namespace ktjax {
@@ -98,6 +100,82 @@ void pack_panel32(const T* const* rows, const float* scale, int64_t kc, float* d
   for (; k < kc; ++k) {  // the last kc % 16 columns
     for (int j = 0; j < NR; ++j) dst[k * NR + j] = widen1(rows[j][k]) * scale[j];
   }
+}
+
+// Permutation indices of interleave6, built once at compile time.
+struct Interleave6 {
+  // Stage 1: pair lane 2i+b = row b's element i (lo: elements 0..7, hi: 8..15).
+  int32_t pair_lo[16], pair_hi[16];
+  // Stage 2, per output vector m: its 8 float pairs, pair slot s = 8m + s of the 48, come from pair
+  // stream s % 3 at pair index s / 3 (always in the half m / 3). Streams 0 and 1 by one two-source
+  // permute (ab), stream 2 merged by a masked one (c, c_mask).
+  int64_t ab[6][8], c[6][8];
+  uint8_t c_mask[6];
+
+  constexpr Interleave6() : pair_lo(), pair_hi(), ab(), c(), c_mask() {
+    for (int i = 0; i < 16; ++i) {
+      pair_lo[i] = i / 2 + 16 * (i % 2);
+      pair_hi[i] = 8 + i / 2 + 16 * (i % 2);
+    }
+    for (int m = 0; m < 6; ++m) {
+      for (int s = 0; s < 8; ++s) {
+        const int slot = 8 * m + s, stream = slot % 3, index = slot / 3 % 8;
+        ab[m][s] = stream == 1 ? 8 + index : index;
+        c[m][s] = index;
+        if (stream == 2) c_mask[m] = static_cast<uint8_t>(c_mask[m] | (1u << s));
+      }
+    }
+  }
+};
+constexpr Interleave6 kInterleave6;
+
+// Interleaves 6 rows of 16 values into 96: out[16 m + l] = v[(16 m + l) % 6][(16 m + l) / 6], i.e.
+// 16 consecutive k-slices of a 6-row A panel. Rows are first zipped in pairs (3 streams of 16 float
+// pairs), then the 3 streams are interleaved pair by pair as 64-bit elements.
+inline void interleave6(const __m512 v[6], __m512 out[6]) {
+  const Interleave6& t = kInterleave6;
+  const __m512i lo = _mm512_loadu_si512(t.pair_lo), hi = _mm512_loadu_si512(t.pair_hi);
+  __m512d pairs[3][2];
+  for (int q = 0; q < 3; ++q) {
+    pairs[q][0] = _mm512_castps_pd(_mm512_permutex2var_ps(v[2 * q], lo, v[2 * q + 1]));
+    pairs[q][1] = _mm512_castps_pd(_mm512_permutex2var_ps(v[2 * q], hi, v[2 * q + 1]));
+  }
+  for (int m = 0; m < 6; ++m) {
+    const int h = m / 3;
+    const __m512d ab = _mm512_permutex2var_pd(pairs[0][h], _mm512_loadu_si512(t.ab[m]), pairs[1][h]);
+    out[m] = _mm512_castpd_ps(
+        _mm512_mask_permutexvar_pd(ab, t.c_mask[m], _mm512_loadu_si512(t.c[m]), pairs[2][h]));
+  }
+}
+
+// One 6-row A panel: dst[k * 6 + i] = rows[i][k] * scale[i], 16 values of k per interleave.
+template <typename T>
+void pack_panel6(const T* const* rows, const float* scale, int64_t kc, float* dst) {
+  __m512 v[6], out[6];
+  int64_t k = 0;
+  for (; k + 16 <= kc; k += 16, dst += 96) {
+    for (int i = 0; i < 6; ++i) v[i] = load16(rows[i] + k, scale[i]);
+    interleave6(v, out);
+    for (int m = 0; m < 6; ++m) _mm512_storeu_ps(dst + 16 * m, out[m]);
+  }
+  for (; k < kc; ++k, dst += 6) {  // the last kc % 16 slices
+    for (int i = 0; i < 6; ++i) dst[i] = widen1(rows[i][k]) * scale[i];
+  }
+}
+
+// n values of row src (from element c0), widened and scaled, as 16 lanes; lanes past n are zero.
+inline __m512 load_masked(const void* src, DType dtype, int64_t c0, int64_t n, __m512 scale) {
+  if (n <= 0) return _mm512_setzero_ps();
+  const int nl = static_cast<int>(n < 16 ? n : 16);
+  const __mmask16 m = static_cast<__mmask16>(nl == 16 ? 0xffffu : (1u << nl) - 1);
+  __m512 v;
+  if (dtype == DType::kBF16) {
+    const __m512i bits = _mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + c0);
+    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits)), 16));
+  } else {
+    v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + c0);
+  }
+  return _mm512_mul_ps(v, scale);
 }
 
 // Sums of 4 vectors: lane j of the result is the sum of v[j]'s 16 lanes.
@@ -291,6 +369,26 @@ void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int
 
 void pack_f32_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst) {
   pack_panel32(rows, scale, kc, dst);
+}
+
+void pack_bf16_a_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst) {
+  pack_panel6(rows, scale, kc, dst);
+}
+
+void pack_f32_a_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst) {
+  pack_panel6(rows, scale, kc, dst);
+}
+
+void pack_row_panels_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t width,
+                            int64_t stride, float* dst) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t c0 = 0; c0 < n; c0 += width, dst += stride) {
+    for (int64_t j = 0; j < width; j += 16) {
+      const int64_t lanes = width - j < 16 ? width - j : 16;
+      const __mmask16 m = static_cast<__mmask16>(lanes == 16 ? 0xffffu : (1u << lanes) - 1);
+      _mm512_mask_storeu_ps(dst + j, m, load_masked(src, dtype, c0 + j, std::min(n - c0 - j, lanes), vs));
+    }
+  }
 }
 
 }  // namespace ktjax

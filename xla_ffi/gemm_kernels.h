@@ -18,6 +18,12 @@ void microkernel_generic(int64_t kc, const float* a, const float* b, float* cons
 // AVX-512 panel packers for nr = 32: 16x16 in-register transposes instead of strided scalar stores.
 void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 void pack_f32_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst);
+// The same for the A side's panels of 6 rows (permutes that interleave 6 rows of 16 values).
+void pack_bf16_a_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
+void pack_f32_a_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst);
+// Masked 16-lane copies of one stored row into panel slices (RowPanelPacker in gemm.h).
+void pack_row_panels_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t width,
+                            int64_t stride, float* dst);
 
 // AVX-512 small-M kernels against bf16 weights read in place, and the dot kernel's row packer (gemm.h).
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,

@@ -101,6 +101,9 @@ inline __m512 bf16_odd(__m512i v) {
   return _mm512_castsi512_ps(_mm512_maskz_mov_epi16(0xAAAAAAAAu, v));  // a k-mask, not a zmm constant
 }
 
+// The weights it packs usually come from memory, 32 rows at a time (too many streams for the hardware
+// prefetcher): each load also prefetches, into L2, the same row kc further on, where the driver's next
+// depth block of the same panel starts, so those loads overlap with the products on this block.
 template <typename T>
 void pack_panel32(const T* const* rows, const float* scale, int64_t kc, float* dst) {
   constexpr int NR = 32;
@@ -108,7 +111,10 @@ void pack_panel32(const T* const* rows, const float* scale, int64_t kc, float* d
   for (; k + 16 <= kc; k += 16) {
     for (int half = 0; half < 2; ++half) {  // rows [16*half, 16*half + 16) -> columns of dst
       __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = load16(rows[16 * half + i] + k, scale[16 * half + i]);
+      for (int i = 0; i < 16; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[16 * half + i] + k + kc), _MM_HINT_T1);
+        r[i] = load16(rows[16 * half + i] + k, scale[16 * half + i]);
+      }
       transpose16(r);  // r[kk] = element k + kk of the 16 rows
       for (int kk = 0; kk < 16; ++kk) _mm512_storeu_ps(dst + (k + kk) * NR + 16 * half, r[kk]);
     }

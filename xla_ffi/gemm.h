@@ -52,9 +52,9 @@ struct OutView {
 using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* const* c, int mr,
                              int nr, float alpha, bool acc);
 
-// Packs one full panel of nr stored rows, transposed (and widened from bf16):
-// dst[k * nr + j] = rows[j][k] * scale[j] for j < nr, k < kc. The ISA's vectorised version of the
-// common case of the packing (a weight slice as the B operand); null where the ISA has none.
+// Packs one full panel of w stored rows, transposed (and widened from bf16):
+// dst[k * w + j] = rows[j][k] * scale[j] for j < w, k < kc, with w = nr (B side: a weight slice) or
+// w = 6 (A side: token rows). The ISA's vectorised versions of the packing's common cases.
 using Bf16PanelPacker = void (*)(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 using F32PanelPacker = void (*)(const float* const* rows, const float* scale, int64_t kc, float* dst);
 // Packs one stored row into the k-slice of consecutive panels that it fills when the operand is stored

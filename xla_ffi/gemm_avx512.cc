@@ -11,6 +11,11 @@ namespace ktjax {
 
 namespace {
 
+// The k-mask of the first n of 16 lanes (none for n <= 0, all for n >= 16): edge tiles and row tails.
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
 // One k step of the 6x32 tile: two B vectors, each A value broadcast once for both.
 inline void microkernel_step(const float* a, const float* b, __m512 (&c0)[6], __m512 (&c1)[6]) {
   const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
@@ -37,10 +42,7 @@ void microkernel_avx512(int64_t kc, const float* a, const float* b, float* const
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) microkernel_step(a + k * MR, b + k * NR, c0, c1);
   const __m512 va = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = nr >= 16 ? __mmask16(0xffff) : __mmask16((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? __mmask16(0xffff)
-                       : nr > 16 ? __mmask16((1u << (nr - 16)) - 1)
-                                 : __mmask16(0);
+  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     if (i >= mr) break;
@@ -83,9 +85,12 @@ inline void transpose16(__m512 r[16]) {
 }
 
 // 16 values widened to f32 and scaled.
+// 16 bf16 values widened to f32 (exact: the bits move to the high half of each lane).
+inline __m512 widen16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 inline __m512 load16(const uint16_t* p, float scale) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  const __m512 f = widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_mul_ps(f, _mm512_set1_ps(scale));
 }
 inline __m512 load16(const float* p, float scale) {
@@ -188,12 +193,10 @@ void pack_panel6(const T* const* rows, const float* scale, int64_t kc, float* ds
 // n values of row src (from element c0), widened and scaled, as 16 lanes; lanes past n are zero.
 inline __m512 load_masked(const void* src, DType dtype, int64_t c0, int64_t n, __m512 scale) {
   if (n <= 0) return _mm512_setzero_ps();
-  const int nl = static_cast<int>(n < 16 ? n : 16);
-  const __mmask16 m = static_cast<__mmask16>(nl == 16 ? 0xffffu : (1u << nl) - 1);
+  const __mmask16 m = first_lanes(n);
   __m512 v;
   if (dtype == DType::kBF16) {
-    const __m512i bits = _mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + c0);
-    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(bits)), 16));
+    v = widen16(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + c0)));
   } else {
     v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + c0);
   }
@@ -285,10 +288,7 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
   const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   const __m512 va = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = nr >= 16 ? __mmask16(0xffff) : __mmask16((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? __mmask16(0xffff)
-                       : nr > 16 ? __mmask16((1u << (nr - 16)) - 1)
-                                 : __mmask16(0);
+  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
 #pragma GCC unroll 6  // constant indices keep ce and co in registers (the kernel runs on short blocks)
   for (int i = 0; i < MR; ++i) {
     float* p = c[i];
@@ -406,9 +406,9 @@ void pack_row_panels_avx512(const void* src, DType dtype, float scale, int64_t n
   const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t c0 = 0; c0 < n; c0 += width, dst += stride) {
     for (int64_t j = 0; j < width; j += 16) {
-      const int64_t lanes = width - j < 16 ? width - j : 16;
-      const __mmask16 m = static_cast<__mmask16>(lanes == 16 ? 0xffffu : (1u << lanes) - 1);
-      _mm512_mask_storeu_ps(dst + j, m, load_masked(src, dtype, c0 + j, std::min(n - c0 - j, lanes), vs));
+      const int64_t lanes = std::min<int64_t>(width - j, 16);
+      _mm512_mask_storeu_ps(dst + j, first_lanes(lanes),
+                            load_masked(src, dtype, c0 + j, std::min(n - c0 - j, lanes), vs));
     }
   }
 }

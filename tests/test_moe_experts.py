@@ -233,3 +233,32 @@ def test_wide_work_items_match_reference(dtype, monkeypatch):
     monkeypatch.setenv("KTJAX_NUM_THREADS", "1")
     p = make_problem(13, T=48, K=2, E=12, H=520, I=300, dtype=dtype, ranks={"gate": 2, "down": 3})
     check_against_reference(p, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_base_weight_gradients_pack_each_experts_token_rows_once(dtype):
+    # A work item packs its expert's token rows (x for d gate and d up, h for d down) once and reuses
+    # them for every 128-row block of the gradient: here several depth blocks (300 tokens) and row
+    # blocks (I = 130, H = 600) of one expert.
+    from ktjax import ffi
+
+    p = make_problem(16, **SHAPES["blocks_past_cache_tiles"], dtype=dtype)
+    ffi.reset_kernel_counters()
+    check_against_reference(p, dtype)
+    counters = ffi.kernel_counters()
+    assert counters["base_grad"] > 0
+    assert counters["packed_once_flops"] == counters["base_grad"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_an_expert_too_large_to_pack_once_takes_the_unpacked_path(dtype):
+    # Expert 0's 520 token rows of H = 6208 need more than the 12 MiB reuse buffer per worker, so its
+    # d gate and d up pack x per product; expert 1 (40 tokens) and every d down still pack once.
+    from ktjax import ffi
+
+    ids = np.random.default_rng(17).permutation(np.repeat([0, 1], [520, 40]))[:, None]
+    p = make_problem(17, T=560, K=1, E=2, H=6208, I=40, dtype=dtype, ids=ids)
+    ffi.reset_kernel_counters()
+    check_against_reference(p, dtype)
+    counters = ffi.kernel_counters()
+    assert 0 < counters["packed_once_flops"] < counters["base_grad"]

@@ -209,6 +209,23 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   }
 }
 
+// C[0:mc, 0:nc] (+)= alpha * A B for one packed block of A (mc rows, panels of kMR) and of B (nc
+// columns, panels of nr), both of depth kc.
+void macro_kernel(const Isa& isa, int64_t mc, int64_t nc, int64_t kc, float alpha, const float* apack,
+                  const float* bpack, const OutView& C, bool acc) {
+  const int64_t nr = isa.nr;
+  float* crow[kMR];
+  for (int64_t jr = 0; jr < nc; jr += nr) {
+    const int n_tile = static_cast<int>(std::min(nr, nc - jr));
+    for (int64_t ir = 0; ir < mc; ir += kMR) {
+      const int m_tile = static_cast<int>(std::min(kMR, mc - ir));
+      for (int i = 0; i < m_tile; ++i) crow[i] = C.row_ptr(ir + i) + jr;
+      isa.kernel(kc, apack + (ir / kMR) * kc * kMR, bpack + (jr / nr) * kc * nr, crow, m_tile, n_tile, alpha,
+                 acc);
+    }
+  }
+}
+
 }  // namespace
 
 MatView MatView::skip_rows(int64_t r0) const {
@@ -295,26 +312,53 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   const int64_t depth = M <= kFewRows ? kKCFewRows : kKC;
   float* apack = scratch;
   float* bpack = scratch + kMC * kKC;
-  float* crow[kMR];
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
     for (int64_t pc = 0; pc < K; pc += depth) {
       const int64_t kc = std::min(depth, K - pc);
-      const bool acc = accumulate || pc > 0;
       pack_any(isa, B.t(), jc, nc, pc, kc, nr, bpack);  // B [K, N] = panels of nr rows of B^T
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
         pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
-        for (int64_t jr = 0; jr < nc; jr += nr) {
-          const int n_tile = static_cast<int>(std::min(nr, nc - jr));
-          for (int64_t ir = 0; ir < mc; ir += kMR) {
-            const int m_tile = static_cast<int>(std::min(kMR, mc - ir));
-            for (int i = 0; i < m_tile; ++i) crow[i] = C.row_ptr(ic + ir + i) + jc + jr;
-            isa.kernel(kc, apack + (ir / kMR) * kc * kMR, bpack + (jr / nr) * kc * nr, crow, m_tile,
-                       n_tile, alpha, acc);
-          }
-        }
+        macro_kernel(isa, mc, nc, kc, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc), accumulate || pc > 0);
       }
+    }
+  }
+}
+
+int64_t packed_b_floats(const Isa& isa, int64_t K, int64_t N) {
+  return std::max<int64_t>(K, 0) * ((N + isa.nr - 1) / isa.nr * isa.nr);
+}
+
+PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, float* dst) {
+  const int64_t n_padded = (N + isa.nr - 1) / isa.nr * isa.nr;
+  for (int64_t pc = 0; pc < K; pc += kKCFewRows) {
+    pack_any(isa, B.t(), 0, N, pc, std::min(kKCFewRows, K - pc), isa.nr, dst + pc * n_padded);
+  }
+  return PackedB{dst, K, N, kKCFewRows};
+}
+
+void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const PackedB& B,
+                 const OutView& C, bool accumulate, float* scratch, Work work) {
+  const int64_t N = B.N, K = B.K;
+  if (M <= 0 || N <= 0) return;
+  add_flops(work, 2 * M * N * K);
+  stats().packed_once_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+  if (K <= 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill_n(C.row_ptr(i), N, 0.0f);
+    }
+    return;
+  }
+  const int64_t n_padded = (N + isa.nr - 1) / isa.nr * isa.nr;
+  const int64_t rows = kMC * kKC / B.kc / kMR * kMR;  // rows of A one packing buffer holds at depth kc
+  float* apack = scratch;
+  for (int64_t pc = 0; pc < K; pc += B.kc) {
+    const int64_t kc = std::min(B.kc, K - pc);
+    for (int64_t ic = 0; ic < M; ic += rows) {
+      const int64_t mc = std::min(rows, M - ic);
+      pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
+      macro_kernel(isa, mc, N, kc, alpha, apack, B.data + pc * n_padded, C.skip_rows(ic), accumulate || pc > 0);
     }
   }
 }

@@ -129,4 +129,21 @@ int64_t gemm_scratch_floats();
 void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
           const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work);
 
+// B [K, N] packed whole, for several products against it (the token rows of a weight gradient, one
+// product per block of its rows): depth blocks of kc rows, block pc at data + pc * round_up(N, nr),
+// each the panels of nr columns that gemm() packs per block. Built by pack_b, read by gemm_packed.
+struct PackedB {
+  const float* data = nullptr;
+  int64_t K = 0, N = 0, kc = 0;
+};
+
+// Floats pack_b writes for B [K, N].
+int64_t packed_b_floats(const Isa& isa, int64_t K, int64_t N);
+// Packs B [K, N] (widened, row-gathered and scaled as its view says) into dst, packed_b_floats long.
+PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, float* dst);
+// C[M,N] = (accumulate ? C : 0) + alpha * op(A) B, with B packed by pack_b; as gemm() otherwise. Each
+// block of A is packed once, for all of B's columns.
+void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const PackedB& B,
+                 const OutView& C, bool accumulate, float* scratch, Work work);
+
 }  // namespace ktjax

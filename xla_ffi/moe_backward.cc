@@ -223,17 +223,22 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     }
   };
 
-  // d Down_e[h0:h0+nh, :] = (w dy_e)^T[h0:h0+nh] h_e.
+  // d Down_e[h0:h0+nh, :] = (w dy_e)^T[h0:h0+nh] h_e, in blocks of kTile rows; an item packs h_e once
+  // for all its blocks.
   if (need_base[kDown]) {
-    const auto items = expert_tiles(E, H);
+    const auto items = ctx.expert_block_groups(r, E, num_tiles(H));
+    ctx.reserve_reuse(r, E, I);
     ctx.run(items.size(), [&](int64_t item, int worker) {
-      const int64_t e = items[item].first, h0 = items[item].second * kTile;
-      const int64_t nh = std::min(kTile, H - h0), off = r.offsets[e], n = r.count(e);
-      grad_tile(out.base[kDown], worker, e, H, I, h0, nh, [&](const OutView& o) {
-        MatView a = dy_rows(e).skip_cols(h0);
-        a.row_scale = r.weight.data() + off;
-        ctx.gemm(worker, nh, I, n, 1.0f, a.t(), f32_view(h + off * I, I), o, false, Work::kBaseGrad);
-      });
+      const int64_t e = items[item].e, off = r.offsets[e], n = r.count(e);
+      const auto he = ctx.reuse_b(worker, n, I, f32_view(h + off * I, I));
+      for (int64_t b = items[item].b0; b < items[item].b0 + items[item].nb; ++b) {
+        const int64_t h0 = b * kTile, nh = std::min(kTile, H - h0);
+        grad_tile(out.base[kDown], worker, e, H, I, h0, nh, [&](const OutView& o) {
+          MatView a = dy_rows(e).skip_cols(h0);
+          a.row_scale = r.weight.data() + off;
+          ctx.gemm(worker, nh, 1.0f, a.t(), he, o, false, Work::kBaseGrad);
+        });
+      }
     });
   }
 
@@ -296,17 +301,26 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     });
   }
 
-  // d Gate_e / d Up_e [i0:i0+ni, :] = d_e^T[i0:i0+ni] x_e.
+  // d Gate_e / d Up_e [i0:i0+ni, :] = d_e^T[i0:i0+ni] x_e, in blocks of kTile rows of both gradients;
+  // an item packs x_e once for all its blocks of either.
+  std::vector<int> gu;  // the projections among gate and up whose gradient is needed
   for (int j = 0; j < 2; ++j) {
-    if (!need_base[j]) continue;
-    const auto items = expert_tiles(E, I);
+    if (need_base[j]) gu.push_back(j);
+  }
+  if (!gu.empty()) {
+    const int64_t tiles = num_tiles(I);
+    const auto items = ctx.expert_block_groups(r, E, gu.size() * tiles);
+    ctx.reserve_reuse(r, E, H);
     ctx.run(items.size(), [&](int64_t item, int worker) {
-      const int64_t e = items[item].first, i0 = items[item].second * kTile;
-      const int64_t ni = std::min(kTile, I - i0), off = r.offsets[e], n = r.count(e);
-      grad_tile(out.base[j], worker, e, I, H, i0, ni, [&](const OutView& o) {
-        ctx.gemm(worker, ni, H, n, 1.0f, f32_view(dgu[j] + off * I + i0, I).t(),
-                 p.x_rows(r.token.data() + off), o, false, Work::kBaseGrad);
-      });
+      const int64_t e = items[item].e, off = r.offsets[e], n = r.count(e);
+      const auto xe = ctx.reuse_b(worker, n, H, p.x_rows(r.token.data() + off));
+      for (int64_t b = items[item].b0; b < items[item].b0 + items[item].nb; ++b) {
+        const int j = gu[b / tiles];
+        const int64_t i0 = b % tiles * kTile, ni = std::min(kTile, I - i0);
+        grad_tile(out.base[j], worker, e, I, H, i0, ni, [&](const OutView& o) {
+          ctx.gemm(worker, ni, 1.0f, f32_view(dgu[j] + off * I + i0, I).t(), xe, o, false, Work::kBaseGrad);
+        });
+      }
     });
   }
 

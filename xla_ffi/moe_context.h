@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "gemm.h"
@@ -16,7 +15,10 @@
 
 namespace ktjax {
 
-inline constexpr int64_t kTile = 128;  // columns per work item in the weight-gradient phases
+inline constexpr int64_t kTile = 128;  // rows per product in the weight-gradient phases
+// Per-worker room for a packed B operand reused across products (KernelContext::reuse_b): 12 MiB, i.e.
+// 1536 token rows of H = 2048 in f32. An expert with more tokens takes the unpacked path.
+inline constexpr int64_t kReuseFloats = int64_t{3} << 20;
 
 inline int64_t num_tiles(int64_t n, int64_t width = kTile) { return (n + width - 1) / width; }
 
@@ -28,6 +30,8 @@ struct KernelContext {
   Scratch scratch;      // every buffer of this call, borrowed from the pool (scratch.h)
   float* gemm_space;    // workers * gemm_scratch_floats()
   float* tile_space;    // workers * tile_floats
+  float* reuse_space = nullptr;  // workers * reuse_floats (reserve_reuse)
+  int64_t reuse_floats = 0;
 
   KernelContext(ffi::ThreadPool& p, const Isa& i, int64_t tile_floats_per_worker)
       : pool(p), isa(i), workers(num_workers(p)), tile_floats(tile_floats_per_worker),
@@ -74,6 +78,55 @@ struct KernelContext {
     return items;
   }
 
+  // Groups of the row blocks of every expert's weight gradient (`blocks` per expert) as work items of
+  // about equal cost: one item per expert (its token rows packed once for all its blocks, see
+  // reuse_b), split in proportion to its share of the slots when it holds more than about a quarter
+  // of a worker's share. Experts without tokens are included: their zero gradients are written too.
+  struct BlockGroup {
+    int32_t e;
+    int64_t b0, nb;
+  };
+  std::vector<BlockGroup> expert_block_groups(const Routing& r, int64_t E, int64_t blocks) const {
+    std::vector<BlockGroup> items;
+    const int64_t S = std::max<int64_t>(r.kept(), 1), target = 4 * workers;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t parts = std::clamp<int64_t>((r.count(e) * target + S - 1) / S, 1, blocks);
+      const int64_t per = (blocks + parts - 1) / parts;
+      for (int64_t b0 = 0; b0 < blocks; b0 += per) {
+        items.push_back({static_cast<int32_t>(e), b0, std::min(per, blocks - b0)});
+      }
+    }
+    return items;
+  }
+
+  // The B operand [K, N] of several products in a row, packed once (PackedB) when the worker's reuse
+  // buffer holds it, else left as a view that each product packs itself.
+  struct ReusedB {
+    MatView view;
+    int64_t K, N;
+    PackedB packed;  // packed.data == nullptr: not packed
+  };
+  // Sets aside each worker's reuse buffer: room for the largest B [r.count(e), N] that fits in
+  // kReuseFloats. Call before the phase's run().
+  void reserve_reuse(const Routing& r, int64_t E, int64_t N) {
+    int64_t most = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t f = packed_b_floats(isa, r.count(e), N);
+      if (f <= kReuseFloats) most = std::max(most, f);
+    }
+    if (most > reuse_floats) {
+      reuse_space = alloc(workers * most);
+      reuse_floats = most;
+    }
+  }
+  ReusedB reuse_b(int worker, int64_t K, int64_t N, const MatView& B) {
+    ReusedB out{B, K, N, PackedB{}};
+    if (packed_b_floats(isa, K, N) <= reuse_floats) {
+      out.packed = pack_b(isa, K, N, B, reuse_space + worker * reuse_floats);
+    }
+    return out;
+  }
+
   float* gemm_scratch(int worker) { return gemm_space + worker * gemm_scratch_floats(); }
   float* tile(int worker) { return tile_space + worker * tile_floats; }
 
@@ -86,17 +139,16 @@ struct KernelContext {
             const MatView& B, const OutView& C, bool accumulate, Work work) {
     ktjax::gemm(isa, M, N, K, alpha, A, B, C, accumulate, gemm_scratch(worker), work);
   }
-};
-
-// (expert, tile) pairs over `cols` output columns in tiles of kTile, for every expert (weight gradients:
-// an expert without tokens still gets its zero gradient written).
-inline std::vector<std::pair<int32_t, int32_t>> expert_tiles(int64_t E, int64_t cols) {
-  std::vector<std::pair<int32_t, int32_t>> items;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t t = 0; t < num_tiles(cols); ++t) items.emplace_back(e, t);
+  // C[M, B.N] = (accumulate ? C : 0) + alpha * op(A) B.
+  void gemm(int worker, int64_t M, float alpha, const MatView& A, const ReusedB& B, const OutView& C,
+            bool accumulate, Work work) {
+    if (B.packed.data != nullptr) {
+      gemm_packed(isa, M, alpha, A, B.packed, C, accumulate, gemm_scratch(worker), work);
+    } else {
+      ktjax::gemm(isa, M, B.N, B.K, alpha, A, B.view, C, accumulate, gemm_scratch(worker), work);
+    }
   }
-  return items;
-}
+};
 
 inline std::vector<int32_t> busy_experts(const Routing& r, int64_t E) {
   std::vector<int32_t> out;

@@ -106,6 +106,26 @@ def round_to_bf16(x: np.ndarray) -> np.ndarray:
     return bits.view(ml_dtypes.bfloat16).reshape(x.shape)
 
 
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """h = silu(g) * u exactly as the kernels gate the experts' hidden units (the selected ISA's code).
+
+    g, u: the same shape, converted to float32. Returns h: that shape, float32.
+    """
+    g, u = np.asarray(g, np.float32), np.asarray(u, np.float32)
+    return _ktjax_ffi.silu_mul(g.reshape(-1), u.reshape(-1)).reshape(g.shape)
+
+
+def silu_mul_grad(g: np.ndarray, u: np.ndarray, dh: np.ndarray, w: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dg, du) of h = silu(g) * u for the upstream gradient ``w * dh``, exactly as the kernels compute them.
+
+    g, u, dh: the same shape, converted to float32; w: a router weight. Returns two float32 arrays of
+    that shape.
+    """
+    g, u, dh = (np.asarray(a, np.float32) for a in (g, u, dh))
+    dg, du = _ktjax_ffi.silu_mul_grad(g.reshape(-1), u.reshape(-1), dh.reshape(-1), w)
+    return dg.reshape(g.shape), du.reshape(g.shape)
+
+
 def measure_peak_gflops(threads: int, seconds: float = 0.5) -> float:
     """f32 GFLOP/s of the selected micro-kernel on cache-resident data, summed over `threads`."""
     return _ktjax_ffi.measure_peak_gflops(threads, seconds)

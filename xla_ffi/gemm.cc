@@ -40,11 +40,13 @@ const Isa kAvx512 = {"avx512",
                      dot_bf16_avx512,
                      pack_dot_row_avx512,
                      direct_bf16_avx512,
-                     round_bf16_avx512};
+                     round_bf16_avx512,
+                     silu_mul_avx512,
+                     silu_mul_grad_avx512};
 const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                   nullptr, nullptr};
+                   nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                      nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512) {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "activation.h"
 #include "dtype.h"
 #include "stats.h"
 
@@ -111,6 +112,9 @@ struct Isa {
   DotRowPacker pack_dot_row;
   DirectKernel direct_bf16;
   Bf16Rounder round_bf16;  // null: the portable loop of store_row (dtype.h)
+  // The SiLU gating (activation.h), never null.
+  SiluMul silu_mul;
+  SiluMulGrad silu_mul_grad;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when

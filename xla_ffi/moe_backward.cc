@@ -135,9 +135,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   const int64_t chunks = (S + 63) / 64;
   if (need_h) {
     ctx.run(chunks, [&](int64_t c, int) {
-      for (int64_t i = c * 64 * I, end = std::min(S, (c + 1) * 64) * I; i < end; ++i) {
-        h[i] = g[i] * sigmoid(g[i]) * u[i];
-      }
+      const int64_t i = c * 64 * I, end = std::min(S, (c + 1) * 64) * I;
+      ctx.isa.silu_mul(g + i, u + i, h + i, end - i);
     });
   }
   const MatView dy_all = [&] {
@@ -198,14 +197,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
           for (int64_t i = 0; i < I; ++i) dot += dhs[i] * hs[i];
           dw[r.slot[sl]] = dot;
         }
-        if (need_dgdu) {
-          const float w = r.weight[sl];
-          for (int64_t i = 0; i < I; ++i) {
-            const float sg = sigmoid(gs[i]), d = w * dhs[i];
-            du[sl * I + i] = d * gs[i] * sg;
-            dg[sl * I + i] = d * us[i] * sg * (1.0f + gs[i] * (1.0f - sg));
-          }
-        }
+        if (need_dgdu) ctx.isa.silu_mul_grad(gs, us, dhs, r.weight[sl], dg + sl * I, du + sl * I, I);
       }
     });
   }

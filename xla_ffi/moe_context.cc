@@ -47,12 +47,7 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
                lu.B.expert(e).skip_rows(i0).t(), f32_out(ut, I), true, work);
     }
     if (h != nullptr) {
-      for (int64_t s = 0; s < n; ++s) {
-        const float* gs = gt + s * I;
-        const float* us = ut + s * I;
-        float* hs = h + (off + s) * I + i0;
-        for (int64_t i = 0; i < ni; ++i) hs[i] = gs[i] * sigmoid(gs[i]) * us[i];
-      }
+      for (int64_t s = 0; s < n; ++s) ctx.isa.silu_mul(gt + s * I, ut + s * I, h + (off + s) * I + i0, ni);
     }
   });
 }

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -166,8 +165,6 @@ inline MatView f32_view(const float* data, int64_t ld) {
   return v;
 }
 inline OutView f32_out(float* data, int64_t ld) { return OutView{data, ld, nullptr}; }
-
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 // g, u: [S, I] f32 pre-activations in sorted slot order (h = silu(g) * u when h != nullptr).
 // Computes the gate and up projections (with LoRA) of every kept slot.

@@ -1,0 +1,67 @@
+"""The kernels' SiLU gating h = silu(g) * u and its gradients (every ISA) against float64 numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ktjax import ffi
+
+
+def pre_activations() -> np.ndarray:
+    """Random values of every scale (|g| from 1e-6 to 200), the edges of exp's range, signed zeros,
+    infinities and NaN; 1003 of them, so that every vector width leaves a tail."""
+    rng = np.random.default_rng(0)
+    special = [0.0, -0.0, 88.7, 89.0, 89.5, -87.3, -103.9, -104.5, 1e30, -1e30, np.inf, -np.inf, np.nan]
+    scaled = rng.standard_normal(990) * 10.0 ** rng.uniform(-6, 2.3, 990)
+    return np.concatenate([scaled, special]).astype(np.float32)
+
+
+def reference(g, u, dh, w):
+    """(value, scale) of h, dg and du in float64. scale bounds the value's f32 rounding error in units
+    of f32 epsilon: the size of the value, or for dg that of d u sigmoid(g) (1 + |g|): any f32
+    evaluation of 1 + g (1 - sigmoid(g)) loses up to |g| ulps of 1 (1 - sigmoid(g) cancels for large g,
+    the sum near g = -1.28)."""
+    g, u, dh = (a.astype(np.float64) for a in (g, u, dh))
+    with np.errstate(over="ignore", invalid="ignore"):
+        sg = 1.0 / (1.0 + np.exp(-g))
+        d = w * dh
+        h, du = g * sg * u, d * g * sg
+        dg = d * u * sg * (1.0 + g * (1.0 - sg))
+        dg_scale = np.abs(d * u * sg) * (1.0 + np.abs(g))
+    return (h, np.abs(h)), (dg, dg_scale), (du, np.abs(du))
+
+
+def assert_close_or_same_special(got, want, what):
+    want, scale = want
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN where it should be")
+    inf = np.isinf(want)
+    np.testing.assert_array_equal(got[inf], want[inf], err_msg=what)
+    # 8 f32 ulps of the value's scale, plus an absolute floor for values that underflow
+    err = np.abs(got[finite] - want[finite])
+    bad = err > 8 * 2.0**-24 * scale[finite] + 1e-37
+    assert not bad.any(), f"{what}: {bad.sum()} off, e.g. {got[finite][bad][:3]} vs {want[finite][bad][:3]}"
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_silu_gating_and_its_gradients_match_float64(isa, monkeypatch):
+    if isa not in ffi.available_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("KTJAX_ISA", isa)
+    rng = np.random.default_rng(1)
+    g = pre_activations()
+    u = (rng.standard_normal(g.size) * 3).astype(np.float32)
+    dh = (rng.standard_normal(g.size) * 2).astype(np.float32)
+    w = 0.37
+    h_ref, dg_ref, du_ref = reference(g, u, dh, w)
+    assert np.isnan(h_ref[0]).sum() == 2 and np.isinf(h_ref[0]).sum() == 1  # -inf and NaN; +inf
+    assert_close_or_same_special(ffi.silu_mul(g, u), h_ref, "h")
+    dg, du = ffi.silu_mul_grad(g, u, dh, w)
+    assert_close_or_same_special(dg, dg_ref, "dg")
+    assert_close_or_same_special(du, du_ref, "du")
+
+
+def test_sizes_must_agree():
+    with pytest.raises(ValueError, match="same size"):
+        ffi.silu_mul(np.ones(4), np.ones(5))

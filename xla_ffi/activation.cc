@@ -1,0 +1,19 @@
+// Portable SiLU gating (activation.h): the AVX2 and generic kernel sets use it.
+#include "activation.h"
+
+namespace ktjax {
+
+void silu_mul_portable(const float* g, const float* u, float* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] * sigmoid(g[i]) * u[i];
+}
+
+void silu_mul_grad_portable(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
+                            int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sg = sigmoid(g[i]), d = w * dh[i];
+    du[i] = d * g[i] * sg;
+    dg[i] = d * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
+  }
+}
+
+}  // namespace ktjax

@@ -1,0 +1,29 @@
+// The expert MLP's gating, h = silu(g) * u with silu(v) = v * sigmoid(v), and its gradients: elementwise
+// over the [slots, I] f32 pre-activations. One portable version and one AVX-512 version (its own exp);
+// the kernel set (Isa in gemm.h) names the one a call uses.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace ktjax {
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// h[i] = silu(g[i]) * u[i] for i < n.
+using SiluMul = void (*)(const float* g, const float* u, float* h, int64_t n);
+// The gradients of h = silu(g) * u, scaled by the router weight w: with d = w * dh[i],
+//   du[i] = d * silu(g[i]),  dg[i] = d * u[i] * silu'(g[i]),  silu'(v) = sigmoid(v) (1 + v (1 - sigmoid(v))).
+using SiluMulGrad = void (*)(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
+                             int64_t n);
+
+void silu_mul_portable(const float* g, const float* u, float* h, int64_t n);
+void silu_mul_grad_portable(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
+                            int64_t n);
+// 16 lanes at a time, exp by range reduction and a degree-6 polynomial (within 2 ulp of expf; NaN,
+// infinities, overflow and underflow as expf gives them).
+void silu_mul_avx512(const float* g, const float* u, float* h, int64_t n);
+void silu_mul_grad_avx512(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
+                          int64_t n);
+
+}  // namespace ktjax

@@ -257,7 +257,7 @@ def test_an_expert_too_large_to_pack_once_takes_the_unpacked_path(dtype):
     from ktjax import ffi
 
     ids = np.random.default_rng(17).permutation(np.repeat([0, 1], [520, 40]))[:, None]
-    p = make_problem(17, T=560, K=1, E=2, H=6208, I=40, dtype=dtype, ids=ids)
+    p = make_problem(17, T=560, K=1, E=2, H=6208, I=8, dtype=dtype, ids=ids)
     ffi.reset_kernel_counters()
     check_against_reference(p, dtype)
     counters = ffi.kernel_counters()

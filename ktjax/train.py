@@ -22,6 +22,7 @@ from ktjax.data import Batch
 from ktjax.optim import (
     HYBRID_RULES,
     GroupConfig,
+    init_optimizer_state,
     label_params,
     make_optimizer,
     parameter_summary,
@@ -149,7 +150,7 @@ def train(
         raise ValueError("no parameter is trainable under the rules: every label is 'frozen'")
     print(parameter_summary(params, labels))
     tx = make_optimizer(labels, cfg.groups, cfg.steps, cfg.clip_norm or None)
-    opt_state = tx.init(trainable)
+    opt_state = init_optimizer_state(tx, trainable)
     ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     start = 0
     if resume and ckpt.latest_step() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from ktjax.optim import (
     HYBRID_RULES,
     GroupConfig,
+    init_optimizer_state,
     label_params,
     learning_rate,
     make_optimizer,
@@ -80,3 +82,23 @@ def test_summary_counts_groups_and_routed_expert_lora_separately():
     text = parameter_summary(params, label_params(NAMES, HYBRID_RULES))
     assert "lora (routed experts)" in text and "frozen" in text and "full" in text
     assert "trainable" in text.splitlines()[-1] and "32" in text.splitlines()[-1]  # 4 tensors * 8
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_optimizer_state_of_bf16_params_keeps_its_types_so_the_step_compiles_once(optimizer):
+    bf16 = jnp.bfloat16
+    params = {"a": jnp.ones((4, 3), bf16), "b": jnp.ones(3, jnp.float32), "c": jnp.ones(2, bf16)}
+    labels = {"a": "full", "b": "lora", "c": "frozen"}
+    group = GroupConfig(optimizer, lr_peak=0.1)
+    tx = make_optimizer(labels, {"full": group, "lora": group}, total_steps=10)
+    grads = {k: jnp.full(v.shape, 0.5, jnp.float32) for k, v in params.items()}  # f32, as in the trainer
+    step = jax.jit(lambda state: tx.update(grads, state, params)[1])
+    state0 = init_optimizer_state(tx, params)
+    state1 = step(state0)
+    state2 = step(state1)
+    types = [jax.tree.map(lambda a: (a.shape, a.dtype), s) for s in (state0, state1, state2)]
+    assert types[0] == types[1] == types[2]
+    assert step._cache_size() == 1
+    if optimizer != "sgd":  # adam moments of the bf16 parameter are f32
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves(state0)}
+        assert jnp.dtype(jnp.float32) in dtypes and jnp.dtype(bf16) not in dtypes

@@ -211,6 +211,15 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   }
 }
 
+// Columns of B once packed: N rounded up to whole panels of nr.
+int64_t padded_cols(const Isa& isa, int64_t N) { return (N + isa.nr - 1) / isa.nr * isa.nr; }
+
+// C = 0 unless accumulating: the product of an empty reduction (K == 0).
+void clear_unless_accumulating(int64_t M, int64_t N, const OutView& C, bool accumulate) {
+  if (accumulate) return;
+  for (int64_t i = 0; i < M; ++i) std::fill_n(C.row_ptr(i), N, 0.0f);
+}
+
 // C[0:mc, 0:nc] (+)= alpha * A B for one packed block of A (mc rows, panels of kMR) and of B (nc
 // columns, panels of nr), both of depth kc.
 void macro_kernel(const Isa& isa, int64_t mc, int64_t nc, int64_t kc, float alpha, const float* apack,
@@ -297,12 +306,7 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
           const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work) {
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
-  if (K <= 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill_n(C.row_ptr(i), N, 0.0f);
-    }
-    return;
-  }
+  if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
   const bool dot = B.trans && !A.trans, direct = !B.trans;
   if ((dot || direct) && small_batch(isa, M, B)) {
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
@@ -329,11 +333,11 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
 }
 
 int64_t packed_b_floats(const Isa& isa, int64_t K, int64_t N) {
-  return std::max<int64_t>(K, 0) * ((N + isa.nr - 1) / isa.nr * isa.nr);
+  return std::max<int64_t>(K, 0) * padded_cols(isa, N);
 }
 
 PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, float* dst) {
-  const int64_t n_padded = (N + isa.nr - 1) / isa.nr * isa.nr;
+  const int64_t n_padded = padded_cols(isa, N);
   for (int64_t pc = 0; pc < K; pc += kKCFewRows) {
     pack_any(isa, B.t(), 0, N, pc, std::min(kKCFewRows, K - pc), isa.nr, dst + pc * n_padded);
   }
@@ -346,13 +350,8 @@ void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
   stats().packed_once_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-  if (K <= 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill_n(C.row_ptr(i), N, 0.0f);
-    }
-    return;
-  }
-  const int64_t n_padded = (N + isa.nr - 1) / isa.nr * isa.nr;
+  if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
+  const int64_t n_padded = padded_cols(isa, N);
   const int64_t rows = kMC * kKC / B.kc / kMR * kMR;  // rows of A one packing buffer holds at depth kc
   float* apack = scratch;
   for (int64_t pc = 0; pc < K; pc += B.kc) {

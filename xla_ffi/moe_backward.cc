@@ -171,7 +171,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     float* dh = ctx.alloc(S * I);
     const auto items = ctx.balanced_blocks(r, E, I);
     ctx.run(items.size(), [&](int64_t item, int worker) {
-      const int64_t e = items[item].e, i0 = items[item].c0, ni = items[item].n;
+      const int64_t e = items[item].e, i0 = items[item].start, ni = items[item].count;
       const int64_t off = r.offsets[e], n = r.count(e);
       OutView o = f32_out(dh + off * I + i0, I);
       ctx.gemm(worker, n, ni, H, 1.0f, dy_rows(e), p.w[kDown].expert(e).skip_cols(i0), o, false,
@@ -223,7 +223,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     ctx.run(items.size(), [&](int64_t item, int worker) {
       const int64_t e = items[item].e, off = r.offsets[e], n = r.count(e);
       const auto he = ctx.reuse_b(worker, n, I, f32_view(h + off * I, I));
-      for (int64_t b = items[item].b0; b < items[item].b0 + items[item].nb; ++b) {
+      for (int64_t b = items[item].start; b < items[item].start + items[item].count; ++b) {
         const int64_t h0 = b * kTile, nh = std::min(kTile, H - h0);
         grad_tile(out.base[kDown], worker, e, H, I, h0, nh, [&](const OutView& o) {
           MatView a = dy_rows(e).skip_cols(h0);
@@ -306,7 +306,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     ctx.run(items.size(), [&](int64_t item, int worker) {
       const int64_t e = items[item].e, off = r.offsets[e], n = r.count(e);
       const auto xe = ctx.reuse_b(worker, n, H, p.x_rows(r.token.data() + off));
-      for (int64_t b = items[item].b0; b < items[item].b0 + items[item].nb; ++b) {
+      for (int64_t b = items[item].start; b < items[item].start + items[item].count; ++b) {
         const int j = gu[b / tiles];
         const int64_t i0 = b % tiles * kTile, ni = std::min(kTile, I - i0);
         grad_tile(out.base[j], worker, e, I, H, i0, ni, [&](const OutView& o) {

@@ -29,7 +29,7 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
   }
   const auto items = ctx.balanced_blocks(r, p.E, I);
   ctx.run(items.size(), [&](int64_t item, int worker) {
-    const int64_t e = items[item].e, i0 = items[item].c0, ni = items[item].n;
+    const int64_t e = items[item].e, i0 = items[item].start, ni = items[item].count;
     const int64_t off = r.offsets[e], n = r.count(e);
     const MatView xe = p.x_rows(r.token.data() + off);
     float* gt = g + off * I + i0;

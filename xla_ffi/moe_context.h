@@ -52,24 +52,28 @@ struct KernelContext {
     return std::min(cols, std::max(width, std::min(kTile, cols)));
   }
 
-  // Column blocks of every busy expert's [tokens, cols] output as work items of about equal cost: an
-  // expert's columns are split in proportion to its share of the slots, aiming at 4 items per worker
-  // overall (blocks of at least kTile columns). With even routing over many experts an item is a
-  // whole expert (its token rows packed once); a dominant expert is split so that every worker
-  // shares it.
-  struct ColumnBlock {
+  // A work item: units [start, start + count) of expert e's work (columns, or blocks of rows).
+  struct ExpertSpan {
     int32_t e;
-    int64_t c0, n;
+    int64_t start, count;
   };
-  std::vector<ColumnBlock> balanced_blocks(const Routing& r, int64_t E, int64_t cols) const {
-    std::vector<ColumnBlock> items;
-    const int64_t S = std::max<int64_t>(r.kept(), 1), target = 4 * workers;
-    const int64_t max_parts = std::max<int64_t>(1, (cols + 31) / 32);
+
+  // How many work items expert e's work is split into: in proportion to its share of the slots,
+  // aiming at 4 items per worker overall, between 1 and max_parts.
+  int64_t expert_parts(const Routing& r, int64_t e, int64_t max_parts) const {
+    const int64_t S = std::max<int64_t>(r.kept(), 1);
+    return std::clamp<int64_t>((r.count(e) * 4 * workers + S - 1) / S, 1, max_parts);
+  }
+
+  // Column blocks of every busy expert's [tokens, cols] output as work items of about equal cost
+  // (blocks of at least kTile columns, see expert_parts). With even routing over many experts an item
+  // is a whole expert (its token rows packed once); a dominant expert is split so that every worker
+  // shares it.
+  std::vector<ExpertSpan> balanced_blocks(const Routing& r, int64_t E, int64_t cols) const {
+    std::vector<ExpertSpan> items;
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = r.count(e);
-      if (n == 0) continue;
-      const int64_t parts = std::clamp<int64_t>((n * target + S - 1) / S, 1, max_parts);
-      const int64_t width = block_width(cols, parts);
+      if (r.count(e) == 0) continue;
+      const int64_t width = block_width(cols, expert_parts(r, e, std::max<int64_t>(1, (cols + 31) / 32)));
       for (int64_t c0 = 0; c0 < cols; c0 += width) {
         items.push_back({static_cast<int32_t>(e), c0, std::min(width, cols - c0)});
       }
@@ -79,18 +83,12 @@ struct KernelContext {
 
   // Groups of the row blocks of every expert's weight gradient (`blocks` per expert) as work items of
   // about equal cost: one item per expert (its token rows packed once for all its blocks, see
-  // reuse_b), split in proportion to its share of the slots when it holds more than about a quarter
-  // of a worker's share. Experts without tokens are included: their zero gradients are written too.
-  struct BlockGroup {
-    int32_t e;
-    int64_t b0, nb;
-  };
-  std::vector<BlockGroup> expert_block_groups(const Routing& r, int64_t E, int64_t blocks) const {
-    std::vector<BlockGroup> items;
-    const int64_t S = std::max<int64_t>(r.kept(), 1), target = 4 * workers;
+  // reuse_b) unless it holds more than about a quarter of a worker's share of the slots (see
+  // expert_parts). Experts without tokens are included: their zero gradients are written too.
+  std::vector<ExpertSpan> expert_block_groups(const Routing& r, int64_t E, int64_t blocks) const {
+    std::vector<ExpertSpan> items;
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t parts = std::clamp<int64_t>((r.count(e) * target + S - 1) / S, 1, blocks);
-      const int64_t per = (blocks + parts - 1) / parts;
+      const int64_t parts = expert_parts(r, e, blocks), per = (blocks + parts - 1) / parts;
       for (int64_t b0 = 0; b0 < blocks; b0 += per) {
         items.push_back({static_cast<int32_t>(e), b0, std::min(per, blocks - b0)});
       }

@@ -1,7 +1,14 @@
 // Portable SiLU gating (activation.h): the AVX2 and generic kernel sets use it.
 #include "activation.h"
 
+#include <cmath>
+
 namespace ktjax {
+namespace {
+
+float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+}  // namespace
 
 void silu_mul_portable(const float* g, const float* u, float* h, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] = g[i] * sigmoid(g[i]) * u[i];

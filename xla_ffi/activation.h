@@ -3,12 +3,9 @@
 // the kernel set (Isa in gemm.h) names the one a call uses.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 namespace ktjax {
-
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 // h[i] = silu(g[i]) * u[i] for i < n.
 using SiluMul = void (*)(const float* g, const float* u, float* h, int64_t n);

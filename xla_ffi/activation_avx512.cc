@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "activation.h"
+#include "avx512_masks.h"
 
 namespace ktjax {
 namespace {
@@ -31,13 +32,11 @@ inline __m512 sigmoid16(__m512 v) {
   return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
 }
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
 }  // namespace
 
 void silu_mul_avx512(const float* g, const float* u, float* h, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
+    const __mmask16 m = first_lanes(n - i);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
     _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv));
   }
@@ -47,7 +46,7 @@ void silu_mul_grad_avx512(const float* g, const float* u, const float* dh, float
                           int64_t n) {
   const __m512 wv = _mm512_set1_ps(w), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
+    const __mmask16 m = first_lanes(n - i);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
     const __m512 d = _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, dh + i));
     const __m512 sg = sigmoid16(gv);

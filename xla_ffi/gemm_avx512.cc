@@ -5,16 +5,12 @@
 
 #include <algorithm>
 
+#include "avx512_masks.h"
 #include "gemm_kernels.h"
 
 namespace ktjax {
 
 namespace {
-
-// The k-mask of the first n of 16 lanes (none for n <= 0, all for n >= 16): edge tiles and row tails.
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
 
 // One k step of the 6x32 tile: two B vectors, each A value broadcast once for both.
 inline void microkernel_step(const float* a, const float* b, __m512 (&c0)[6], __m512 (&c1)[6]) {
@@ -84,11 +80,11 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// 16 values widened to f32 and scaled.
 // 16 bf16 values widened to f32 (exact: the bits move to the high half of each lane).
 inline __m512 widen16(__m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+// 16 values widened to f32 and scaled.
 inline __m512 load16(const uint16_t* p, float scale) {
   const __m512 f = widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_mul_ps(f, _mm512_set1_ps(scale));

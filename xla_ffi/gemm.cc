@@ -170,9 +170,9 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
       for (int64_t ir = 0; ir < M; ir += kMR) {
         const int mr = static_cast<int>(std::min(kMR, M - ir));
         for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
-        // The first row tile fetches the same columns of the next block of rows.
-        isa.direct_bf16(kc, apack + ir * kc, b, ldb, crow, mr, nb, alpha, acc,
-                        ir == 0 && nb == 32 && pc + kc < K ? kc : 0);
+        // Every row tile reads this block; each fetches its share of the same columns of the next one.
+        isa.direct_bf16(kc, apack + ir * kc, b, ldb, crow, mr, nb, alpha, acc, nb == 32 && pc + kc < K ? kc : 0,
+                        PrefetchSlice{static_cast<int>(ir / kMR), static_cast<int>((M + kMR - 1) / kMR)});
       }
     }
   }

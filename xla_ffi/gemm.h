@@ -63,6 +63,14 @@ using F32PanelPacker = void (*)(const float* const* rows, const float* scale, in
 using RowPanelPacker = void (*)(const void* src, DType dtype, float scale, int64_t n, int64_t width,
                                 int64_t stride, float* dst);
 
+// Which steps of a small-M kernel's reduction loop prefetch the weights the driver reads next: those
+// with step % period == phase. Several row tiles read the same weights one after the other; with one
+// phase each, the next weights are requested evenly over all of them, not in one burst (which stalled
+// on the memory system while the other tiles' loads were cache hits).
+struct PrefetchSlice {
+  int phase = 0, period = 1;
+};
+
 // Small-M kernel that reads bf16 weights in place, without packing them. Weights stored [N, K] with k
 // contiguous (every forward projection: W [out, in]) are multiplied against a few token rows, 4 stored
 // weight rows at a time:
@@ -73,7 +81,9 @@ using RowPanelPacker = void (*)(const void* src, DType dtype, float scale, int64
 // the values k in [32 b, 32 b + 32) of its row i at tile + (b * mb + i) * 32: the 16 even-k ones, then
 // the 16 odd-k ones. Even/odd is the order in which one 64-byte load of 32 bf16 weights widens to f32
 // with a single shift (even) or mask (odd), so a weight costs half an instruction to widen instead of
-// a packed f32 copy; the interleaved tiles let one pointer walk all of a tile's rows.
+// a packed f32 copy; the interleaved tiles let one pointer walk all of a tile's rows. The 4 stored rows
+// after the last one (the driver's next call) are prefetched into L2 on the way, each tile of 6 token
+// rows taking its PrefetchSlice of the steps of 32 k.
 using DotKernel = void (*)(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w,
                            int64_t ldw, int nw, float* const* c, float alpha, bool acc);
 // Writes n values of one stored row (widened, times scale) in the dot layout, zero-padded to a
@@ -86,11 +96,13 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
 // segment of 32 columns per k, widened in registers (even and odd columns, put back in order once per
 // tile): c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_k a[k * 6 + i] * w[k * ldw + 0:32], i < mr.
 // All 32 columns are readable (the driver pads the last block). With prefetch_rows > 0, the same
-// columns prefetch_rows rows further down are fetched on the way. The driver runs it on short blocks
-// of rows (kc = 32) across all column blocks, so that the rows' pages stay in the TLB: one 64-byte
-// segment per 4 KiB page and k would otherwise miss the TLB on every load.
+// columns prefetch_rows rows further down are fetched into L2 on the way, at the steps of k that
+// `slice` selects (the driver gives each row tile of the block its own phase). The driver runs it on
+// short blocks of rows (kc = 32) across all column blocks, so that the rows' pages stay in the TLB:
+// one 64-byte segment per 4 KiB page and k would otherwise miss the TLB on every load.
 using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c,
-                              int mr, int nr, float alpha, bool acc, int64_t prefetch_rows);
+                              int mr, int nr, float alpha, bool acc, int64_t prefetch_rows,
+                              PrefetchSlice slice);
 
 // Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
 using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);

@@ -212,10 +212,11 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 
 // MB token rows against the 4 weight rows; see DotKernel in gemm.h. The token rows are interleaved
 // per block of 32 (one pointer walks them) and the loops use constant indices only, so that the 24
-// accumulators, the 4 widened weight vectors and the addresses all stay in registers.
+// accumulators, the 4 widened weight vectors and the addresses all stay in registers. The next 4
+// weight rows are prefetched into L2 at the steps of 32 k selected by `slice` (see PrefetchSlice).
 template <int MB>
 void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw, float* const* c,
-              float alpha, bool acc, bool prefetch) {
+              float alpha, bool acc, PrefetchSlice slice) {
   __m512 s[4][MB];
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {
@@ -223,9 +224,11 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
     for (int i = 0; i < MB; ++i) s[j][i] = _mm512_setzero_ps();
   }
   const uint16_t* next = w + 4 * ldw;
+  int until_prefetch = slice.phase;
   for (int64_t k = 0; k < kc; k += 32, a += MB * 32) {
-    if (prefetch) {
-      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T0);
+    if (until_prefetch-- == 0) {
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+      until_prefetch = slice.period - 1;
     }
     __m512 wv[4];
 #pragma GCC unroll 4
@@ -267,11 +270,15 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
 // MR rows of A (packed 6 apart) against 32 bf16 columns read in place; see DirectKernel in gemm.h.
 template <int MR>
 void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
-                 float alpha, bool acc, int64_t prefetch_rows) {
+                 float alpha, bool acc, int64_t prefetch_rows, PrefetchSlice slice) {
   __m512 ce[MR], co[MR];  // even and odd columns
   for (int i = 0; i < MR; ++i) ce[i] = co[i] = _mm512_setzero_ps();
+  int until_prefetch = prefetch_rows > 0 ? slice.phase : -1;
   for (int64_t k = 0; k < kc; ++k, a += 6, w += ldw) {
-    if (prefetch_rows) _mm_prefetch(reinterpret_cast<const char*>(w + prefetch_rows * ldw), _MM_HINT_T0);
+    if (until_prefetch-- == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + prefetch_rows * ldw), _MM_HINT_T1);
+      until_prefetch = slice.period - 1;
+    }
     const __m512i v = _mm512_loadu_si512(w);
     const __m512 we = bf16_even(v), wo = bf16_odd(v);
     for (int i = 0; i < MR; ++i) {
@@ -302,32 +309,34 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
 }  // namespace
 
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
-                        int nr, float alpha, bool acc, int64_t prefetch_rows) {
+                        int nr, float alpha, bool acc, int64_t prefetch_rows, PrefetchSlice slice) {
   switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
-    case 1: direct_tile<1>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
-    case 2: direct_tile<2>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
-    case 3: direct_tile<3>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
-    case 4: direct_tile<4>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
-    case 5: direct_tile<5>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
-    default: direct_tile<6>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows); break;
+    case 1: direct_tile<1>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
+    case 2: direct_tile<2>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
+    case 3: direct_tile<3>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
+    case 4: direct_tile<4>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
+    case 5: direct_tile<5>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
+    default: direct_tile<6>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
   }
 }
 
 void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc) {
+  // Every tile reads the same 4 weight rows; each prefetches its share of the next 4.
+  const int tiles = (m + 5) / 6;
   int i = 0;
   for (; i + 6 <= m; i += 6) {
-    dot_tile<6>(kc, a + i * lda + k0 * 6, w, ldw, nw, c + i, alpha, acc, i == 0);
+    dot_tile<6>(kc, a + i * lda + k0 * 6, w, ldw, nw, c + i, alpha, acc, PrefetchSlice{i / 6, tiles});
   }
   const int mb = m - i;
   const float* tile = a + i * lda + k0 * mb;
-  const bool first = i == 0;
+  const PrefetchSlice last{i / 6, tiles};
   switch (mb) {
-    case 1: dot_tile<1>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 2: dot_tile<2>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 3: dot_tile<3>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 4: dot_tile<4>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
-    case 5: dot_tile<5>(kc, tile, w, ldw, nw, c + i, alpha, acc, first); break;
+    case 1: dot_tile<1>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
+    case 2: dot_tile<2>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
+    case 3: dot_tile<3>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
+    case 4: dot_tile<4>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
+    case 5: dot_tile<5>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
     default: break;
   }
 }

@@ -46,6 +46,9 @@ SHAPES = {
     # block of 1024, and every edge: H % 32, I % 32, H % 4, I % 4 and the tokens per expert % 6 all
     # nonzero.
     "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
+    # K = E: every expert gets all 96 tokens, the most the dot path takes (16 tiles of 6 rows); the
+    # chain to dx (more than 24 rows) takes the packed path.
+    "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45),
 }
 
 
@@ -179,15 +182,16 @@ def test_fallback_isas_match_reference(isa, dtype, monkeypatch):
     assert ffi.kernel_counters()["small_batch_flops"] == 0
 
 
+@pytest.mark.parametrize("shape", ["small_batches_with_edges", "dot_path_row_limit"])
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
-def test_small_batches_against_bf16_weights_are_exact_to_f32(policy):
+def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape):
     # A few tokens per expert against bf16 weights take the small-batch paths, which read the weights
     # in place (AVX-512): the dot path in the forward projections, the direct path in the chain to dx.
     # With f32 tokens, y and dx stay f32, so those paths are held to f32 accuracy; LoRA on every
     # projection puts the adapters' products (rank 2-5: edges only) through them too.
     from ktjax import ffi
 
-    p = make_problem(14, **SHAPES["small_batches_with_edges"], ranks={"gate": 3, "up": 2, "down": 5})
+    p = make_problem(14, **SHAPES[shape], ranks={"gate": 3, "up": 2, "down": 5})
     bf16 = {k: getattr(p, k).astype(jnp.bfloat16) for k in ("gate", "up", "down")}
     lora = {k: (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for k, (a, b) in p.lora.items()}
     p = dataclasses.replace(p, lora=lora, **bf16)

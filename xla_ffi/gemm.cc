@@ -22,10 +22,13 @@ constexpr int64_t kFewRows = 256;
 constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
-// Products of at most kSmallM rows against bf16 weights read them in place (gemm.h): the dot path
-// (DotKernel) in blocks of kDotKC of the reduction, so the token rows' block stays in L1/L2 while the
-// weight rows stream past; the direct path (DirectKernel) in blocks of kDirectKC rows.
-constexpr int64_t kSmallM = 24;
+// Products of few rows against bf16 weights read them in place (gemm.h): the dot path (DotKernel, up
+// to kDotMaxRows rows) in blocks of kDotKC of the reduction, so the token rows' block stays in L2
+// while the weight rows stream past; the direct path (DirectKernel, up to kDirectMaxRows rows) in
+// blocks of kDirectKC rows. The limits are where the packed path became as fast in interleaved A/B
+// runs (docs/performance.md): the dot path beats it up to ~100 rows, the direct path up to ~24-48.
+constexpr int64_t kDotMaxRows = 96;
+constexpr int64_t kDirectMaxRows = 24;
 constexpr int64_t kDotKC = 1024;
 constexpr int64_t kDirectKC = 32;
 
@@ -138,11 +141,11 @@ void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t 
 }
 
 // Whether C = op(A) op(B) can read B in place: few rows, and B a bf16 weight (no row gather or
-// scale), with an ISA that has the small-batch kernels. B stored [N, K] then takes the dot path (A
-// not transposed), B stored [K, N] the direct path.
+// scale), with an ISA that has the small-batch kernels. B stored [N, K] (transposed) then takes the
+// dot path (A not transposed), B stored [K, N] the direct path.
 bool small_batch(const Isa& isa, int64_t M, const MatView& B) {
-  return isa.dot_bf16 != nullptr && M <= kSmallM && B.dtype == DType::kBF16 && B.rows == nullptr &&
-         B.row_scale == nullptr;
+  return isa.dot_bf16 != nullptr && M <= (B.trans ? kDotMaxRows : kDirectMaxRows) &&
+         B.dtype == DType::kBF16 && B.rows == nullptr && B.row_scale == nullptr;
 }
 
 // The direct path: A packed in micro-kernel panels per block of kDirectKC, each 32-column block of B read
@@ -151,7 +154,7 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
                  const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
   float* apack = scratch;
-  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kSmallM * kDirectKC);
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDirectMaxRows * kDirectKC);
   float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
     const int64_t kc = std::min(kDirectKC, K - pc);
@@ -185,8 +188,8 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   const auto* w = static_cast<const uint16_t*>(B.data);
   const int64_t kc32_max = (std::min(kDotKC, K) + 31) / 32 * 32;
   float* apack = scratch;
-  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kSmallM * kc32_max);
-  float* crow[kSmallM];
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDotMaxRows * kc32_max);
+  float* crow[kDotMaxRows];
   for (int64_t pc = 0; pc < K; pc += kDotKC) {
     const int64_t kc = std::min(kDotKC, K - pc), kc32 = (kc + 31) / 32 * 32, kfull = kc / 32 * 32;
     const bool acc = accumulate || pc > 0;
@@ -297,8 +300,8 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) 
 
 int64_t gemm_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
-  const int64_t dot = kSmallM * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
-  const int64_t direct = kSmallM * kDirectKC + kDirectKC * 32 / 2;  // A panels + a padded bf16 block
+  const int64_t dot = kDotMaxRows * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
+  const int64_t direct = kDirectMaxRows * kDirectKC + kDirectKC * 32 / 2;  // A panels + a padded bf16 block
   return std::max({packed, dot, direct});
 }
 

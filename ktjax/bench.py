@@ -10,7 +10,8 @@ weights only); backward = forward+backward - forward. The baseline is
 ``ktjax.ops.moe_capacity`` (capacity buffers at dropless capacity, index-gather dispatch, batched
 einsum, f32 weights). Reports ms, tokens/s, effective GFLOP/s (nominal: forward F = 2*T*K*3*H*I,
 full 3F, lora and frozen 2F), % of a measured f32 micro-kernel peak, the speed-up over XLA, and for the
-forward a bytes-moved model: the time to stream the expert weights once at measured memory bandwidth.
+forward a bytes-moved model: the time to stream the expert weights once at the memory bandwidth
+that the kernels' threads measure together.
 """
 
 from __future__ import annotations
@@ -105,13 +106,6 @@ def make_fns(backend: str, inp: dict) -> dict[str, tuple[Callable, tuple]]:
         "lora": (jax.jit(jax.grad(loss, argnums=(0, 1, 6))), (*args, lora, cot)),
         "frozen": (jax.jit(jax.grad(no_lora_loss, argnums=(0, 1))), (*args, cot)),
     }
-
-
-def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
-    """Read bandwidth: the best of a few sums over a buffer larger than any cache."""
-    data = np.ones(n_bytes // 8, np.float64)
-    best = min(_timed(lambda: data.sum()) for _ in range(3))
-    return n_bytes / best / 1e9
 
 
 def _timed(fn: Callable, *args) -> float:
@@ -225,10 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     backends = args.backends.split(",")
     threads = int(os.environ.get("KTJAX_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
     peak = ffi.measure_peak_gflops(threads)
-    bw = memory_bandwidth_gbs()
+    bw = ffi.measure_read_bandwidth_gbs(threads)
     print(
-        f"ktjax.bench: {threads} threads, micro-kernel {ffi.selected_isa()}, "
-        f"measured f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s, jax {jax.__version__}"
+        f"ktjax.bench: {threads} threads, micro-kernel {ffi.selected_isa()}; all threads together: "
+        f"f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; jax {jax.__version__}"
     )
     results = {}
     for name in names:

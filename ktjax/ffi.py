@@ -129,3 +129,12 @@ def silu_mul_grad(g: np.ndarray, u: np.ndarray, dh: np.ndarray, w: float) -> tup
 def measure_peak_gflops(threads: int, seconds: float = 0.5) -> float:
     """f32 GFLOP/s of the selected micro-kernel on cache-resident data, summed over `threads`."""
     return _ktjax_ffi.measure_peak_gflops(threads, seconds)
+
+
+def measure_read_bandwidth_gbs(threads: int, n_bytes: int = 1 << 30, passes: int = 3) -> float:
+    """GB/s (1e9 bytes) at which `threads` threads together read `n_bytes` of main memory.
+
+    Each thread sums its own contiguous share (written by it first, so its pages are local); the
+    best of `passes` passes, each timed from the common start to the last thread's finish.
+    """
+    return _ktjax_ffi.measure_read_bandwidth_gbs(threads, n_bytes, passes)

@@ -1,5 +1,7 @@
 """The benchmark script runs and reports every case (a smoke test: no timing is asserted)."""
 
+import pytest
+
 from ktjax.bench import CASES, bench_shape, report
 
 
@@ -18,3 +20,15 @@ def test_bench_times_every_case_for_both_backends_and_reports_them():
         "bytes model",
     ):
         assert label in text
+
+
+def test_machine_probes_measure_positive_rates_and_reject_bad_input():
+    from ktjax import ffi
+
+    assert ffi.measure_peak_gflops(1, seconds=0.05) > 0
+    for threads in (1, 2):
+        gbs = ffi.measure_read_bandwidth_gbs(threads, n_bytes=32 << 20, passes=2)
+        assert 0 < gbs < 10_000, gbs  # finite, and not a pass timed as zero
+    for bad in (dict(threads=0), dict(n_bytes=0), dict(passes=0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            ffi.measure_read_bandwidth_gbs(**{"threads": 1, "n_bytes": 1 << 20, "passes": 1, **bad})

@@ -65,6 +65,14 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
   }, "(dg, du) of h = silu(g) * u for the upstream gradient w * dh, as the kernels compute them.");
   m.def("measure_peak_gflops", &ktjax::measure_peak_gflops, py::arg("threads"), py::arg("seconds") = 0.5,
         "f32 GFLOP/s of the selected micro-kernel on L1-resident data, summed over threads.");
+  m.def("measure_read_bandwidth_gbs", [](int threads, int64_t n_bytes, int passes) {
+    if (threads < 1 || n_bytes < 1 || passes < 1) {
+      throw std::invalid_argument("threads, n_bytes and passes must be positive");
+    }
+    py::gil_scoped_release release;
+    return ktjax::measure_read_bandwidth_gbs(threads, n_bytes, passes);
+  }, py::arg("threads"), py::arg("n_bytes"), py::arg("passes"),
+        "GB/s at which `threads` threads together read a buffer of n_bytes from memory (best pass).");
   m.def("counters", []() {
     py::dict d;
     auto& s = ktjax::stats();

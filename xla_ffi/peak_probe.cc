@@ -1,7 +1,9 @@
 #include "peak_probe.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -36,6 +38,52 @@ double measure_peak_gflops(int threads, double seconds) {
   double total = 0.0;
   for (double g : gflops) total += g;
   return total;
+}
+
+double measure_read_bandwidth_gbs(int threads, int64_t bytes, int passes) {
+  if (threads < 1 || passes < 1) return 0.0;
+  using Clock = std::chrono::steady_clock;
+  constexpr int kLanes = 8;  // independent sums, so that the loop waits on memory, not on adds
+  const int64_t words = std::max<int64_t>(bytes / 8 / threads / kLanes, 1) * kLanes;  // per thread
+  std::unique_ptr<uint64_t[]> data(new uint64_t[words * threads]);
+  std::vector<Clock::time_point> finish(threads);
+  std::atomic<int> ready{0}, pass{-1};
+  std::atomic<uint64_t> sink{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      uint64_t* mine = data.get() + t * words;
+      for (int64_t i = 0; i < words; ++i) mine[i] = static_cast<uint64_t>(i);  // first touch: local pages
+      for (int p = 0; p < passes; ++p) {
+        ready.fetch_add(1);
+        while (pass.load() < p) std::this_thread::yield();  // the main thread starts every pass
+        uint64_t sum[kLanes] = {};
+        for (int64_t i = 0; i < words; i += kLanes) {
+          for (int l = 0; l < kLanes; ++l) sum[l] += mine[i + l];
+        }
+        finish[t] = Clock::now();
+        uint64_t s = 0;
+        for (uint64_t v : sum) s += v;
+        sink.fetch_add(s);  // a side effect, so that the sums are not optimised away
+      }
+    });
+  }
+  double best = 0.0;
+  for (int p = 0; p < passes; ++p) {
+    while (ready.load() < threads * (p + 1)) std::this_thread::yield();
+    const Clock::time_point start = Clock::now();
+    pass.store(p);
+    // Wait for this pass to end: every thread is ready for the next one, or (last pass) joined.
+    if (p + 1 < passes) {
+      while (ready.load() < threads * (p + 2)) std::this_thread::yield();
+    } else {
+      for (auto& th : pool) th.join();
+    }
+    const Clock::time_point end = *std::max_element(finish.begin(), finish.end());
+    const double seconds = std::chrono::duration<double>(end - start).count();
+    if (seconds > 0) best = std::max(best, 8.0 * words * threads / seconds / 1e9);
+  }
+  return best;
 }
 
 }  // namespace ktjax

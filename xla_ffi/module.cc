@@ -20,6 +20,15 @@ py::capsule encapsulate(T* fn) {
   return py::capsule(reinterpret_cast<void*>(fn));
 }
 
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// The kernel set the next call uses; ValueError when KTJAX_ISA names one this CPU cannot run.
+const ktjax::Isa& selected_isa_or_throw() {
+  const ktjax::Isa* isa = ktjax::select_isa();
+  if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU cannot run");
+  return *isa;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_ktjax_ffi, m) {
@@ -37,30 +46,26 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     const ktjax::Isa* isa = ktjax::select_isa();
     return isa ? std::string(isa->name) : std::string();
   }, "The micro-kernel the next call will use (honours KTJAX_ISA); '' if KTJAX_ISA is unusable.");
-  m.def("round_to_bf16", [](py::array_t<float, py::array::c_style | py::array::forcecast> src) {
-    const ktjax::Isa* isa = ktjax::select_isa();
-    if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU cannot run");
+  m.def("round_to_bf16", [](F32Array src) {
+    const ktjax::Isa& isa = selected_isa_or_throw();
     py::array_t<uint16_t> dst(src.size());
-    ktjax::store_row(*isa, src.data(), dst.mutable_data(), ktjax::DType::kBF16, src.size());
+    ktjax::store_row(isa, src.data(), dst.mutable_data(), ktjax::DType::kBF16, src.size());
     return dst;
   }, "bf16 bit patterns of a float32 array, rounded as the kernels round their outputs (selected ISA).");
-  using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
   m.def("silu_mul", [](F32Array g, F32Array u) {
-    const ktjax::Isa* isa = ktjax::select_isa();
-    if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU cannot run");
+    const ktjax::Isa& isa = selected_isa_or_throw();
     if (u.size() != g.size()) throw std::invalid_argument("g and u must have the same size");
     F32Array h(g.size());
-    isa->silu_mul(g.data(), u.data(), h.mutable_data(), g.size());
+    isa.silu_mul(g.data(), u.data(), h.mutable_data(), g.size());
     return h;
   }, "silu(g) * u of two float32 arrays (flattened), as the kernels compute it (selected ISA).");
   m.def("silu_mul_grad", [](F32Array g, F32Array u, F32Array dh, float w) {
-    const ktjax::Isa* isa = ktjax::select_isa();
-    if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU cannot run");
+    const ktjax::Isa& isa = selected_isa_or_throw();
     if (u.size() != g.size() || dh.size() != g.size()) {
       throw std::invalid_argument("g, u and dh must have the same size");
     }
     F32Array dg(g.size()), du(g.size());
-    isa->silu_mul_grad(g.data(), u.data(), dh.data(), w, dg.mutable_data(), du.mutable_data(), g.size());
+    isa.silu_mul_grad(g.data(), u.data(), dh.data(), w, dg.mutable_data(), du.mutable_data(), g.size());
     return py::make_tuple(dg, du);
   }, "(dg, du) of h = silu(g) * u for the upstream gradient w * dh, as the kernels compute them.");
   m.def("measure_peak_gflops", &ktjax::measure_peak_gflops, py::arg("threads"), py::arg("seconds") = 0.5,

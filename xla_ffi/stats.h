@@ -27,7 +27,7 @@ struct Stats {
   std::array<std::atomic<int64_t>, static_cast<int>(Work::kCount)> flops{};
   std::atomic<int64_t> forward_calls{0};
   std::atomic<int64_t> backward_calls{0};
-  std::atomic<int64_t> small_batch_flops{0};  // the part of all FLOPs done on the dot path (gemm.h)
+  std::atomic<int64_t> small_batch_flops{0};  // the part done on the small-batch paths, dot and direct (gemm.h)
   std::atomic<int64_t> packed_once_flops{0};  // the part done against a B packed once (gemm_packed)
 };
 

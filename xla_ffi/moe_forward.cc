@@ -36,6 +36,9 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
   if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
     return ffi::Error::InvalidArgument(msg);
   }
+  prefer_huge_pages(*y);
+  prefer_huge_pages(*g_saved);
+  prefer_huge_pages(*u_saved);
   poison_if_debug(*y);
   poison_if_debug(*g_saved);
   poison_if_debug(*u_saved);

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <limits>
 
+#include <sys/mman.h>
+
 namespace ktjax {
 namespace {
 
@@ -135,6 +137,17 @@ void poison_if_debug(ffi::AnyBuffer b) {
   } else if (b.element_type() == ffi::DataType::BF16) {
     std::fill_n(static_cast<uint16_t*>(b.untyped_data()), n, uint16_t{0x7fc0});
   }
+}
+
+void prefer_huge_pages(ffi::AnyBuffer b) {
+#ifdef MADV_HUGEPAGE
+  const char* env = std::getenv("KTJAX_HUGE_PAGES");
+  if (env && std::strcmp(env, "0") == 0) return;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto start = reinterpret_cast<uintptr_t>(b.untyped_data());
+  const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1), hi = (start + b.size_bytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: errors change nothing
+#endif
 }
 
 }  // namespace ktjax

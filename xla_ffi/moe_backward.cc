@@ -105,12 +105,9 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
     return ffi::Error::InvalidArgument(msg);
   }
-  for (ffi::AnyBuffer* b : {&*dx, &*dweights}) prefer_huge_pages(*b);
-  for (ffi::AnyBuffer* b : out.base) prefer_huge_pages(*b);
-  for (ffi::AnyBuffer* b : out.lora) prefer_huge_pages(*b);
-  for (ffi::AnyBuffer* b : {&*dx, &*dweights}) poison_if_debug(*b);
-  for (ffi::AnyBuffer* b : out.base) poison_if_debug(*b);
-  for (ffi::AnyBuffer* b : out.lora) poison_if_debug(*b);
+  for (ffi::AnyBuffer* b : {&*dx, &*dweights}) prepare_output(*b);
+  for (ffi::AnyBuffer* b : out.base) prepare_output(*b);
+  for (ffi::AnyBuffer* b : out.lora) prepare_output(*b);
   stats().backward_calls.fetch_add(1, std::memory_order_relaxed);
 
   const Lora& ld = p.lora[kDown];

@@ -36,12 +36,9 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
   if (std::string msg = build_routing(p.ids, p.weights, T, K, E, &r); !msg.empty()) {
     return ffi::Error::InvalidArgument(msg);
   }
-  prefer_huge_pages(*y);
-  prefer_huge_pages(*g_saved);
-  prefer_huge_pages(*u_saved);
-  poison_if_debug(*y);
-  poison_if_debug(*g_saved);
-  poison_if_debug(*u_saved);
+  prepare_output(*y);
+  prepare_output(*g_saved);
+  prepare_output(*u_saved);
   stats().forward_calls.fetch_add(1, std::memory_order_relaxed);
 
   const int64_t S = r.kept();

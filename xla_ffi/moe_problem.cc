@@ -128,6 +128,8 @@ ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, con
   return ffi::Error::Success();
 }
 
+namespace {
+
 void poison_if_debug(ffi::AnyBuffer b) {
   const char* env = std::getenv("KTJAX_DEBUG_POISON");
   if (!env || std::strcmp(env, "1") != 0) return;
@@ -148,6 +150,13 @@ void prefer_huge_pages(ffi::AnyBuffer b) {
   const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1), hi = (start + b.size_bytes()) & ~(kHuge - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: errors change nothing
 #endif
+}
+
+}  // namespace
+
+void prepare_output(ffi::AnyBuffer b) {
+  prefer_huge_pages(b);
+  poison_if_debug(b);
 }
 
 }  // namespace ktjax

@@ -87,16 +87,14 @@ ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, con
                          const ffi::AnyBuffer* lora_ab /* 6: A,B of gate, up, down */, float lora_scale,
                          MoeProblem* p);
 
-// Fills a whole buffer with NaN when KTJAX_DEBUG_POISON=1, so a test sees any element a kernel
-// forgot to write.
-void poison_if_debug(ffi::AnyBuffer b);
-
-// Asks Linux to back the 2 MiB-aligned interior of an output buffer with transparent huge pages,
-// before anything writes it; KTJAX_HUGE_PAGES=0 turns this off. XLA hands the custom calls fresh
-// output buffers on every call (glibc maps large ones anew), so every 4 KiB page faulted on its first
-// write: 147K faults per S1 full-mode step for its 600 MB of bf16 weight gradients, ~27% of the
-// step's samples in fault handling and zeroing. With huge pages it takes ~2K faults. Only a hint:
-// where transparent huge pages are off, or the buffer is small, nothing changes.
-void prefer_huge_pages(ffi::AnyBuffer b);
+// Readies an output buffer before a kernel writes it:
+// - asks Linux to back its 2 MiB-aligned interior with transparent huge pages (KTJAX_HUGE_PAGES=0
+//   turns this off). XLA hands the custom calls fresh output buffers on every call (glibc maps large
+//   ones anew), so every 4 KiB page faulted on its first write: 147K faults per S1 full-mode step for
+//   its 600 MB of bf16 weight gradients, ~27% of the step's samples in fault handling and zeroing.
+//   With huge pages it takes ~2K faults. Only a hint: where transparent huge pages are off, or the
+//   buffer is small, nothing changes;
+// - fills it with NaN when KTJAX_DEBUG_POISON=1, so a test sees any element a kernel forgot to write.
+void prepare_output(ffi::AnyBuffer b);
 
 }  // namespace ktjax

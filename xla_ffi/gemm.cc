@@ -164,34 +164,43 @@ bool small_batch(const Isa& isa, int64_t M, const MatView& B) {
          B.dtype == DType::kBF16 && B.rows == nullptr && B.row_scale == nullptr;
 }
 
-// The direct path: A packed in micro-kernel panels per block of kDirectKC, each 32-column block of B read
-// from its stored rows (the last, partial block through a zero-padded copy).
+// The direct path: A packed in micro-kernel panels per block of kDirectKC, each block of kDirectCols
+// columns of B read from its stored rows by the first row tile and from its copy by the others (the
+// last, partial block from a zero-padded copy made here).
 void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
                  const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
   float* apack = scratch;
-  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDirectMaxRows * kDirectKC);
+  auto* block = reinterpret_cast<uint16_t*>(scratch + kDirectMaxRows * kDirectKC);
+  const int tiles = static_cast<int>((M + kMR - 1) / kMR);
   float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
     const int64_t kc = std::min(kDirectKC, K - pc);
     const bool acc = accumulate || pc > 0;
     pack_any(isa, A, 0, M, pc, kc, kMR, apack);
-    for (int64_t jc = 0; jc < N; jc += 32) {
-      const int nb = static_cast<int>(std::min<int64_t>(32, N - jc));
+    for (int64_t jc = 0; jc < N; jc += kDirectCols) {
+      const int nb = static_cast<int>(std::min(kDirectCols, N - jc));
       const uint16_t* b = w + pc * B.ld + jc;
-      int64_t ldb = B.ld;
-      if (nb < 32) {
-        std::fill_n(wpad, kc * 32, uint16_t{0});
-        for (int64_t k = 0; k < kc; ++k) std::copy_n(b + k * B.ld, nb, wpad + k * 32);
-        b = wpad;
-        ldb = 32;
+      const bool padded = nb < kDirectCols;
+      if (padded) {
+        const int64_t width = nb <= 32 ? 32 : kDirectCols;
+        for (int64_t k = 0; k < kc; ++k) {
+          std::copy_n(b + k * B.ld, nb, block + k * kDirectCols);
+          std::fill_n(block + k * kDirectCols + nb, width - nb, uint16_t{0});
+        }
       }
+      DirectRows rows;
+      rows.prefetch = pc + kc < K ? b + kc * B.ld : nullptr;
+      rows.prefetch_ld = B.ld;
       for (int64_t ir = 0; ir < M; ir += kMR) {
         const int mr = static_cast<int>(std::min(kMR, M - ir));
         for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
         // Every row tile reads this block; each fetches its share of the same columns of the next one.
-        isa.direct_bf16(kc, apack + ir * kc, b, ldb, crow, mr, nb, alpha, acc, nb == 32 && pc + kc < K ? kc : 0,
-                        PrefetchSlice{static_cast<int>(ir / kMR), static_cast<int>((M + kMR - 1) / kMR)});
+        rows.slice = PrefetchSlice{static_cast<int>(ir / kMR), tiles};
+        const bool stored = ir == 0 && !padded;
+        rows.copy = stored && tiles > 1 ? block : nullptr;
+        isa.direct_bf16(kc, apack + ir * kc, stored ? b : block, stored ? B.ld : kDirectCols, crow, mr, nb, alpha,
+                        acc, rows);
       }
     }
   }
@@ -330,7 +339,7 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) 
 int64_t gemm_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
   const int64_t dot = kDotMaxRows * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
-  const int64_t direct = kDirectMaxRows * kDirectKC + kDirectKC * 32 / 2;  // A panels + a padded bf16 block
+  const int64_t direct = kDirectMaxRows * kDirectKC + kDirectKC * kDirectCols / 2;  // A panels + a bf16 block
   return std::max({packed, dot, direct});
 }
 

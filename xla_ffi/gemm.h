@@ -92,17 +92,29 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
                               float* dst);
 
 // The other small-M kernel: bf16 weights stored [K, N] with n contiguous (the input-gradient chain of
-// the backward: dy Down_e, dg Gate_e) are read in place as the micro-kernel's B panel, one 64-byte row
-// segment of 32 columns per k, widened in registers (even and odd columns, put back in order once per
-// tile): c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_k a[k * 6 + i] * w[k * ldw + 0:32], i < mr.
-// All 32 columns are readable (the driver pads the last block). With prefetch_rows > 0, the same
-// columns prefetch_rows rows further down are fetched into L2 on the way, at the steps of k that
-// `slice` selects (the driver gives each row tile of the block its own phase). The driver runs it on
-// short blocks of rows (kc = 32) across all column blocks, so that the rows' pages stay in the TLB:
-// one 64-byte segment per 4 KiB page and k would otherwise miss the TLB on every load.
+// the backward: dy Down_e, dg Gate_e) are read in place as the micro-kernel's B panel, one row segment
+// of up to kDirectCols columns per k, widened in registers (even and odd columns of each 32, put back
+// in order once per tile):
+//   c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_k a[k * 6 + i] * w[k * ldw + 0:nr],  i < mr, nr <= 64.
+// Segments are read whole (32 columns when nr <= 32, else 64): the driver pads the last block. It runs
+// on short blocks of rows (kc = 32) across all column blocks, so that the rows' pages stay in the TLB:
+// one segment per 4 KiB page and k would otherwise miss the TLB on every load. What it does besides,
+// set by the driver in DirectRows:
+// - copy != null: each segment read is also written to copy + k * kDirectCols. Several row tiles read
+//   the same block one after the other; the first copies it, and the others read the contiguous copy,
+//   because stored rows 4 KiB apart fall into one L1 set and evict each other (the kernel ran at 0.4x
+//   the micro-kernel's rate on such rows, 0.75x on the copy; docs/performance.md).
+// - prefetch != null: the segments at prefetch + k * prefetch_ld (the same columns of the next block of
+//   rows) are fetched into L2 at the steps of k that `slice` selects (each row tile its own phase).
+constexpr int64_t kDirectCols = 64;
+struct DirectRows {
+  uint16_t* copy = nullptr;
+  const uint16_t* prefetch = nullptr;
+  int64_t prefetch_ld = 0;
+  PrefetchSlice slice;
+};
 using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c,
-                              int mr, int nr, float alpha, bool acc, int64_t prefetch_rows,
-                              PrefetchSlice slice);
+                              int mr, int nr, float alpha, bool acc, const DirectRows& rows);
 
 // Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
 using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);

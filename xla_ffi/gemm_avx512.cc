@@ -267,58 +267,84 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
   }
 }
 
-// MR rows of A (packed 6 apart) against 32 bf16 columns read in place; see DirectKernel in gemm.h.
-template <int MR>
+// MR rows of A (packed 6 apart) against NH halves of 32 bf16 columns read in place; see DirectKernel
+// in gemm.h. Each half widens to its even and odd columns, put back in order once per tile.
+template <int MR, int NH>
 void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
-                 float alpha, bool acc, int64_t prefetch_rows, PrefetchSlice slice) {
-  __m512 ce[MR], co[MR];  // even and odd columns
-#pragma GCC unroll 6  // else -O2 zeroes the arrays with a memset on the stack (rep stos: ~10% of the kernel)
-  for (int i = 0; i < MR; ++i) ce[i] = co[i] = _mm512_setzero_ps();
-  int until_prefetch = prefetch_rows > 0 ? slice.phase : -1;
-  for (int64_t k = 0; k < kc; ++k, a += 6, w += ldw) {
+                 float alpha, bool acc, const DirectRows& rows) {
+  __m512 s[2 * NH][MR];  // half h: even columns s[2 h], odd columns s[2 h + 1]
+#pragma GCC unroll 4  // else -O2 zeroes the arrays with a memset on the stack (rep stos: ~10% of the kernel)
+  for (int j = 0; j < 2 * NH; ++j) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) s[j][i] = _mm512_setzero_ps();
+  }
+  uint16_t* const copy = rows.copy;  // locals: the copy's stores could alias `rows` for the compiler
+  const uint16_t* next = rows.prefetch;
+  const int64_t next_ld = rows.prefetch_ld;
+  const int period = rows.slice.period;
+  int until_prefetch = next != nullptr ? rows.slice.phase : -1;
+  for (int64_t k = 0; k < kc; ++k, a += 6, w += ldw, next += next_ld) {
     if (until_prefetch-- == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + prefetch_rows * ldw), _MM_HINT_T1);
-      until_prefetch = slice.period - 1;
+      for (int h = 0; h < NH; ++h) _mm_prefetch(reinterpret_cast<const char*>(next + 32 * h), _MM_HINT_T1);
+      until_prefetch = period - 1;
     }
-    const __m512i v = _mm512_loadu_si512(w);
-    const __m512 we = bf16_even(v), wo = bf16_odd(v);
+    __m512 wv[2 * NH];
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h) {
+      const __m512i v = _mm512_loadu_si512(w + 32 * h);
+      if (copy != nullptr) _mm512_storeu_si512(copy + k * kDirectCols + 32 * h, v);
+      wv[2 * h] = bf16_even(v);
+      wv[2 * h + 1] = bf16_odd(v);
+    }
+#pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i]);
-      ce[i] = _mm512_fmadd_ps(ai, we, ce[i]);
-      co[i] = _mm512_fmadd_ps(ai, wo, co[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 2 * NH; ++j) s[j][i] = _mm512_fmadd_ps(ai, wv[j], s[j][i]);
     }
   }
-  // Back to column order: columns 0..15 interleave the first halves of even and odd, 16..31 the rest.
+  // Back to column order: in each half, columns 0..15 interleave the first halves of even and odd.
   const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   const __m512 va = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
-#pragma GCC unroll 6  // constant indices keep ce and co in registers (the kernel runs on short blocks)
+  __mmask16 m[2 * NH];
+  for (int q = 0; q < 2 * NH; ++q) m[q] = first_lanes(nr - 16 * q);
+#pragma GCC unroll 6  // constant indices keep the accumulators in registers (the kernel runs on short blocks)
   for (int i = 0; i < MR; ++i) {
-    float* p = c[i];
-    __m512 r0 = _mm512_mul_ps(_mm512_permutex2var_ps(ce[i], lo_idx, co[i]), va);
-    __m512 r1 = _mm512_mul_ps(_mm512_permutex2var_ps(ce[i], hi_idx, co[i]), va);
-    if (acc) {
-      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, p));
-      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, p + 16));
+#pragma GCC unroll 2
+    for (int h = 0; h < NH; ++h) {
+      float* p = c[i] + 32 * h;
+      __m512 r0 = _mm512_mul_ps(_mm512_permutex2var_ps(s[2 * h][i], lo_idx, s[2 * h + 1][i]), va);
+      __m512 r1 = _mm512_mul_ps(_mm512_permutex2var_ps(s[2 * h][i], hi_idx, s[2 * h + 1][i]), va);
+      if (acc) {
+        r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m[2 * h], p));
+        r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m[2 * h + 1], p + 16));
+      }
+      _mm512_mask_storeu_ps(p, m[2 * h], r0);
+      _mm512_mask_storeu_ps(p + 16, m[2 * h + 1], r1);
     }
-    _mm512_mask_storeu_ps(p, m0, r0);
-    _mm512_mask_storeu_ps(p + 16, m1, r1);
+  }
+}
+
+template <int NH>
+void direct_rows(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr, int nr,
+                 float alpha, bool acc, const DirectRows& rows) {
+  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
+    case 1: direct_tile<1, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 2: direct_tile<2, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 3: direct_tile<3, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 4: direct_tile<4, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 5: direct_tile<5, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    default: direct_tile<6, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
   }
 }
 
 }  // namespace
 
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
-                        int nr, float alpha, bool acc, int64_t prefetch_rows, PrefetchSlice slice) {
-  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
-    case 1: direct_tile<1>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
-    case 2: direct_tile<2>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
-    case 3: direct_tile<3>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
-    case 4: direct_tile<4>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
-    case 5: direct_tile<5>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
-    default: direct_tile<6>(kc, a, w, ldw, c, nr, alpha, acc, prefetch_rows, slice); break;
-  }
+                        int nr, float alpha, bool acc, const DirectRows& rows) {
+  if (nr > 32) direct_rows<2>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+  else direct_rows<1>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
 }
 
 void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,

@@ -28,7 +28,7 @@ void pack_row_panels_avx512(const void* src, DType dtype, float scale, int64_t n
 
 // AVX-512 small-M kernels against bf16 weights read in place, and the dot kernel's row packer (gemm.h).
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
-                        int nr, float alpha, bool acc, int64_t prefetch_rows, PrefetchSlice slice);
+                        int nr, float alpha, bool acc, const DirectRows& rows);
 void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                      int nw, float* const* c, float alpha, bool acc);
 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n);

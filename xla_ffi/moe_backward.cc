@@ -320,7 +320,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (need_x) {
     TokenAccumulator dx_acc(ctx, *dx, p.x_dtype, T, H);
     float* acc = dx_acc.data();
-    const int64_t width = ctx.tile_width(H);
+    const int64_t width = ctx.tile_width(H, T);
     ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
       const int64_t h0 = tile * width, nh = std::min(width, H - h0);
       for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);

@@ -15,6 +15,7 @@
 namespace ktjax {
 
 inline constexpr int64_t kTile = 128;  // rows per product in the weight-gradient phases
+inline constexpr int64_t kTileBlockFloats = 128 * 1024;  // 512 KiB: half of a 1 MiB L2 (tile_width)
 // Per-worker room for a packed B operand reused across products (KernelContext::reuse_b): 12 MiB, i.e.
 // 1536 token rows of H = 2048 in f32. An expert with more tokens takes the unpacked path.
 inline constexpr int64_t kReuseFloats = int64_t{3} << 20;
@@ -40,10 +41,17 @@ struct KernelContext {
   // n floats of scratch for this call (uninitialised; see Scratch::floats).
   float* alloc(int64_t n) { return scratch.floats(n); }
 
-  // Columns per work item when the items split `cols` columns among the workers: as wide as possible,
-  // so each item packs its token rows once for many columns, while every worker still gets 4 items.
-  // A multiple of 32, and at least kTile unless cols is smaller.
-  int64_t tile_width(int64_t cols) const { return block_width(cols, 4 * static_cast<int64_t>(workers)); }
+  // Columns per work item when the items split the `cols` columns of a [rows, cols] f32 block that
+  // each item accumulates over all experts (the forward's down projection, dx): 4 items per worker,
+  // each packing its token rows once for many columns, or wider, down to one item per worker, while an
+  // item's block stays within kTileBlockFloats (half of L2). Few rows (small batches) thus read each
+  // weight row in long runs: 2 KiB of every 4 KiB row per visit at S1 instead of 512 bytes. A
+  // multiple of 32, and at least kTile unless cols is smaller.
+  int64_t tile_width(int64_t cols, int64_t rows) const {
+    const int64_t balanced = block_width(cols, 4 * static_cast<int64_t>(workers));
+    const int64_t fits = kTileBlockFloats / std::max<int64_t>(rows, 1) / 32 * 32;
+    return std::max(balanced, std::min(fits, block_width(cols, workers)));
+  }
 
   // Width of `parts` column blocks covering `cols`: a multiple of 32, at least kTile unless cols is
   // smaller, at most cols.

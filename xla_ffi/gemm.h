@@ -102,8 +102,9 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
 // set by the driver in DirectRows:
 // - copy != null: each segment read is also written to copy + k * kDirectCols. Several row tiles read
 //   the same block one after the other; the first copies it, and the others read the contiguous copy,
-//   because stored rows 4 KiB apart fall into one L1 set and evict each other (the kernel ran at 0.4x
-//   the micro-kernel's rate on such rows, 0.75x on the copy; docs/performance.md).
+//   because stored rows 4 KiB apart fall into one L1 set and evict each other (on hot data the old
+//   32-column kernel ran at 0.4-0.5x the micro-kernel's rate on such rows; with the copy and 64
+//   columns 0.75x; docs/performance.md).
 // - prefetch != null: the segments at prefetch + k * prefetch_ld (the same columns of the next block of
 //   rows) are fetched into L2 at the steps of k that `slice` selects (each row tile its own phase).
 constexpr int64_t kDirectCols = 64;

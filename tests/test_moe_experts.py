@@ -44,9 +44,9 @@ SHAPES = {
     "blocks_past_cache_tiles": dict(T=300, K=1, E=1, H=600, I=130),  # K-dim > 256, N > 512, M > 96
     # ~10 tokens per expert (the small-batch paths for bf16 weights), H > the dot path's reduction
     # block of 1024, and every edge: H % 32, I % 32, H % 4, I % 4 and the tokens per expert % 6 all
-    # nonzero; the direct path's last block of 64 columns holds fewer than 32 (the last of H's column
-    # tiles: 29 with 2 workers) or more (I: 45).
-    "small_batches_with_edges": dict(T=37, K=3, E=11, H=1053, I=45),
+    # nonzero; the direct path's last block of 64 columns holds 32 (H's first column tile with 2
+    # workers: 544), fewer (the second: 517 = 8 * 64 + 5) or more (I: 45).
+    "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
     # K = E: every expert gets all 96 tokens, the most the dot path takes (16 tiles of 6 rows); the
     # chain to dx (more than 24 rows) takes the packed path.
     "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45),

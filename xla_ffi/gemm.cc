@@ -46,8 +46,20 @@ const Isa kAvx512 = {"avx512",
                      round_bf16_avx512,
                      silu_mul_avx512,
                      silu_mul_grad_avx512};
-const Isa kAvx2 = {"avx2", 16, microkernel_avx2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                   nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
+const Isa kAvx2 = {"avx2",
+                   16,
+                   microkernel_avx2,
+                   nullptr,
+                   nullptr,
+                   nullptr,
+                   nullptr,
+                   nullptr,
+                   dot_bf16_avx2,
+                   pack_dot_row_avx2,
+                   direct_bf16_avx2,
+                   nullptr,
+                   silu_mul_portable,
+                   silu_mul_grad_portable};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                       nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
 
@@ -160,7 +172,8 @@ void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t 
 // scale), with an ISA that has the small-batch kernels. B stored [N, K] (transposed) then takes the
 // dot path (A not transposed), B stored [K, N] the direct path.
 bool small_batch(const Isa& isa, int64_t M, const MatView& B) {
-  return isa.dot_bf16 != nullptr && M <= (B.trans ? kDotMaxRows : kDirectMaxRows) &&
+  const bool has_kernel = B.trans ? isa.dot_bf16 != nullptr : isa.direct_bf16 != nullptr;
+  return has_kernel && M <= (B.trans ? kDotMaxRows : kDirectMaxRows) &&
          B.dtype == DType::kBF16 && B.rows == nullptr && B.row_scale == nullptr;
 }
 

@@ -132,7 +132,8 @@ struct Isa {
   Bf16PanelPacker pack_bf16_a_panel;
   F32PanelPacker pack_f32_a_panel;
   RowPanelPacker pack_row_panels;
-  // The small-M kernels, all three or none (null): without them every product takes the packed path.
+  // The small-M kernels, each null where the ISA has none (that path's products are then packed): the
+  // dot kernel with its row packer (both or neither), and the direct kernel.
   DotKernel dot_bf16;
   DotRowPacker pack_dot_row;
   DirectKernel direct_bf16;

@@ -1,5 +1,8 @@
-// AVX2 + FMA micro-kernel, 6x16 f32 tile in 12 ymm accumulators. Compiled with -mavx2 -mfma.
+// AVX2 + FMA micro-kernel, 6x16 f32 tile in 12 ymm accumulators, and the small-batch dot kernel.
+// Compiled with -mavx2 -mfma.
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "gemm_kernels.h"
 
@@ -17,7 +20,194 @@ inline void microkernel_step(const float* a, const float* b, __m256 (&c0)[6], __
   }
 }
 
+// 8 bf16 of every 32-bit pair widened to f32: the even elements (low halves) or the odd ones.
+inline __m256 bf16_even8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+}
+inline __m256 bf16_odd8(const uint16_t* p) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), high));
+}
+
+// Sums of 4 vectors: lane j of the result is the sum of v[j]'s 8 lanes.
+inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// R token rows (rows r0.. of a tile of mb rows in the dot layout) against 4 weight rows; see
+// DotKernel in gemm.h. 8 accumulators, 4 widened weight vectors and one token vector fill 13 of the
+// 16 ymm registers. Each 32-byte load of 16 bf16 weights widens to its 8 even and 8 odd elements,
+// which meet the token values at offsets 0 and 16 of the layout's block of 32.
+template <int R>
+void dot_rows(int64_t kc, const float* tile, int mb, int r0, const uint16_t* w, int64_t ldw, int nw,
+              float* const* c, float alpha, bool acc, PrefetchSlice slice) {
+  __m256 s[4][R];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 2
+    for (int i = 0; i < R; ++i) s[j][i] = _mm256_setzero_ps();
+  }
+  const uint16_t* next = w + 4 * ldw;
+  int until_prefetch = slice.phase;
+  for (int64_t k = 0, b = 0; k < kc; k += 32, ++b) {
+    if (until_prefetch-- == 0) {
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+      until_prefetch = slice.period - 1;
+    }
+    const float* a = tile + (b * mb + r0) * 32;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // weights k + 16 h .. k + 16 h + 15: token values 8 h.. (even), 16 + 8 h.. (odd)
+      __m256 wv[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) wv[j] = bf16_even8(w + j * ldw + k + 16 * h);
+#pragma GCC unroll 2
+      for (int i = 0; i < R; ++i) {
+        const __m256 av = _mm256_loadu_ps(a + i * 32 + 8 * h);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) s[j][i] = _mm256_fmadd_ps(av, wv[j], s[j][i]);
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) wv[j] = bf16_odd8(w + j * ldw + k + 16 * h);
+#pragma GCC unroll 2
+      for (int i = 0; i < R; ++i) {
+        const __m256 av = _mm256_loadu_ps(a + i * 32 + 16 + 8 * h);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) s[j][i] = _mm256_fmadd_ps(av, wv[j], s[j][i]);
+      }
+    }
+  }
+  const __m128 va = _mm_set1_ps(alpha);
+#pragma GCC unroll 2
+  for (int i = 0; i < R; ++i) {
+    float* p = c[r0 + i];
+    __m128 r = _mm_mul_ps(reduce4(s[0][i], s[1][i], s[2][i], s[3][i]), va);
+    if (nw == 4) {
+      if (acc) r = _mm_add_ps(r, _mm_loadu_ps(p));
+      _mm_storeu_ps(p, r);
+    } else {
+      float v[4];
+      _mm_storeu_ps(v, r);
+      for (int j = 0; j < nw; ++j) p[j] = (acc ? p[j] : 0.0f) + v[j];
+    }
+  }
+}
+
+// MR rows of A (packed 6 apart) against 16 bf16 columns read in place (a quarter of the direct
+// kernel's block; see DirectKernel in gemm.h): even and odd columns in 2 x MR accumulators, put back in
+// order at the end. `valid` of the 16 columns are stored. With copy, each 32-byte segment read is
+// also written there; with next, `lines` 64-byte lines per row of the next block are prefetched into
+// L2 at the steps that `slice` selects.
+template <int MR>
+void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int valid,
+                   float alpha, bool acc, uint16_t* copy, const uint16_t* next, int64_t next_ld, int lines,
+                   PrefetchSlice slice) {
+  __m256 ce[MR], co[MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) ce[i] = co[i] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  int until_prefetch = next != nullptr ? slice.phase : -1;
+  for (int64_t k = 0; k < kc; ++k, a += 6, w += ldw, next += next_ld) {
+    if (until_prefetch-- == 0) {
+      for (int l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 32 * l), _MM_HINT_T1);
+      until_prefetch = slice.period - 1;
+    }
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    if (copy != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(copy + k * kDirectCols), v);
+    const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i);
+      ce[i] = _mm256_fmadd_ps(ai, we, ce[i]);
+      co[i] = _mm256_fmadd_ps(ai, wo, co[i]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    // unpack within 128-bit lanes: lo = columns 0-3 | 8-11, hi = 4-7 | 12-15
+    const __m256 lo = _mm256_unpacklo_ps(ce[i], co[i]), hi = _mm256_unpackhi_ps(ce[i], co[i]);
+    __m256 r0 = _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), va);
+    __m256 r1 = _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), va);
+    float* p = c[i];
+    if (valid == 16) {
+      if (acc) {
+        r0 = _mm256_add_ps(r0, _mm256_loadu_ps(p));
+        r1 = _mm256_add_ps(r1, _mm256_loadu_ps(p + 8));
+      }
+      _mm256_storeu_ps(p, r0);
+      _mm256_storeu_ps(p + 8, r1);
+    } else {
+      alignas(32) float tmp[16];
+      _mm256_store_ps(tmp, r0);
+      _mm256_store_ps(tmp + 8, r1);
+      for (int j = 0; j < valid; ++j) p[j] = (acc ? p[j] : 0.0f) + tmp[j];
+    }
+  }
+}
+
+template <int MR>
+void direct_quarters(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
+                     float alpha, bool acc, const DirectRows& rows) {
+  float* cq[MR];
+  for (int q = 0; 16 * q < nr; ++q) {
+    for (int i = 0; i < MR; ++i) cq[i] = c[i] + 16 * q;
+    const bool first = q == 0;  // prefetches the next block's rows: both lines when nr > 32
+    direct_cols16<MR>(kc, a, w + 16 * q, ldw, cq, std::min(16, nr - 16 * q), alpha, acc,
+                      rows.copy != nullptr ? rows.copy + 16 * q : nullptr, first ? rows.prefetch : nullptr,
+                      rows.prefetch_ld, nr > 32 ? 2 : 1, rows.slice);
+  }
+}
+
 }  // namespace
+
+void direct_bf16_avx2(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr, int nr,
+                      float alpha, bool acc, const DirectRows& rows) {
+  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
+    case 1: direct_quarters<1>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 2: direct_quarters<2>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 3: direct_quarters<3>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 4: direct_quarters<4>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 5: direct_quarters<5>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    default: direct_quarters<6>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+  }
+}
+
+void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+                   int nw, float* const* c, float alpha, bool acc) {
+  // Tiles of 6 rows in the layout, each run as pairs of rows; every pair reads the same 4 weight rows
+  // and prefetches its share of the next 4.
+  const int pairs = (m + 1) / 2;
+  for (int i = 0; i < m; i += 6) {
+    const int mb = std::min(6, m - i);
+    const float* tile = a + i * lda + k0 * mb;
+    for (int r0 = 0; r0 < mb; r0 += 2) {
+      const PrefetchSlice slice{(i + r0) / 2, pairs};
+      if (r0 + 2 <= mb) dot_rows<2>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
+      else dot_rows<1>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
+    }
+  }
+}
+
+void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {
+  // The layout of pack_dot_row_avx512 (gemm.h, DotKernel); plain loops, which the compiler vectorises.
+  for (int64_t k0 = 0; k0 < n; k0 += 32, dst += stride) {
+    const int64_t len = std::min<int64_t>(32, n - k0);
+    float block[32] = {};
+    if (dtype == DType::kBF16) {
+      const auto* p = static_cast<const uint16_t*>(src) + k0;
+      for (int64_t t = 0; t < len; ++t) block[t] = bf16_to_f32(p[t]) * scale;
+    } else {
+      const auto* p = static_cast<const float*>(src) + k0;
+      for (int64_t t = 0; t < len; ++t) block[t] = p[t] * scale;
+    }
+    for (int t = 0; t < 16; ++t) {
+      dst[t] = block[2 * t];
+      dst[16 + t] = block[2 * t + 1];
+    }
+  }
+}
 
 // Constant row indices throughout (rows past mr skipped by a test), so that the accumulators stay in
 // registers; see microkernel_avx512.

@@ -65,7 +65,7 @@ def kernel_counters() -> dict[str, int]:
     Keys: ``forward``, ``recompute`` (forward work redone in backward), ``input_grad`` (dx and the
     chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``;
     ``small_batch_flops``, the part of those FLOPs done on the small-batch path (a few tokens against
-    bf16 weights read in place, without packing; AVX-512 only); ``packed_once_flops``, the part done
+    bf16 weights read in place, without packing; AVX-512 and AVX2); ``packed_once_flops``, the part done
     against an operand packed once for several products (the base-weight gradients of an expert
     whose token rows fit the per-worker reuse buffer of 12 MiB); and the scratch pool the calls
     borrow their intermediates from (reused across calls, not reset): ``scratch_bytes`` held now,

@@ -189,10 +189,9 @@ def test_fallback_isas_match_reference(isa, dtype, monkeypatch):
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
 def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa, monkeypatch):
     # A few tokens per expert against bf16 weights take the small-batch paths, which read the weights
-    # in place: the dot path in the forward projections (AVX-512 and AVX2), the direct path in the
-    # chain to dx (AVX-512). With f32 tokens, y and dx stay f32, so those paths are held to f32
-    # accuracy; LoRA on every projection puts the adapters' products (rank 2-5: edges only) through
-    # them too.
+    # in place (AVX-512 and AVX2): the dot path in the forward projections, the direct path in the
+    # chain to dx. With f32 tokens, y and dx stay f32, so those paths are held to f32 accuracy; LoRA
+    # on every projection puts the adapters' products (rank 2-5: edges only) through them too.
     from ktjax import ffi
 
     if isa != "native":

@@ -57,7 +57,7 @@ const Isa kAvx2 = {"avx2",
                    dot_bf16_avx2,
                    pack_dot_row_avx2,
                    direct_bf16_avx2,
-                   nullptr,
+                   round_bf16_avx2,
                    silu_mul_portable,
                    silu_mul_grad_portable};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,

@@ -190,6 +190,25 @@ void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, c
   }
 }
 
+void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  // round_bf16_avx512 with 8 lanes: nearest even, NaN kept quiet (f32_to_bf16 in dtype.h, one by one)
+  const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i quiet = _mm256_set1_epi32(0x40);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+    const __m256i top = _mm256_srli_epi32(u, 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);  // |u| < 2^31: signed is fine
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(half, _mm256_and_si256(top, one))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(top, quiet), nan);
+    // 8 values < 2^16 to 16 bits: packus works per 128-bit lane, so gather its two low quarters
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
 void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {
   // The layout of pack_dot_row_avx512 (gemm.h, DotKernel); plain loops, which the compiler vectorises.
   for (int64_t k0 = 0; k0 < n; k0 += 32, dst += stride) {

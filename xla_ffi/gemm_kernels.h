@@ -39,6 +39,7 @@ void direct_bf16_avx2(int64_t kc, const float* a, const uint16_t* w, int64_t ldw
 void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                    int nw, float* const* c, float alpha, bool acc);
 void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
+void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 
 }  // namespace ktjax

@@ -20,6 +20,10 @@ inline float bf16_to_f32(uint16_t bits) {
   return f;
 }
 
+// One stored value as f32, either dtype (for templated packers).
+inline float widen1(uint16_t v) { return bf16_to_f32(v); }
+inline float widen1(float v) { return v; }
+
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);

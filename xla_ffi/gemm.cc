@@ -49,8 +49,8 @@ const Isa kAvx512 = {"avx512",
 const Isa kAvx2 = {"avx2",
                    16,
                    microkernel_avx2,
-                   nullptr,
-                   nullptr,
+                   pack_bf16_panel_avx2,
+                   pack_f32_panel_avx2,
                    nullptr,
                    nullptr,
                    nullptr,
@@ -71,13 +71,6 @@ bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return true;
 }
-
-template <typename T>
-inline float widen(const T* p);
-template <>
-inline float widen<float>(const float* p) { return *p; }
-template <>
-inline float widen<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
 
 // Fetches elements [k0, k0 + kc) of stored rows [r0, r0 + n) of A into L1. The next A panel's token
 // rows are gathered from anywhere in x, so no hardware prefetcher sees them coming: without this the
@@ -128,7 +121,7 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
         }
         const T* src = d + A.row(i0 + i) * A.ld + k0;
         const float s = A.scale(i0 + i);
-        for (int64_t k = 0; k < kc; ++k) dst[k * width] = widen(src + k) * s;
+        for (int64_t k = 0; k < kc; ++k) dst[k * width] = widen1(src[k]) * s;
       }
     }
   } else {  // stored (k, i): each stored row fills one k-slice of every panel, contiguously
@@ -148,7 +141,7 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
       for (int64_t p = 0; p < panels; ++p) {
         float* dst = buf + (p * kc + k) * width;
         const int64_t w = std::min(width, mc - p * width);
-        for (int64_t ii = 0; ii < w; ++ii) dst[ii] = widen(src + p * width + ii) * s;
+        for (int64_t ii = 0; ii < w; ++ii) dst[ii] = widen1(src[p * width + ii]) * s;
         for (int64_t ii = w; ii < width; ++ii) dst[ii] = 0.0f;
       }
     }

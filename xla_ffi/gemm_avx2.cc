@@ -20,6 +20,50 @@ inline void microkernel_step(const float* a, const float* b, __m256 (&c0)[6], __
   }
 }
 
+// In place: r[j] becomes column j of the 8x8 block whose rows were r[0..7].
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);  // per 128-bit lane: a0 b0 a1 b1
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // rows 4i..4i+3: s[4i + c] holds column c of them (both lanes)
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);
+  }
+}
+
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// One full panel of 16 stored rows, transposed: dst[k * 16 + j] = rows[j][k] * scale[j]. Blocks of 8 x 8
+// are transposed in registers and stored as whole rows of the panel (the portable loop stores one
+// value per cache line).
+template <typename T>
+void pack_panel16(const T* const* rows, const float* scale, int64_t kc, float* dst) {
+  __m256 v[8];
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_mul_ps(load8(rows[8 * h + i] + k), _mm256_set1_ps(scale[8 * h + i]));
+      transpose8(v);
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + (k + c) * 16 + 8 * h, v[c]);
+    }
+  }
+  for (; k < kc; ++k) {  // the last kc % 8 slices
+    for (int j = 0; j < 16; ++j) dst[k * 16 + j] = widen1(rows[j][k]) * scale[j];
+  }
+}
+
 // 8 bf16 of every 32-bit pair widened to f32: the even elements (low halves) or the odd ones.
 inline __m256 bf16_even8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
@@ -188,6 +232,14 @@ void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, c
       else dot_rows<1>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
     }
   }
+}
+
+void pack_bf16_panel_avx2(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst) {
+  pack_panel16(rows, scale, kc, dst);
+}
+
+void pack_f32_panel_avx2(const float* const* rows, const float* scale, int64_t kc, float* dst) {
+  pack_panel16(rows, scale, kc, dst);
 }
 
 void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {

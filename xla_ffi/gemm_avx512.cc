@@ -92,8 +92,6 @@ inline __m512 load16(const uint16_t* p, float scale) {
 inline __m512 load16(const float* p, float scale) {
   return _mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(scale));
 }
-inline float widen1(uint16_t v) { return bf16_to_f32(v); }
-inline float widen1(float v) { return v; }
 
 // 32 bf16 values in one 64-byte vector, widened to f32 in two halves: the even elements (shifted into
 // the high half of their 32-bit lane) and the odd ones (already there: the even halves zeroed).

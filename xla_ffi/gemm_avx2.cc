@@ -64,6 +64,27 @@ void pack_panel16(const T* const* rows, const float* scale, int64_t kc, float* d
   }
 }
 
+// One full A-side panel of 6 stored rows, transposed: dst[k * 6 + i] = rows[i][k] * scale[i]. Blocks of
+// 8 k are transposed with two zero rows; each slice of 6 is stored as 4 + 2 values.
+template <typename T>
+void pack_panel6(const T* const* rows, const float* scale, int64_t kc, float* dst) {
+  __m256 v[8];
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    for (int i = 0; i < 6; ++i) v[i] = _mm256_mul_ps(load8(rows[i] + k), _mm256_set1_ps(scale[i]));
+    v[6] = v[7] = _mm256_setzero_ps();
+    transpose8(v);
+    for (int c = 0; c < 8; ++c) {
+      float* d = dst + (k + c) * 6;
+      _mm_storeu_ps(d, _mm256_castps256_ps128(v[c]));
+      _mm_storel_pi(reinterpret_cast<__m64*>(d + 4), _mm256_extractf128_ps(v[c], 1));
+    }
+  }
+  for (; k < kc; ++k) {  // the last kc % 8 slices
+    for (int i = 0; i < 6; ++i) dst[k * 6 + i] = widen1(rows[i][k]) * scale[i];
+  }
+}
+
 // 8 bf16 of every 32-bit pair widened to f32: the even elements (low halves) or the odd ones.
 inline __m256 bf16_even8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
@@ -240,6 +261,14 @@ void pack_bf16_panel_avx2(const uint16_t* const* rows, const float* scale, int64
 
 void pack_f32_panel_avx2(const float* const* rows, const float* scale, int64_t kc, float* dst) {
   pack_panel16(rows, scale, kc, dst);
+}
+
+void pack_bf16_a_panel_avx2(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst) {
+  pack_panel6(rows, scale, kc, dst);
+}
+
+void pack_f32_a_panel_avx2(const float* const* rows, const float* scale, int64_t kc, float* dst) {
+  pack_panel6(rows, scale, kc, dst);
 }
 
 void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {

@@ -1,5 +1,6 @@
-// AVX2 + FMA micro-kernel, 6x16 f32 tile in 12 ymm accumulators, and the small-batch dot kernel.
-// Compiled with -mavx2 -mfma.
+// AVX2 + FMA kernels: the micro-kernel (6x16 f32 tile in 12 ymm accumulators), the small-batch dot and
+// direct kernels with the dot kernel's row packer, the panel packers and the bf16 rounder. Compiled
+// with -mavx2 -mfma.
 #include <immintrin.h>
 
 #include <algorithm>

@@ -21,6 +21,23 @@ inline void microkernel_step(const float* a, const float* b, __m256 (&c0)[6], __
   }
 }
 
+// 16 values (r0, then r1) into p[0:n], added to what is there when acc; n < 16 through a temporary.
+inline void store16(float* p, __m256 r0, __m256 r1, int n, bool acc) {
+  if (n == 16) {
+    if (acc) {
+      r0 = _mm256_add_ps(r0, _mm256_loadu_ps(p));
+      r1 = _mm256_add_ps(r1, _mm256_loadu_ps(p + 8));
+    }
+    _mm256_storeu_ps(p, r0);
+    _mm256_storeu_ps(p + 8, r1);
+    return;
+  }
+  alignas(32) float tmp[16];
+  _mm256_store_ps(tmp, r0);
+  _mm256_store_ps(tmp + 8, r1);
+  for (int j = 0; j < n; ++j) p[j] = (acc ? p[j] : 0.0f) + tmp[j];
+}
+
 // In place: r[j] becomes column j of the 8x8 block whose rows were r[0..7].
 inline void transpose8(__m256 r[8]) {
   __m256 t[8], s[8];
@@ -194,22 +211,8 @@ void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, f
   for (int i = 0; i < MR; ++i) {
     // unpack within 128-bit lanes: lo = columns 0-3 | 8-11, hi = 4-7 | 12-15
     const __m256 lo = _mm256_unpacklo_ps(ce[i], co[i]), hi = _mm256_unpackhi_ps(ce[i], co[i]);
-    __m256 r0 = _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), va);
-    __m256 r1 = _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), va);
-    float* p = c[i];
-    if (valid == 16) {
-      if (acc) {
-        r0 = _mm256_add_ps(r0, _mm256_loadu_ps(p));
-        r1 = _mm256_add_ps(r1, _mm256_loadu_ps(p + 8));
-      }
-      _mm256_storeu_ps(p, r0);
-      _mm256_storeu_ps(p + 8, r1);
-    } else {
-      alignas(32) float tmp[16];
-      _mm256_store_ps(tmp, r0);
-      _mm256_store_ps(tmp + 8, r1);
-      for (int j = 0; j < valid; ++j) p[j] = (acc ? p[j] : 0.0f) + tmp[j];
-    }
+    store16(c[i], _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x20), va),
+            _mm256_mul_ps(_mm256_permute2f128_ps(lo, hi, 0x31), va), valid, acc);
   }
 }
 
@@ -324,21 +327,7 @@ void microkernel_avx2(int64_t kc, const float* a, const float* b, float* const* 
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) {
     if (i >= mr) break;
-    float* p = c[i];
-    if (nr == NR) {
-      __m256 r0 = _mm256_mul_ps(c0[i], va), r1 = _mm256_mul_ps(c1[i], va);
-      if (acc) {
-        r0 = _mm256_add_ps(r0, _mm256_loadu_ps(p));
-        r1 = _mm256_add_ps(r1, _mm256_loadu_ps(p + 8));
-      }
-      _mm256_storeu_ps(p, r0);
-      _mm256_storeu_ps(p + 8, r1);
-    } else {
-      alignas(32) float tmp[NR];
-      _mm256_store_ps(tmp, _mm256_mul_ps(c0[i], va));
-      _mm256_store_ps(tmp + 8, _mm256_mul_ps(c1[i], va));
-      for (int j = 0; j < nr; ++j) p[j] = (acc ? p[j] : 0.0f) + tmp[j];
-    }
+    store16(c[i], _mm256_mul_ps(c0[i], va), _mm256_mul_ps(c1[i], va), nr, acc);
   }
 }
 

@@ -295,21 +295,9 @@ void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
 }
 
 void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {
-  // The layout of pack_dot_row_avx512 (gemm.h, DotKernel); plain loops, which the compiler vectorises.
+  // Token rows only (a few per expert): the portable block packer is cheap next to the products.
   for (int64_t k0 = 0; k0 < n; k0 += 32, dst += stride) {
-    const int64_t len = std::min<int64_t>(32, n - k0);
-    float block[32] = {};
-    if (dtype == DType::kBF16) {
-      const auto* p = static_cast<const uint16_t*>(src) + k0;
-      for (int64_t t = 0; t < len; ++t) block[t] = bf16_to_f32(p[t]) * scale;
-    } else {
-      const auto* p = static_cast<const float*>(src) + k0;
-      for (int64_t t = 0; t < len; ++t) block[t] = p[t] * scale;
-    }
-    for (int t = 0; t < 16; ++t) {
-      dst[t] = block[2 * t];
-      dst[16 + t] = block[2 * t + 1];
-    }
+    pack_dot_block(src, dtype, scale, k0, std::min<int64_t>(32, n - k0), dst);
   }
 }
 

@@ -388,15 +388,7 @@ void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, i
       _mm512_storeu_ps(d + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd_idx, hi), vs));
     }
   }
-  if (k < n) {  // the last partial block of 32, zero-padded
-    float tail[32] = {};
-    for (int64_t t = k; t < n; ++t) tail[t - k] = load_f32(src, dtype, t) * scale;
-    float* d = dst + k / 32 * stride;
-    for (int t = 0; t < 16; ++t) {
-      d[t] = tail[2 * t];
-      d[16 + t] = tail[2 * t + 1];
-    }
-  }
+  if (k < n) pack_dot_block(src, dtype, scale, k, n - k, dst + k / 32 * stride);  // the last, partial block
 }
 
 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {

@@ -33,6 +33,18 @@ void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m,
                      int nw, float* const* c, float alpha, bool acc);
 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n);
 
+// One block of 32 of a stored row in the dot layout (DotRowPacker in gemm.h): values k0 .. k0 + len - 1
+// (len <= 32, zero past), times scale, the even ones at dst[0:16], the odd ones at dst[16:32]. The
+// AVX-512 packer's partial last block; every block of the AVX2 one.
+inline void pack_dot_block(const void* src, DType dtype, float scale, int64_t k0, int64_t len, float* dst) {
+  float block[32] = {};
+  for (int64_t t = 0; t < len; ++t) block[t] = load_f32(src, dtype, k0 + t) * scale;
+  for (int t = 0; t < 16; ++t) {
+    dst[t] = block[2 * t];
+    dst[16 + t] = block[2 * t + 1];
+  }
+}
+
 // AVX2 small-M kernels and the dot kernel's row packer (the same layouts as the AVX-512 ones).
 void direct_bf16_avx2(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr, int nr,
                       float alpha, bool acc, const DirectRows& rows);

@@ -48,8 +48,11 @@ SHAPES = {
     # workers: 544), fewer (the second: 517 = 8 * 64 + 5) or more (I: 45).
     "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
     # K = E: every expert gets all 96 tokens, the most the dot path takes (16 tiles of 6 rows); the
-    # chain to dx (more than 24 rows) takes the packed path.
+    # chain to dx (more than 64 rows) takes the packed path.
     "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45),
+    # K = E: every expert gets all 64 tokens, the most the direct path (the chain to dx) takes: 10
+    # tiles of 6 rows and one of 4, all reading the first tile's copy of each weight block.
+    "direct_path_row_limit": dict(T=64, K=2, E=2, H=1061, I=45),
 }
 
 
@@ -191,7 +194,7 @@ def test_fallback_isas_match_reference(shape, isa, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-@pytest.mark.parametrize("shape", ["small_batches_with_edges", "dot_path_row_limit"])
+@pytest.mark.parametrize("shape", ["small_batches_with_edges", "dot_path_row_limit", "direct_path_row_limit"])
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
 def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa, monkeypatch):
     # A few tokens per expert against bf16 weights take the small-batch paths, which read the weights
@@ -215,6 +218,8 @@ def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa,
     y_ref, grads_ref = reference_loss_and_grads(p, cot)
     if ffi.selected_isa() in ("avx512", "avx2"):
         assert counters["small_batch_flops"] > 0.3 * counters["forward"]
+        if shape == "direct_path_row_limit":  # the chain to dx too (about 1.04x the forward without it)
+            assert counters["small_batch_flops"] > 1.3 * counters["forward"]
     assert y.dtype == jnp.float32
     assert rel_err(y, y_ref) < 2e-5, "forward"
     for name, g in grads.items():

@@ -39,6 +39,9 @@ SHAPES = {
     "S1": dict(T=128, E=64, **LAYER),
     "S2": dict(T=1024, E=64, **LAYER),
     "S3": dict(T=4096, E=32, **LAYER),
+    # Expert shapes of released models (shapes only: their activations and biases differ), small batches
+    "M1": dict(T=256, H=2048, I=1408, K=6, E=64, r=16),  # DeepSeek-V2-Lite's layer: ~24 tokens per expert
+    "M2": dict(T=128, H=2880, I=2880, K=4, E=32, r=16),  # gpt-oss-20b's expert shape: ~16 tokens per expert
 }
 CASES = ("forward", "full", "lora", "frozen")
 

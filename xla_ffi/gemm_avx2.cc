@@ -1,6 +1,6 @@
 // AVX2 + FMA kernels: the micro-kernel (6x16 f32 tile in 12 ymm accumulators), the small-batch dot and
-// direct kernels with the dot kernel's row packer, the panel packers and the bf16 rounder. Compiled
-// with -mavx2 -mfma.
+// direct kernels with the dot kernel's row packer, the panel and row-panel packers and the bf16
+// rounder. Compiled with -mavx2 -mfma.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -292,6 +292,32 @@ void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
   }
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+namespace {
+
+// See RowPanelPacker (gemm.h): 8 values per load where a panel's row has them, the edges one by one.
+template <typename T>
+void pack_row_panels8(const T* src, float scale, int64_t n, int64_t width, int64_t stride, float* dst) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int64_t c0 = 0; c0 < n; c0 += width, dst += stride) {
+    const int64_t valid = std::min(width, n - c0);
+    int64_t j = 0;
+    for (; j + 8 <= valid; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(load8(src + c0 + j), vs));
+    for (; j < valid; ++j) dst[j] = widen1(src[c0 + j]) * scale;
+    for (; j < width; ++j) dst[j] = 0.0f;
+  }
+}
+
+}  // namespace
+
+void pack_row_panels_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t width, int64_t stride,
+                          float* dst) {
+  if (dtype == DType::kBF16) {
+    pack_row_panels8(static_cast<const uint16_t*>(src), scale, n, width, stride, dst);
+  } else {
+    pack_row_panels8(static_cast<const float*>(src), scale, n, width, stride, dst);
+  }
 }
 
 void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {

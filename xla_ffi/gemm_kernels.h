@@ -52,11 +52,14 @@ void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, c
                    int nw, float* const* c, float alpha, bool acc);
 void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
-// AVX2 panel packers for nr = 16 and the A side's 6 rows (8x8 in-register transposes).
+// AVX2 panel packers for nr = 16 and the A side's 6 rows (8x8 in-register transposes), and the packer
+// of a transposed operand's stored rows.
 void pack_bf16_panel_avx2(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 void pack_f32_panel_avx2(const float* const* rows, const float* scale, int64_t kc, float* dst);
 void pack_bf16_a_panel_avx2(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);
 void pack_f32_a_panel_avx2(const float* const* rows, const float* scale, int64_t kc, float* dst);
+void pack_row_panels_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t width, int64_t stride,
+                          float* dst);
 void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 
 }  // namespace ktjax

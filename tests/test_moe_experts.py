@@ -51,7 +51,7 @@ SHAPES = {
     # chain to dx (more than 64 rows) takes the packed path.
     "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45),
     # K = E: every expert gets all 64 tokens, the most the direct path (the chain to dx) takes: 10
-    # tiles of 6 rows and one of 4, all reading the first tile's copy of each weight block.
+    # tiles of 6 rows and one of 4, all but the first reading the first one's copy of each weight block.
     "direct_path_row_limit": dict(T=64, K=2, E=2, H=1061, I=45),
 }
 

@@ -163,9 +163,11 @@ void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t 
 
 // Whether C = op(A) op(B) can read B in place: few rows, and B a bf16 weight (no row gather or
 // scale), with an ISA that has the small-batch kernels. B stored [N, K] (transposed) then takes the
-// dot path (A not transposed), B stored [K, N] the direct path.
-bool small_batch(const Isa& isa, int64_t M, const MatView& B) {
-  const bool has_kernel = B.trans ? isa.dot_bf16 != nullptr : isa.direct_bf16 != nullptr;
+// dot path (A not transposed), B stored [K, N] the direct path. The dot path needs a reduction of at
+// least one block of 32: a shorter one (LoRA's B products at rank < 32) would pay a zero-padded block
+// and a horizontal sum for every 4 outputs, more work than packing B (docs/performance.md).
+bool small_batch(const Isa& isa, int64_t M, int64_t K, const MatView& B) {
+  const bool has_kernel = B.trans ? isa.dot_bf16 != nullptr && K >= 32 : isa.direct_bf16 != nullptr;
   return has_kernel && M <= (B.trans ? kDotMaxRows : kDirectMaxRows) &&
          B.dtype == DType::kBF16 && B.rows == nullptr && B.row_scale == nullptr;
 }
@@ -355,7 +357,7 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   add_flops(work, 2 * M * N * K);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
   const bool dot = B.trans && !A.trans, direct = !B.trans;
-  if ((dot || direct) && small_batch(isa, M, B)) {
+  if ((dot || direct) && small_batch(isa, M, K, B)) {
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
     if (dot) gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     else gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);

@@ -47,12 +47,13 @@ SHAPES = {
     # nonzero; the direct path's last block of 64 columns holds 32 (H's first column tile with 2
     # workers: 544), fewer (the second: 517 = 8 * 64 + 5) or more (I: 45).
     "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
-    # K = E: every expert gets all 96 tokens, the most the dot path takes (16 tiles of 6 rows); the
-    # chain to dx (more than 64 rows) takes the packed path.
-    "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45),
-    # K = E: every expert gets all 64 tokens, the most the direct path (the chain to dx) takes: 10
-    # tiles of 6 rows and one of 4, all but the first reading the first one's copy of each weight block.
-    "direct_path_row_limit": dict(T=64, K=2, E=2, H=1061, I=45),
+    # Every token on both experts: each gets all 96 tokens, the most the dot path takes (16 tiles of 6
+    # rows); the chain to dx (more than 64 rows) takes the packed path.
+    "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (96, 1))),
+    # Every token on both experts: each gets all 64 tokens, the most the direct path (the chain to dx)
+    # takes: 10 tiles of 6 rows and one of 4 (its token rows packed in 11 panels of 6, the last one
+    # padded), all but the first reading the first one's copy of each weight block.
+    "direct_path_row_limit": dict(T=64, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (64, 1))),
 }
 
 

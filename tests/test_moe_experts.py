@@ -229,6 +229,35 @@ def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa,
         assert err < tol, f"gradient of {name}: relative error {err:.2e}"
 
 
+# Tokens per expert on either side of the small-batch paths' limits (the direct path's 64 rows, the
+# dot path's 96) and of their tiles of 6 rows: one expert per count.
+ROW_COUNTS = (1, 5, 6, 7, 24, 25, 60, 61, 62, 63, 64, 65, 66, 95, 96, 97)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_every_token_count_around_the_small_batch_limits_is_exact_to_f32(isa, monkeypatch):
+    # Checked token by token, so that a few wrong rows of one expert cannot hide in a global error.
+    from ktjax import ffi
+
+    if isa != "native":
+        if isa not in ffi.available_isas():
+            pytest.skip(f"this CPU cannot run {isa}")
+        monkeypatch.setenv("KTJAX_ISA", isa)
+    rng = np.random.default_rng(16)
+    ids = rng.permutation(np.repeat(np.arange(len(ROW_COUNTS)), ROW_COUNTS))[:, None]
+    p = make_problem(16, T=len(ids), K=1, E=len(ROW_COUNTS), H=96, I=64, ids=ids)
+    p = dataclasses.replace(p, **{k: getattr(p, k).astype(jnp.bfloat16) for k in ("gate", "up", "down")})
+    cot = rng.standard_normal(p.x.shape)
+    y, grads = loss_and_grads(p, cpu_moe(), jnp.asarray(cot, jnp.float32))
+    y_ref, grads_ref = reference_loss_and_grads(p, cot)
+    for name, got, want in (("y", y, y_ref), ("dx", grads["x"], grads_ref["x"])):
+        got, want = np.asarray(got, np.float64), np.asarray(want)
+        row_err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+        t = int(np.argmax(row_err))
+        count = ROW_COUNTS[ids[t, 0]]
+        assert row_err[t] < 1e-4, f"{name} of token {t} (its expert has {count} tokens): {row_err[t]:.2e}"
+
+
 def test_f32_weights_never_take_the_small_batch_path():
     from ktjax import ffi
 

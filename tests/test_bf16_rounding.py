@@ -28,10 +28,8 @@ def awkward_floats() -> np.ndarray:
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
-def test_rounding_to_bf16_matches_ml_dtypes(isa, monkeypatch):
-    if isa not in ffi.available_isas():
-        pytest.skip(f"this CPU cannot run {isa}")
-    monkeypatch.setenv("KTJAX_ISA", isa)
+def test_rounding_to_bf16_matches_ml_dtypes(isa, use_isa):
+    use_isa(isa)
     x = awkward_floats()
     got = ffi.round_to_bf16(x).view(np.uint16)
     with np.errstate(invalid="ignore"):  # NaN inputs

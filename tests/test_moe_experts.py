@@ -173,15 +173,13 @@ def test_vmap_over_a_batch_of_token_sets_matches_a_loop():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 @pytest.mark.parametrize("shape", ["few_tokens", "blocks_past_cache_tiles"])
-def test_fallback_isas_match_reference(shape, isa, dtype, monkeypatch):
+def test_fallback_isas_match_reference(shape, isa, dtype, use_isa):
     # AVX2 has the small-batch kernels (few tokens per expert against bf16 weights) and vectorised
     # packers for full panels of 16 weight rows (many tokens; blocks_past_cache_tiles also has a depth
     # block of 130, not a multiple of their 8); the generic ISA neither.
     from ktjax import ffi
 
-    if isa not in ffi.available_isas():
-        pytest.skip(f"this CPU cannot run {isa}")
-    monkeypatch.setenv("KTJAX_ISA", isa)
+    use_isa(isa)
     assert ffi.selected_isa() == isa
     dims = dict(T=10, K=2, E=3, H=72, I=40) if shape == "few_tokens" else SHAPES[shape]
     p = make_problem(11, **dims, dtype=dtype, ranks={"gate": 3, "down": 2})
@@ -197,17 +195,14 @@ def test_fallback_isas_match_reference(shape, isa, dtype, monkeypatch):
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("shape", ["small_batches_with_edges", "dot_path_row_limit", "direct_path_row_limit"])
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
-def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa, monkeypatch):
+def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa, use_isa):
     # A few tokens per expert against bf16 weights take the small-batch paths, which read the weights
     # in place (AVX-512 and AVX2): the dot path in the forward projections, the direct path in the
     # chain to dx. With f32 tokens, y and dx stay f32, so those paths are held to f32 accuracy; LoRA
     # on every projection puts the adapters' products (rank 2-5: edges only) through them too.
     from ktjax import ffi
 
-    if isa != "native":
-        if isa not in ffi.available_isas():
-            pytest.skip(f"this CPU cannot run {isa}")
-        monkeypatch.setenv("KTJAX_ISA", isa)
+    use_isa(isa)
     p = make_problem(14, **SHAPES[shape], ranks={"gate": 3, "up": 2, "down": 5})
     bf16 = {k: getattr(p, k).astype(jnp.bfloat16) for k in ("gate", "up", "down")}
     lora = {k: (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for k, (a, b) in p.lora.items()}
@@ -235,14 +230,9 @@ ROW_COUNTS = (1, 5, 6, 7, 24, 25, 60, 61, 62, 63, 64, 65, 66, 95, 96, 97)
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-def test_every_token_count_around_the_small_batch_limits_is_exact_to_f32(isa, monkeypatch):
+def test_every_token_count_around_the_small_batch_limits_is_exact_to_f32(isa, use_isa):
     # Checked token by token, so that a few wrong rows of one expert cannot hide in a global error.
-    from ktjax import ffi
-
-    if isa != "native":
-        if isa not in ffi.available_isas():
-            pytest.skip(f"this CPU cannot run {isa}")
-        monkeypatch.setenv("KTJAX_ISA", isa)
+    use_isa(isa)
     rng = np.random.default_rng(16)
     ids = rng.permutation(np.repeat(np.arange(len(ROW_COUNTS)), ROW_COUNTS))[:, None]
     p = make_problem(16, T=len(ids), K=1, E=len(ROW_COUNTS), H=96, I=64, ids=ids)

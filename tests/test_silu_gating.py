@@ -45,10 +45,8 @@ def assert_close_or_same_special(got, want, what):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
-def test_silu_gating_and_its_gradients_match_float64(isa, monkeypatch):
-    if isa not in ffi.available_isas():
-        pytest.skip(f"this CPU cannot run {isa}")
-    monkeypatch.setenv("KTJAX_ISA", isa)
+def test_silu_gating_and_its_gradients_match_float64(isa, use_isa):
+    use_isa(isa)
     rng = np.random.default_rng(1)
     g = pre_activations()
     u = (rng.standard_normal(g.size) * 3).astype(np.float32)

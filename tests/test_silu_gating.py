@@ -63,3 +63,17 @@ def test_silu_gating_and_its_gradients_match_float64(isa, use_isa):
 def test_sizes_must_agree():
     with pytest.raises(ValueError, match="same size"):
         ffi.silu_mul(np.ones(4), np.ones(5))
+
+
+def test_avx2_gating_gives_the_same_bits_as_avx512(monkeypatch, use_isa):
+    """The AVX2 exp applies 2^n as two exact factors (no vscalefps): same rounding, so the same bits,
+    over exp's whole range (both ends of it, where 2^n needs both factors) and the special values."""
+    use_isa("avx512")
+    rng = np.random.default_rng(2)
+    g = np.concatenate([pre_activations(), np.linspace(-110.0, 95.0, 20001, dtype=np.float32)])
+    u, dh = (rng.standard_normal((2, g.size)) * 3).astype(np.float32)
+    outs = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv("KTJAX_ISA", isa)
+        outs[isa] = np.stack([ffi.silu_mul(g, u), *ffi.silu_mul_grad(g, u, dh, 0.37)])
+    np.testing.assert_array_equal(outs["avx2"].view(np.uint32), outs["avx512"].view(np.uint32))

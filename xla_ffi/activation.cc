@@ -1,4 +1,4 @@
-// Portable SiLU gating (activation.h): the AVX2 and generic kernel sets use it.
+// Portable SiLU gating (activation.h): the generic kernel set uses it.
 #include "activation.h"
 
 #include <cmath>

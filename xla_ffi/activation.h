@@ -1,6 +1,6 @@
 // The expert MLP's gating, h = silu(g) * u with silu(v) = v * sigmoid(v), and its gradients: elementwise
-// over the [slots, I] f32 pre-activations. One portable version and one AVX-512 version (its own exp);
-// the kernel set (Isa in gemm.h) names the one a call uses.
+// over the [slots, I] f32 pre-activations. One portable version, and AVX-512 and AVX2 versions (their own
+// exp, the same bits); the kernel set (Isa in gemm.h) names the one a call uses.
 #pragma once
 
 #include <cstdint>
@@ -22,5 +22,9 @@ void silu_mul_grad_portable(const float* g, const float* u, const float* dh, flo
 void silu_mul_avx512(const float* g, const float* u, float* h, int64_t n);
 void silu_mul_grad_avx512(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
                           int64_t n);
+// The same arithmetic in 8 lanes (2^n applied as two exact factors, as AVX2 has no vscalefps).
+void silu_mul_avx2(const float* g, const float* u, float* h, int64_t n);
+void silu_mul_grad_avx2(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
+                        int64_t n);
 
 }  // namespace ktjax

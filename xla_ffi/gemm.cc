@@ -60,8 +60,8 @@ const Isa kAvx2 = {"avx2",
                    pack_dot_row_avx2,
                    direct_bf16_avx2,
                    round_bf16_avx2,
-                   silu_mul_portable,
-                   silu_mul_grad_portable};
+                   silu_mul_avx2,
+                   silu_mul_grad_avx2};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                       nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
 

@@ -206,6 +206,13 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def allocator() -> str:
+    """The malloc the process runs on: a preloaded one (LD_PRELOAD, e.g. tcmalloc) or glibc's. XLA
+    allocates every step's large buffers anew, so the allocator moves full-mode times (README)."""
+    preloaded = [lib for lib in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "malloc" in lib]
+    return os.path.basename(preloaded[0]) if preloaded else "glibc malloc"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ktjax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes Q1, Q2")
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     bw = ffi.measure_read_bandwidth_gbs(threads)
     print(
         f"ktjax.bench: {threads} threads, micro-kernel {ffi.selected_isa()}; all threads together: "
-        f"f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; jax {jax.__version__}"
+        f"f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; jax {jax.__version__}; {allocator()}"
     )
     results = {}
     for name in names:
@@ -242,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_gflops": peak, "bandwidth_gbs": bw, "results": results}, f, indent=1)
+            machine = {"peak_gflops": peak, "bandwidth_gbs": bw, "allocator": allocator()}
+            json.dump({**machine, "results": results}, f, indent=1)
     if args.png:
         plot(results, args.png)
 

@@ -14,6 +14,14 @@ using SiluMul = void (*)(const float* g, const float* u, float* h, int64_t n);
 using SiluMulGrad = void (*)(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
                              int64_t n);
 
+// The vector versions' exp(x), shared so that their bits agree: x clamped to [kExpMin, kExpMax] (past
+// which expf is 0 or inf), x = n ln2 + r with ln2 in two parts (r exact, |r| <= ln2 / 2), exp(r) by Cephes'
+// degree-6 polynomial 1 + r + r^2 (kExpPoly[0] r^5 + ... + kExpPoly[5]), times 2^n.
+inline constexpr float kExpMin = -104.0f, kExpMax = 89.0f;
+inline constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+inline constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                      4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 void silu_mul_portable(const float* g, const float* u, float* h, int64_t n);
 void silu_mul_grad_portable(const float* g, const float* u, const float* dh, float w, float* dg, float* du,
                             int64_t n);

@@ -14,22 +14,18 @@ inline __m256 pow2(__m256i k) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
 }
 
-// exp(x) in 8 lanes, as exp16 in activation_avx512.cc: clamp to [-104, 89] (keeping a NaN), x = n ln2 + r,
-// Cephes' degree-6 polynomial for exp(r). AVX2 has no vscalefps, so 2^n (n in [-150, 128]) is applied as
-// two normal factors 2^a 2^b, a = floor(n / 2): p 2^a is exact, and p 2^a 2^b rounds once, overflowing to
-// inf and underflowing to 0 where p 2^n does, i.e. the same bits as vscalefps.
+// exp(x) in 8 lanes, as exp16 in activation_avx512.cc (the constants in activation.h). AVX2 has no
+// vscalefps, so 2^n (n in [-150, 128]) is applied as two normal factors 2^a 2^b, a = floor(n / 2): p 2^a
+// is exact, and p 2^a 2^b rounds once, overflowing to inf and underflowing to 0 where p 2^n does, i.e.
+// the same bits as vscalefps.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  x = _mm256_max_ps(_mm256_set1_ps(kExpMin), _mm256_min_ps(_mm256_set1_ps(kExpMax), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i ni = _mm256_cvtps_epi32(n);  // a NaN gives INT_MIN here, but p is NaN already
   const __m256i a = _mm256_srai_epi32(ni, 1);

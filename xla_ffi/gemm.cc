@@ -181,7 +181,8 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
                  const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
   float* apack = scratch;
-  auto* block = reinterpret_cast<uint16_t*>(scratch + kDirectAFloats);
+  auto* block = reinterpret_cast<uint16_t*>(scratch + kDirectAFloats);  // a padded last block
+  float* copy = scratch + kDirectAFloats + kDirectKC * kDirectCols / 2;    // see DirectRows
   const int tiles = static_cast<int>((M + kMR - 1) / kMR);
   float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
@@ -200,6 +201,7 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
         }
       }
       DirectRows rows;
+      rows.copy = copy;
       rows.prefetch = pc + kc < K ? b + kc * B.ld : nullptr;
       rows.prefetch_ld = B.ld;
       for (int64_t ir = 0; ir < M; ir += kMR) {
@@ -207,9 +209,11 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
         for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
         // Every row tile reads this block; each fetches its share of the same columns of the next one.
         rows.slice = PrefetchSlice{static_cast<int>(ir / kMR), tiles};
-        const bool stored = ir == 0 && !padded;
-        rows.copy = stored && tiles > 1 ? block : nullptr;
-        isa.direct_bf16(kc, apack + ir * kc, stored ? b : block, stored ? B.ld : kDirectCols, crow, mr, nb, alpha,
+        // A padded block: every tile reads `block`. Else the first reads the weights (and copies them
+        // when other tiles follow) and the others read the copy.
+        using Copy = DirectRows::Copy;
+        rows.copy_mode = padded ? Copy::kNone : ir > 0 ? Copy::kRead : tiles > 1 ? Copy::kWrite : Copy::kNone;
+        isa.direct_bf16(kc, apack + ir * kc, padded ? block : b, padded ? kDirectCols : B.ld, crow, mr, nb, alpha,
                         acc, rows);
       }
     }
@@ -349,7 +353,7 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) 
 int64_t gemm_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
   const int64_t dot = kDotMaxRows * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
-  const int64_t direct = kDirectAFloats + kDirectKC * kDirectCols / 2;  // A panels + a bf16 block
+  const int64_t direct = kDirectAFloats + kDirectKC * kDirectCols * 3 / 2;  // A panels, bf16 block, copy
   return std::max({packed, dot, direct});
 }
 

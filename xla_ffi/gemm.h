@@ -100,16 +100,19 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
 // on short blocks of rows (kc = 32) across all column blocks, so that the rows' pages stay in the TLB:
 // one segment per 4 KiB page and k would otherwise miss the TLB on every load. What it does besides,
 // set by the driver in DirectRows:
-// - copy != null: each segment read is also written to copy + k * kDirectCols. Several row tiles read
-//   the same block one after the other; the first copies it, and the others read the contiguous copy,
+// - copy_mode kWrite: each segment read is also written to `copy`, in a layout of the ISA's choosing
+//   (AVX-512: widened to f32; AVX2: the bf16 as read). Several row tiles read the same block one after
+//   the other; the first copies it, and the others (kRead: w and ldw unused) read the contiguous copy,
 //   because stored rows 4 KiB apart fall into one L1 set and evict each other (on hot data the old
 //   32-column kernel ran at 0.4-0.5x the micro-kernel's rate on such rows; with the copy and 64
-//   columns 0.75x; docs/performance.md).
+//   columns 0.75x; docs/performance.md), and, where the copy is widened, without widening again.
 // - prefetch != null: the segments at prefetch + k * prefetch_ld (the same columns of the next block of
 //   rows) are fetched into L2 at the steps of k that `slice` selects (each row tile its own phase).
 constexpr int64_t kDirectCols = 64;
 struct DirectRows {
-  uint16_t* copy = nullptr;
+  enum class Copy { kNone, kWrite, kRead };
+  Copy copy_mode = Copy::kNone;
+  float* copy = nullptr;  // kc * kDirectCols floats
   const uint16_t* prefetch = nullptr;
   int64_t prefetch_ld = 0;
   PrefetchSlice slice;

@@ -219,13 +219,19 @@ void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, f
 template <int MR>
 void direct_quarters(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
                      float alpha, bool acc, const DirectRows& rows) {
+  // This kernel's copy is the bf16 segments as read, kDirectCols apart.
+  uint16_t* const copy = reinterpret_cast<uint16_t*>(rows.copy);
+  if (rows.copy_mode == DirectRows::Copy::kRead) {
+    w = copy;
+    ldw = kDirectCols;
+  }
   float* cq[MR];
   for (int q = 0; 16 * q < nr; ++q) {
     for (int i = 0; i < MR; ++i) cq[i] = c[i] + 16 * q;
     const bool first = q == 0;  // prefetches the next block's rows: both lines when nr > 32
     direct_cols16<MR>(kc, a, w + 16 * q, ldw, cq, std::min(16, nr - 16 * q), alpha, acc,
-                      rows.copy != nullptr ? rows.copy + 16 * q : nullptr, first ? rows.prefetch : nullptr,
-                      rows.prefetch_ld, nr > 32 ? 2 : 1, rows.slice);
+                      rows.copy_mode == DirectRows::Copy::kWrite ? copy + 16 * q : nullptr,
+                      first ? rows.prefetch : nullptr, rows.prefetch_ld, nr > 32 ? 2 : 1, rows.slice);
   }
 }
 

@@ -266,8 +266,10 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
 }
 
 // MR rows of A (packed 6 apart) against NH halves of 32 bf16 columns read in place; see DirectKernel
-// in gemm.h. Each half widens to its even and odd columns, put back in order once per tile.
-template <int MR, int NH>
+// in gemm.h. Each half widens to its even and odd columns, put back in order once per tile. This
+// kernel's copy holds the widened halves (even columns, then odd), kDirectCols floats per k: the tiles
+// that read it (kFromCopy) only load and multiply.
+template <int MR, int NH, bool kFromCopy>
 void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
                  float alpha, bool acc, const DirectRows& rows) {
   __m512 s[2 * NH][MR];  // half h: even columns s[2 h], odd columns s[2 h + 1]
@@ -276,7 +278,8 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) s[j][i] = _mm512_setzero_ps();
   }
-  uint16_t* const copy = rows.copy;  // locals: the copy's stores could alias `rows` for the compiler
+  // locals: the copy's stores could alias `rows` for the compiler
+  float* const copy = kFromCopy || rows.copy_mode == DirectRows::Copy::kWrite ? rows.copy : nullptr;
   const uint16_t* next = rows.prefetch;
   const int64_t next_ld = rows.prefetch_ld;
   const int period = rows.slice.period;
@@ -287,12 +290,19 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
       until_prefetch = period - 1;
     }
     __m512 wv[2 * NH];
+#pragma GCC unroll 4
+    for (int j = 0; j < 2 * NH; ++j) {
+      if (kFromCopy) wv[j] = _mm512_loadu_ps(copy + k * kDirectCols + 16 * j);
+    }
 #pragma GCC unroll 2
-    for (int h = 0; h < NH; ++h) {
+    for (int h = 0; h < NH && !kFromCopy; ++h) {
       const __m512i v = _mm512_loadu_si512(w + 32 * h);
-      if (copy != nullptr) _mm512_storeu_si512(copy + k * kDirectCols + 32 * h, v);
       wv[2 * h] = bf16_even(v);
       wv[2 * h + 1] = bf16_odd(v);
+      if (copy != nullptr) {
+        _mm512_storeu_ps(copy + k * kDirectCols + 32 * h, wv[2 * h]);
+        _mm512_storeu_ps(copy + k * kDirectCols + 32 * h + 16, wv[2 * h + 1]);
+      }
     }
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
@@ -324,16 +334,16 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
   }
 }
 
-template <int NH>
+template <int NH, bool kFromCopy>
 void direct_rows(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr, int nr,
                  float alpha, bool acc, const DirectRows& rows) {
   switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
-    case 1: direct_tile<1, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 2: direct_tile<2, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 3: direct_tile<3, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 4: direct_tile<4, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 5: direct_tile<5, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    default: direct_tile<6, NH>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 1: direct_tile<1, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 2: direct_tile<2, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 3: direct_tile<3, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 4: direct_tile<4, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 5: direct_tile<5, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    default: direct_tile<6, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
   }
 }
 
@@ -341,8 +351,14 @@ void direct_rows(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
 
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
                         int nr, float alpha, bool acc, const DirectRows& rows) {
-  if (nr > 32) direct_rows<2>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-  else direct_rows<1>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+  const bool from_copy = rows.copy_mode == DirectRows::Copy::kRead;
+  if (nr > 32) {
+    if (from_copy) direct_rows<2, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+    else direct_rows<2, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+  } else {
+    if (from_copy) direct_rows<1, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+    else direct_rows<1, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+  }
 }
 
 void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,

@@ -178,12 +178,13 @@ void dot_rows(int64_t kc, const float* tile, int mb, int r0, const uint16_t* w, 
 
 // MR rows of A (packed 6 apart) against 16 bf16 columns read in place (a quarter of the direct
 // kernel's block; see DirectKernel in gemm.h): even and odd columns in 2 x MR accumulators, put back in
-// order at the end. `valid` of the 16 columns are stored. With copy, each 32-byte segment read is
-// also written there; with next, `lines` 64-byte lines per row of the next block are prefetched into
-// L2 at the steps that `slice` selects.
-template <int MR>
+// order at the end. `valid` of the 16 columns are stored. The copy (kDirectCols floats per k) holds
+// the widened even and odd columns: with kFromCopy they are read from there (w unused), else from w,
+// and written there when copy != null. With next, `lines` 64-byte lines per row of the next block are
+// prefetched into L2 at the steps that `slice` selects.
+template <int MR, bool kFromCopy>
 void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int valid,
-                   float alpha, bool acc, uint16_t* copy, const uint16_t* next, int64_t next_ld, int lines,
+                   float alpha, bool acc, float* copy, const uint16_t* next, int64_t next_ld, int lines,
                    PrefetchSlice slice) {
   __m256 ce[MR], co[MR];
 #pragma GCC unroll 6
@@ -195,10 +196,19 @@ void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, f
       for (int l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 32 * l), _MM_HINT_T1);
       until_prefetch = slice.period - 1;
     }
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    if (copy != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(copy + k * kDirectCols), v);
-    const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    __m256 we, wo;
+    if (kFromCopy) {
+      we = _mm256_loadu_ps(copy + k * kDirectCols);
+      wo = _mm256_loadu_ps(copy + k * kDirectCols + 8);
+    } else {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      if (copy != nullptr) {
+        _mm256_storeu_ps(copy + k * kDirectCols, we);
+        _mm256_storeu_ps(copy + k * kDirectCols + 8, wo);
+      }
+    }
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
       const __m256 ai = _mm256_broadcast_ss(a + i);
@@ -219,19 +229,21 @@ void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, f
 template <int MR>
 void direct_quarters(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
                      float alpha, bool acc, const DirectRows& rows) {
-  // This kernel's copy is the bf16 segments as read, kDirectCols apart.
-  uint16_t* const copy = reinterpret_cast<uint16_t*>(rows.copy);
-  if (rows.copy_mode == DirectRows::Copy::kRead) {
-    w = copy;
-    ldw = kDirectCols;
-  }
+  using Copy = DirectRows::Copy;
   float* cq[MR];
   for (int q = 0; 16 * q < nr; ++q) {
     for (int i = 0; i < MR; ++i) cq[i] = c[i] + 16 * q;
     const bool first = q == 0;  // prefetches the next block's rows: both lines when nr > 32
-    direct_cols16<MR>(kc, a, w + 16 * q, ldw, cq, std::min(16, nr - 16 * q), alpha, acc,
-                      rows.copy_mode == DirectRows::Copy::kWrite ? copy + 16 * q : nullptr,
-                      first ? rows.prefetch : nullptr, rows.prefetch_ld, nr > 32 ? 2 : 1, rows.slice);
+    const int valid = std::min(16, nr - 16 * q), lines = nr > 32 ? 2 : 1;
+    const uint16_t* next = first ? rows.prefetch : nullptr;
+    if (rows.copy_mode == Copy::kRead) {
+      direct_cols16<MR, true>(kc, a, nullptr, 0, cq, valid, alpha, acc, rows.copy + 16 * q, next, rows.prefetch_ld,
+                              lines, rows.slice);
+    } else {
+      direct_cols16<MR, false>(kc, a, w + 16 * q, ldw, cq, valid, alpha, acc,
+                               rows.copy_mode == Copy::kWrite ? rows.copy + 16 * q : nullptr, next,
+                               rows.prefetch_ld, lines, rows.slice);
+    }
   }
 }
 

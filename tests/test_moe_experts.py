@@ -47,13 +47,12 @@ SHAPES = {
     # nonzero; the direct path's last block of 64 columns holds 32 (H's first column tile with 2
     # workers: 544), fewer (the second: 517 = 8 * 64 + 5) or more (I: 45).
     "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
-    # Every token on both experts: each gets all 96 tokens, the most the dot path takes (16 tiles of 6
-    # rows); the chain to dx (more than 64 rows) takes the packed path.
-    "dot_path_row_limit": dict(T=96, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (96, 1))),
-    # Every token on both experts: each gets all 64 tokens, the most the direct path (the chain to dx)
-    # takes: 10 tiles of 6 rows and one of 4 (its token rows packed in 11 panels of 6, the last one
-    # padded), all but the first reading the first one's copy of each weight block.
-    "direct_path_row_limit": dict(T=64, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (64, 1))),
+    # Every token on both experts: each gets all 96 tokens, the most either small-batch path takes (the
+    # dot path in the forward projections, the direct path in the chain to dx): 16 tiles of 6 rows, the
+    # direct path's later tiles reading the first one's widened copy of each weight block.
+    "small_batch_row_limit": dict(T=96, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (96, 1))),
+    # 95 tokens on both experts: 15 tiles of 6 and one of 5 (the last panel of packed token rows padded).
+    "small_batch_rows_padded": dict(T=95, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (95, 1))),
 }
 
 
@@ -193,7 +192,9 @@ def test_fallback_isas_match_reference(shape, isa, dtype, use_isa):
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-@pytest.mark.parametrize("shape", ["small_batches_with_edges", "dot_path_row_limit", "direct_path_row_limit"])
+@pytest.mark.parametrize(
+    "shape", ["small_batches_with_edges", "small_batch_row_limit", "small_batch_rows_padded"]
+)
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
 def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa, use_isa):
     # A few tokens per expert against bf16 weights take the small-batch paths, which read the weights
@@ -214,7 +215,7 @@ def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa,
     y_ref, grads_ref = reference_loss_and_grads(p, cot)
     if ffi.selected_isa() in ("avx512", "avx2"):
         assert counters["small_batch_flops"] > 0.3 * counters["forward"]
-        if shape == "direct_path_row_limit":  # the chain to dx too (about 1.04x the forward without it)
+        if shape != "small_batches_with_edges":  # the chain to dx too (about 1.04x the forward without it)
             assert counters["small_batch_flops"] > 1.3 * counters["forward"]
     assert y.dtype == jnp.float32
     assert rel_err(y, y_ref) < 2e-5, "forward"
@@ -224,8 +225,8 @@ def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa,
         assert err < tol, f"gradient of {name}: relative error {err:.2e}"
 
 
-# Tokens per expert on either side of the small-batch paths' limits (the direct path's 64 rows, the
-# dot path's 96) and of their tiles of 6 rows: one expert per count.
+# Tokens per expert on either side of the small-batch paths' limit (96 rows for both) and of their
+# tiles of 6 rows (and around 64, the direct path's former limit): one expert per count.
 ROW_COUNTS = (1, 5, 6, 7, 24, 25, 60, 61, 62, 63, 64, 65, 66, 95, 96, 97)
 
 

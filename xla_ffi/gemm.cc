@@ -26,9 +26,10 @@ constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every 
 // to kDotMaxRows rows) in blocks of kDotKC of the reduction, so the token rows' block stays in L2
 // while the weight rows stream past; the direct path (DirectKernel, up to kDirectMaxRows rows) in
 // blocks of kDirectKC rows. The limits are where the packed path became as fast in interleaved A/B
-// runs (docs/performance.md): the dot path beats it up to ~100 rows, the direct path up to ~64-96.
+// runs (docs/performance.md): the dot path beats it up to ~100 rows, the direct path (since its later
+// row tiles read the weights widened) up to 96-128; at 128 (S2) the two are even.
 constexpr int64_t kDotMaxRows = 96;
-constexpr int64_t kDirectMaxRows = 64;
+constexpr int64_t kDirectMaxRows = 96;
 constexpr int64_t kDotKC = 1024;
 constexpr int64_t kDirectKC = 32;
 // Floats of the direct path's packed token rows: whole panels of kMR rows (the last one zero-padded).

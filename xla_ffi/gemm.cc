@@ -32,8 +32,12 @@ constexpr int64_t kDotMaxRows = 96;
 constexpr int64_t kDirectMaxRows = 96;
 constexpr int64_t kDotKC = 1024;
 constexpr int64_t kDirectKC = 32;
-// Floats of the direct path's packed token rows: whole panels of kMR rows (the last one zero-padded).
+// The direct path's scratch, in this order: its packed token rows (whole panels of kMR rows, the last one
+// zero-padded), a zero-padded bf16 copy of a last column block narrower than kDirectCols, and the
+// row tiles' copy of each weight block (DirectRows).
 constexpr int64_t kDirectAFloats = (kDirectMaxRows + kMR - 1) / kMR * kMR * kDirectKC;
+constexpr int64_t kDirectBlockFloats = kDirectKC * kDirectCols / 2;
+constexpr int64_t kDirectCopyFloats = kDirectKC * kDirectCols;
 
 const Isa kAvx512 = {"avx512",
                      32,
@@ -182,8 +186,8 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
                  const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
   float* apack = scratch;
-  auto* block = reinterpret_cast<uint16_t*>(scratch + kDirectAFloats);  // a padded last block
-  float* copy = scratch + kDirectAFloats + kDirectKC * kDirectCols / 2;    // see DirectRows
+  auto* block = reinterpret_cast<uint16_t*>(scratch + kDirectAFloats);
+  float* copy = scratch + kDirectAFloats + kDirectBlockFloats;
   const int tiles = static_cast<int>((M + kMR - 1) / kMR);
   float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
@@ -354,7 +358,7 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) 
 int64_t gemm_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
   const int64_t dot = kDotMaxRows * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
-  const int64_t direct = kDirectAFloats + kDirectKC * kDirectCols * 3 / 2;  // A panels, bf16 block, copy
+  const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
   return std::max({packed, dot, direct});
 }
 

@@ -197,7 +197,7 @@ void direct_cols16(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, f
       until_prefetch = slice.period - 1;
     }
     __m256 we, wo;
-    if (kFromCopy) {
+    if constexpr (kFromCopy) {
       we = _mm256_loadu_ps(copy + k * kDirectCols);
       wo = _mm256_loadu_ps(copy + k * kDirectCols + 8);
     } else {

@@ -290,18 +290,19 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
       until_prefetch = period - 1;
     }
     __m512 wv[2 * NH];
+    if constexpr (kFromCopy) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 2 * NH; ++j) {
-      if (kFromCopy) wv[j] = _mm512_loadu_ps(copy + k * kDirectCols + 16 * j);
-    }
+      for (int j = 0; j < 2 * NH; ++j) wv[j] = _mm512_loadu_ps(copy + k * kDirectCols + 16 * j);
+    } else {
 #pragma GCC unroll 2
-    for (int h = 0; h < NH && !kFromCopy; ++h) {
-      const __m512i v = _mm512_loadu_si512(w + 32 * h);
-      wv[2 * h] = bf16_even(v);
-      wv[2 * h + 1] = bf16_odd(v);
-      if (copy != nullptr) {
-        _mm512_storeu_ps(copy + k * kDirectCols + 32 * h, wv[2 * h]);
-        _mm512_storeu_ps(copy + k * kDirectCols + 32 * h + 16, wv[2 * h + 1]);
+      for (int h = 0; h < NH; ++h) {
+        const __m512i v = _mm512_loadu_si512(w + 32 * h);
+        wv[2 * h] = bf16_even(v);
+        wv[2 * h + 1] = bf16_odd(v);
+        if (copy != nullptr) {
+          _mm512_storeu_ps(copy + k * kDirectCols + 32 * h, wv[2 * h]);
+          _mm512_storeu_ps(copy + k * kDirectCols + 32 * h + 16, wv[2 * h + 1]);
+        }
       }
     }
 #pragma GCC unroll 6

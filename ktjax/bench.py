@@ -231,9 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     # The best of several short probes: this VM's hypervisor takes whole time slices away.
     peak = max(ffi.measure_peak_gflops(threads, seconds=0.1) for _ in range(8))
     bw = ffi.measure_read_bandwidth_gbs(threads)
+    malloc = allocator()
     print(
         f"ktjax.bench: {threads} threads, micro-kernel {ffi.selected_isa()}; all threads together: "
-        f"f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; jax {jax.__version__}; {allocator()}"
+        f"f32 peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; jax {jax.__version__}; {malloc}"
     )
     results = {}
     for name in names:
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
-            machine = {"peak_gflops": peak, "bandwidth_gbs": bw, "allocator": allocator()}
+            machine = {"peak_gflops": peak, "bandwidth_gbs": bw, "allocator": malloc}
             json.dump({**machine, "results": results}, f, indent=1)
     if args.png:
         plot(results, args.png)

@@ -53,6 +53,9 @@ SHAPES = {
     "small_batch_row_limit": dict(T=96, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (96, 1))),
     # 95 tokens on both experts: 15 tiles of 6 and one of 5 (the last panel of packed token rows padded).
     "small_batch_rows_padded": dict(T=95, K=2, E=2, H=1061, I=45, ids=np.tile([0, 1], (95, 1))),
+    # 16 tokens on one expert and a reduction too long for one block of the dot path at 16 rows (4096):
+    # three blocks of equal depth, 2784, 2784 and 2732 (the last one's 12 past a multiple of 32 padded).
+    "dot_path_split_reduction": dict(T=16, K=1, E=1, H=8300, I=40),
 }
 
 
@@ -193,7 +196,13 @@ def test_fallback_isas_match_reference(shape, isa, dtype, use_isa):
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize(
-    "shape", ["small_batches_with_edges", "small_batch_row_limit", "small_batch_rows_padded"]
+    "shape",
+    [
+        "small_batches_with_edges",
+        "small_batch_row_limit",
+        "small_batch_rows_padded",
+        "dot_path_split_reduction",
+    ],
 )
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
 def test_small_batches_against_bf16_weights_are_exact_to_f32(policy, shape, isa, use_isa):

@@ -23,14 +23,21 @@ constexpr int64_t kMC = 96;   // rows of A packed at once (multiple of kMR)
 constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every NR)
 
 // Products of few rows against bf16 weights read them in place (gemm.h): the dot path (DotKernel, up
-// to kDotMaxRows rows) in blocks of kDotKC of the reduction, so the token rows' block stays in L2
+// to kDotMaxRows rows) in blocks of the reduction (dot_depth) whose packed token rows stay in L2
 // while the weight rows stream past; the direct path (DirectKernel, up to kDirectMaxRows rows) in
 // blocks of kDirectKC rows. The limits are where the packed path became as fast in interleaved A/B
 // runs (docs/performance.md): the dot path beats it up to ~100 rows, the direct path (since its later
 // row tiles read the weights widened) up to 96-128; at 128 (S2) the two are even.
 constexpr int64_t kDotMaxRows = 96;
 constexpr int64_t kDirectMaxRows = 96;
-constexpr int64_t kDotKC = 1024;
+// The dot path's reduction blocks are as deep as keeps the packed token rows within kDotAFloats (256 KiB,
+// a quarter of a 1 MiB L2), between kDotMinKC and kDotMaxKC, and of equal depth: for a few tokens at
+// the usual widths that is whole weight rows, so each group of 4 rows is read as one stretch of memory
+// (docs/performance.md: 5-10% off the forward at 16-24 tokens per expert against blocks of 1024).
+constexpr int64_t kDotAFloats = 64 * 1024;
+constexpr int64_t kDotMinKC = 1024;
+constexpr int64_t kDotMaxKC = 8192;
+constexpr int64_t kDotAScratch = std::max(kDotAFloats, kDotMaxRows * kDotMinKC);
 constexpr int64_t kDirectKC = 32;
 // The direct path's scratch, in this order: its packed token rows (whole panels of kMR rows, the last one
 // zero-padded), a zero-padded bf16 copy of a last column block narrower than kDirectCols, and the
@@ -225,17 +232,25 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
   }
 }
 
+// The depth of the dot path's reduction blocks for M token rows (see kDotAFloats): a multiple of 32, and
+// the last block the rest.
+int64_t dot_depth(int64_t M, int64_t K) {
+  const int64_t most = std::clamp(kDotAFloats / M / 32 * 32, kDotMinKC, kDotMaxKC);
+  const int64_t blocks = (K + most - 1) / most;
+  return ((K + blocks - 1) / blocks + 31) / 32 * 32;
+}
+
 // The dot path: A's rows packed once per block of the reduction, the weights read where they are.
 // Edges (the last N % 4 rows, the last K % 32 columns) go through a zero-padded copy.
 void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
               const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
-  const int64_t kc32_max = (std::min(kDotKC, K) + 31) / 32 * 32;
-  float* apack = scratch;
-  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDotMaxRows * kc32_max);
+  const int64_t depth = dot_depth(M, K);
+  float* apack = scratch;  // M * kc32 <= kDotAScratch floats
+  auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDotAScratch);
   float* crow[kDotMaxRows];
-  for (int64_t pc = 0; pc < K; pc += kDotKC) {
-    const int64_t kc = std::min(kDotKC, K - pc), kc32 = (kc + 31) / 32 * 32, kfull = kc / 32 * 32;
+  for (int64_t pc = 0; pc < K; pc += depth) {
+    const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32, kfull = kc / 32 * 32;
     const bool acc = accumulate || pc > 0;
     for (int64_t i = 0; i < M; ++i) {
       const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
@@ -357,7 +372,7 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) 
 
 int64_t gemm_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
-  const int64_t dot = kDotMaxRows * kDotKC + 4 * kDotKC / 2;  // token rows + padded bf16 weight rows
+  const int64_t dot = kDotAScratch + 4 * kDotMaxKC / 2;  // token rows + padded bf16 weight rows
   const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
   return std::max({packed, dot, direct});
 }

@@ -42,10 +42,10 @@ SHAPES = {
     "one_slot": dict(T=7, K=1, E=3, H=20, I=12),
     "one_expert": dict(T=9, K=1, E=1, H=24, I=8),
     "blocks_past_cache_tiles": dict(T=300, K=1, E=1, H=600, I=130),  # K-dim > 256, N > 512, M > 96
-    # ~10 tokens per expert (the small-batch paths for bf16 weights), H > the dot path's reduction
-    # block of 1024, and every edge: H % 32, I % 32, H % 4, I % 4 and the tokens per expert % 6 all
-    # nonzero; the direct path's last block of 64 columns holds 32 (H's first column tile with 2
-    # workers: 544), fewer (the second: 517 = 8 * 64 + 5) or more (I: 45).
+    # ~10 tokens per expert (the small-batch paths for bf16 weights), one reduction block of 1061 on
+    # the dot path (two of 544 and 517 at the 96 rows below), and every edge: H % 32, I % 32, H % 4,
+    # I % 4 and the tokens per expert % 6 all nonzero; the direct path's last block of 64 columns holds
+    # 32 (H's first column tile with 2 workers: 544), fewer (the second: 517 = 8 * 64 + 5) or more (I: 45).
     "small_batches_with_edges": dict(T=37, K=3, E=11, H=1061, I=45),
     # Every token on both experts: each gets all 96 tokens, the most either small-batch path takes (the
     # dot path in the forward projections, the direct path in the chain to dx): 16 tiles of 6 rows, the

@@ -33,7 +33,7 @@ constexpr int64_t kDirectMaxRows = 96;
 // The dot path's reduction blocks are as deep as keeps the packed token rows within kDotAFloats (256 KiB,
 // a quarter of a 1 MiB L2), between kDotMinKC and kDotMaxKC, and of equal depth: for a few tokens at
 // the usual widths that is whole weight rows, so each group of 4 rows is read as one stretch of memory
-// (docs/performance.md: 5-10% off the forward at 16-24 tokens per expert against blocks of 1024).
+// (docs/performance.md: 5-13% off the forward at 16-32 tokens per expert against blocks of 1024).
 constexpr int64_t kDotAFloats = 64 * 1024;
 constexpr int64_t kDotMinKC = 1024;
 constexpr int64_t kDotMaxKC = 8192;

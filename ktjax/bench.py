@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
-            machine = {"peak_gflops": peak, "bandwidth_gbs": bw, "allocator": malloc}
-            json.dump({**machine, "results": results}, f, indent=1)
+            record = {"peak_gflops": peak, "bandwidth_gbs": bw, "allocator": malloc, "results": results}
+            json.dump(record, f, indent=1)
     if args.png:
         plot(results, args.png)
 

@@ -1,5 +1,5 @@
-// k-masks shared by the AVX-512 translation units (gemm_avx512.cc, activation_avx512.cc); include only
-// from files compiled with -mavx512f.
+// k-masks and a horizontal sum shared by the AVX-512 translation units (gemm_avx512.cc,
+// gemm_avx512_bf16.cc, activation_avx512.cc); include only from files compiled with -mavx512f.
 #pragma once
 
 #include <immintrin.h>
@@ -11,6 +11,17 @@ namespace ktjax {
 // The k-mask of the first n of 16 lanes (none for n <= 0, all for n >= 16): edge tiles and row tails.
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Sums of 4 vectors: lane j of the result is the sum of v[j]'s 16 lanes.
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  // per 128-bit lane: [v0, v1, v2, v3] partial sums
+  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0x4E));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0xB1));
+  return _mm512_castps512_ps128(s);
 }
 
 }  // namespace ktjax

@@ -32,6 +32,13 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// Pair p of a row of n bf16 values as one 32-bit word (the bf16 pair path, gemm.h): values 2p (low
+// half) and 2p + 1 (high half, zero past n).
+inline uint32_t bf16_pair(const uint16_t* row, int64_t p, int64_t n) {
+  const uint32_t lo = row[2 * p], hi = 2 * p + 1 < n ? row[2 * p + 1] : 0;
+  return lo | hi << 16;
+}
+
 // Reads element i of a buffer of either type as f32.
 inline float load_f32(const void* data, DType t, int64_t i) {
   return t == DType::kF32 ? static_cast<const float*>(data)[i]

@@ -59,7 +59,30 @@ const Isa kAvx512 = {"avx512",
                      direct_bf16_avx512,
                      round_bf16_avx512,
                      silu_mul_avx512,
-                     silu_mul_grad_avx512};
+                     silu_mul_grad_avx512,
+                     nullptr,
+                     nullptr,
+                     nullptr,
+                     nullptr};
+// AVX-512 with the bf16 pair path (vdpbf16ps) on top.
+const Isa kAvx512Bf16 = {"avx512_bf16",
+                         32,
+                         microkernel_avx512,
+                         pack_bf16_panel_avx512,
+                         pack_f32_panel_avx512,
+                         pack_bf16_a_panel_avx512,
+                         pack_f32_a_panel_avx512,
+                         pack_row_panels_avx512,
+                         dot_bf16_avx512,
+                         pack_dot_row_avx512,
+                         direct_bf16_avx512,
+                         round_bf16_avx512,
+                         silu_mul_avx512,
+                         silu_mul_grad_avx512,
+                         microkernel_pairs_avx512bf16,
+                         pack_pair_panel_avx512,
+                         pack_pair_a_panel_avx512,
+                         pair_dot_avx512bf16};
 const Isa kAvx2 = {"avx2",
                    16,
                    microkernel_avx2,
@@ -73,11 +96,20 @@ const Isa kAvx2 = {"avx2",
                    direct_bf16_avx2,
                    round_bf16_avx2,
                    silu_mul_avx2,
-                   silu_mul_grad_avx2};
+                   silu_mul_grad_avx2,
+                   nullptr,
+                   nullptr,
+                   nullptr,
+                   nullptr};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                      nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
+                      nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable,
+                      nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
+  if (&isa == &kAvx512Bf16) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx512bf16");
+  }
   if (&isa == &kAvx512) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("fma");
@@ -232,10 +264,11 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
   }
 }
 
-// The depth of the dot path's reduction blocks for M token rows (see kDotAFloats): a multiple of 32, and
-// the last block the rest.
-int64_t dot_depth(int64_t M, int64_t K) {
-  const int64_t most = std::clamp(kDotAFloats / M / 32 * 32, kDotMinKC, kDotMaxKC);
+// The depth of the dot path's reduction blocks for M token rows packed with value_bytes per value (4: the
+// f32 dot path, 2: the pair path's bf16 rows; see kDotAFloats): a multiple of 32, and the last block the
+// rest.
+int64_t dot_depth(int64_t M, int64_t K, int64_t value_bytes) {
+  const int64_t most = std::clamp(kDotAFloats * 4 / value_bytes / M / 32 * 32, kDotMinKC, kDotMaxKC);
   const int64_t blocks = (K + most - 1) / most;
   return ((K + blocks - 1) / blocks + 31) / 32 * 32;
 }
@@ -245,7 +278,7 @@ int64_t dot_depth(int64_t M, int64_t K) {
 void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
               const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const auto* w = static_cast<const uint16_t*>(B.data);
-  const int64_t depth = dot_depth(M, K);
+  const int64_t depth = dot_depth(M, K, 4);
   float* apack = scratch;  // M * kc32 <= kDotAScratch floats
   auto* wpad = reinterpret_cast<uint16_t*>(scratch + kDotAScratch);
   float* crow[kDotMaxRows];
@@ -296,9 +329,11 @@ void prefetch_tile(const OutView& C, int64_t i0, int64_t m, int64_t j0, int64_t 
 // columns, panels of nr), both of depth kc. With prefetch_c, each micro-kernel call is preceded by a
 // prefetch of the C rows of the next one in its column panel: worth it where C is a large output
 // (gemm), not where it is a worker's L2-resident tile (gemm_packed: 3-5% slower with it, S2 full).
-void macro_kernel(const Isa& isa, int64_t mc, int64_t nc, int64_t kc, float alpha, const float* apack,
-                  const float* bpack, const OutView& C, bool acc, bool prefetch_c) {
-  const int64_t nr = isa.nr;
+// `kernel` is the f32 micro-kernel (T = float, steps = kc) or the pair kernel (T = uint32_t, steps =
+// the kc / 2 pairs, rounded up).
+template <typename T, typename Kernel>
+void macro_kernel(Kernel kernel, int64_t nr, int64_t mc, int64_t nc, int64_t steps, float alpha, const T* apack,
+                  const T* bpack, const OutView& C, bool acc, bool prefetch_c) {
   float* crow[kMR];
   for (int64_t jr = 0; jr < nc; jr += nr) {
     const int n_tile = static_cast<int>(std::min(nr, nc - jr));
@@ -306,8 +341,87 @@ void macro_kernel(const Isa& isa, int64_t mc, int64_t nc, int64_t kc, float alph
       const int m_tile = static_cast<int>(std::min(kMR, mc - ir));
       for (int i = 0; i < m_tile; ++i) crow[i] = C.row_ptr(ir + i) + jr;
       if (prefetch_c && ir + kMR < mc) prefetch_tile(C, ir + kMR, std::min(kMR, mc - ir - kMR), jr, n_tile);
-      isa.kernel(kc, apack + (ir / kMR) * kc * kMR, bpack + (jr / nr) * kc * nr, crow, m_tile, n_tile, alpha,
-                 acc);
+      kernel(steps, apack + (ir / kMR) * steps * kMR, bpack + (jr / nr) * steps * nr, crow, m_tile, n_tile, alpha,
+             acc);
+    }
+  }
+}
+
+// The bf16 pair path (gemm.h): both operands bf16 with k contiguous (A [M, K], B stored [N, K]), neither
+// scaled nor B gathered, on an ISA with vdpbf16ps.
+bool pair_path(const Isa& isa, const MatView& A, const MatView& B) {
+  return isa.pair_kernel != nullptr && A.dtype == DType::kBF16 && B.dtype == DType::kBF16 && !A.trans &&
+         B.trans && A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr;
+}
+
+// Packs rows [i0, i0 + mc) of A [M, K] (bf16, not transposed), values [k0, k0 + kc), into panels of
+// `width` rows of pairs, zero-padded: buf[(p * kp + q) * width + ii] = pair q of row i0 + p * width + ii,
+// kp = (kc + 1) / 2. Full panels go through the ISA's packer, the last partial one word by word.
+void pack_pairs(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, uint32_t* buf,
+                PairPanelPacker fast) {
+  const auto* d = static_cast<const uint16_t*>(A.data);
+  const int64_t panels = (mc + width - 1) / width, kp = (kc + 1) / 2;
+  const uint16_t* rows[kMaxNR];
+  for (int64_t p = 0; p < panels; ++p) {
+    uint32_t* panel = buf + p * kp * width;
+    const int64_t n = std::min(width, mc - p * width);
+    if (width == kMR && p + 1 < panels) {  // the A side: the next panel's rows (see prefetch_rows)
+      prefetch_rows<uint16_t>(A, i0 + (p + 1) * width, std::min(width, mc - (p + 1) * width), k0, kc);
+    }
+    for (int64_t ii = 0; ii < n; ++ii) rows[ii] = d + A.row(i0 + p * width + ii) * A.ld + k0;
+    if (n == width) {
+      fast(rows, kc, panel);
+      continue;
+    }
+    for (int64_t q = 0; q < kp; ++q) {
+      for (int64_t ii = 0; ii < width; ++ii) panel[q * width + ii] = ii < n ? bf16_pair(rows[ii], q, kc) : 0;
+    }
+  }
+}
+
+// The pair path's dot kernel for up to kDotMaxRows token rows: per reduction block, the rows copied one
+// after the other (zero-padded to a multiple of 32), and the weights read in place, 4 rows at a time.
+void gemm_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                   const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const auto* w = static_cast<const uint16_t*>(B.data);
+  const auto* x = static_cast<const uint16_t*>(A.data);
+  const int64_t depth = dot_depth(M, K, 2);
+  auto* apack = reinterpret_cast<uint16_t*>(scratch);  // M * kc32 <= 2 * kDotAScratch values
+  float* crow[kDotMaxRows];
+  for (int64_t pc = 0; pc < K; pc += depth) {
+    const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32;
+    for (int64_t i = 0; i < M; ++i) {
+      std::copy_n(x + A.row(i) * A.ld + pc, kc, apack + i * kc32);
+      std::fill(apack + i * kc32 + kc, apack + (i + 1) * kc32, uint16_t{0});
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+      const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
+      for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
+      isa.pair_dot(kc, apack, kc32, static_cast<int>(M), w + n0 * B.ld + pc, B.ld, nw, crow, alpha,
+                   accumulate || pc > 0);
+    }
+  }
+}
+
+// The pair path's packed GEMM: gemm()'s blocking, twice as deep in values (the same bytes of pairs as of
+// f32 values, so the same scratch), both operands packed as pairs.
+void gemm_pairs(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const int64_t nr = isa.nr;
+  const int64_t depth = 2 * (M <= kFewRows ? kKCFewRows : kKC);
+  auto* apack = reinterpret_cast<uint32_t*>(scratch);
+  auto* bpack = reinterpret_cast<uint32_t*>(scratch + kMC * kKC);
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    for (int64_t pc = 0; pc < K; pc += depth) {
+      const int64_t kc = std::min(depth, K - pc), kp = (kc + 1) / 2;
+      pack_pairs(B.t(), jc, nc, pc, kc, nr, bpack, isa.pack_pair_panel);
+      for (int64_t ic = 0; ic < M; ic += kMC) {
+        const int64_t mc = std::min(kMC, M - ic);
+        pack_pairs(A, ic, mc, pc, kc, kMR, apack, isa.pack_pair_a_panel);
+        macro_kernel(isa.pair_kernel, nr, mc, nc, kp, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc),
+                     accumulate || pc > 0, true);
+      }
     }
   }
 }
@@ -346,7 +460,7 @@ OutView OutView::skip_cols(int64_t c0) const {
 
 const Isa* select_isa() {
   const char* want = std::getenv("KTJAX_ISA");
-  for (const Isa* isa : {&kAvx512, &kAvx2, &kGeneric}) {
+  for (const Isa* isa : {&kAvx512Bf16, &kAvx512, &kAvx2, &kGeneric}) {
     if (want && *want) {
       if (std::strcmp(want, isa->name) == 0) return cpu_has(*isa) ? isa : nullptr;
     } else if (cpu_has(*isa)) {
@@ -357,6 +471,7 @@ const Isa* select_isa() {
 }
 
 const char* available_isas() {
+  if (cpu_has(kAvx512Bf16)) return "avx512_bf16,avx512,avx2,generic";
   if (cpu_has(kAvx512)) return "avx512,avx2,generic";
   if (cpu_has(kAvx2)) return "avx2,generic";
   return "generic";
@@ -382,6 +497,12 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
+  if (pair_path(isa, A, B)) {
+    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    if (M > kDotMaxRows) return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+  }
   const bool dot = B.trans && !A.trans, direct = !B.trans;
   if ((dot || direct) && small_batch(isa, M, K, B)) {
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
@@ -401,8 +522,8 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
         pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
-        macro_kernel(isa, mc, nc, kc, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc), accumulate || pc > 0,
-                     true);
+        macro_kernel(isa.kernel, nr, mc, nc, kc, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc),
+                     accumulate || pc > 0, true);
       }
     }
   }
@@ -435,8 +556,8 @@ void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const
     for (int64_t ic = 0; ic < M; ic += rows) {
       const int64_t mc = std::min(rows, M - ic);
       pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
-      macro_kernel(isa, mc, N, kc, alpha, apack, B.data + pc * n_padded, C.skip_rows(ic), accumulate || pc > 0,
-                   false);
+      macro_kernel(isa.kernel, isa.nr, mc, N, kc, alpha, apack, B.data + pc * n_padded, C.skip_rows(ic),
+                   accumulate || pc > 0, false);
     }
   }
 }

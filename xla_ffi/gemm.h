@@ -123,6 +123,27 @@ using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int
 // Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
 using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 
+// Products whose operands are both bf16, A [M, K] (token rows) and B stored [N, K] (a weight: the
+// forward's gate and up projections and their recompute), on a CPU with AVX512_BF16: vdpbf16ps
+// multiplies pairs of bf16 values (each product exact in f32) and adds both to an f32 accumulator,
+// twice the work of an f32 FMA per instruction, without widening or an f32 copy of either operand.
+// Operands are packed as pairs of consecutive k in one 32-bit word (k even: low half; an odd K's
+// last pair has a zero high half), in the layouts of the f32 path with pairs for values:
+//   PairKernel: c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_{p < kp} a[p][i] . b[p][0:nr],  i < mr,
+// with a[p * 6 + i] and b[p * 32 + j] (nr <= 32) the pairs p of A's row i and B's stored row j.
+// PairPanelPacker packs one full panel (6 or 32 stored rows) of kc values per row:
+// dst[p * width + j] = pair p of rows[j], p < (kc + 1) / 2.
+// PairDotKernel is the dot kernel (DotKernel) for m <= kDotMaxRows token rows stored one after the
+// other, lda bf16 values apart and zero-padded to a multiple of 32, against nw <= 4 weight rows read in
+// place from ldw apart; kc values, the last block of 32 read with a mask:
+//   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} a[i * lda + k] * w[j * ldw + k].
+// Subnormal bf16 inputs and f32 results of vdpbf16ps count as zero (below 1.2e-38 in magnitude).
+using PairKernel = void (*)(int64_t kp, const uint32_t* a, const uint32_t* b, float* const* c, int mr, int nr,
+                            float alpha, bool acc);
+using PairPanelPacker = void (*)(const uint16_t* const* rows, int64_t kc, uint32_t* dst);
+using PairDotKernel = void (*)(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+                               int nw, float* const* c, float alpha, bool acc);
+
 struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
@@ -144,10 +165,16 @@ struct Isa {
   // The SiLU gating (activation.h), never null.
   SiluMul silu_mul;
   SiluMulGrad silu_mul_grad;
+  // The bf16 pair path (PairKernel above), all four null where the ISA has none: the micro-kernel, its
+  // packers of full B panels (nr rows) and A panels (6 rows), and the dot kernel.
+  PairKernel pair_kernel;
+  PairPanelPacker pack_pair_panel;
+  PairPanelPacker pack_pair_a_panel;
+  PairDotKernel pair_dot;
 };
 
-// The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512", "avx2", "generic") when
-// set and supported. Returns nullptr only when KTJAX_ISA names an ISA this CPU lacks or an unknown one.
+// The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",
+// "generic") when set and supported: "avx512" is "avx512_bf16" without its pair path. Returns nullptr only when KTJAX_ISA names an ISA this CPU lacks or an unknown one.
 const Isa* select_isa();
 // Comma-separated ISAs this CPU can run, best first.
 const char* available_isas();

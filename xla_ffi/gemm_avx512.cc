@@ -184,6 +184,12 @@ void pack_panel6(const T* const* rows, const float* scale, int64_t kc, float* ds
   }
 }
 
+// The pair packers (PairPanelPacker in gemm.h): a 32-bit word holds two consecutive bf16 values, so
+// the f32 packers' transposes move pairs as they move floats. Groups of 16 whole pairs go through the
+// transposes, the rest (and an odd kc's last pair, its high half zero) word by word.
+inline __m512 load_pairs(const uint16_t* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+inline void store_pairs(uint32_t* dst, __m512 v) { _mm512_storeu_si512(dst, _mm512_castps_si512(v)); }
+
 // n values of row src (from element c0), widened and scaled, as 16 lanes; lanes past n are zero.
 inline __m512 load_masked(const void* src, DType dtype, int64_t c0, int64_t n, __m512 scale) {
   if (n <= 0) return _mm512_setzero_ps();
@@ -195,17 +201,6 @@ inline __m512 load_masked(const void* src, DType dtype, int64_t c0, int64_t n, _
     v = _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + c0);
   }
   return _mm512_mul_ps(v, scale);
-}
-
-// Sums of 4 vectors: lane j of the result is the sum of v[j]'s 16 lanes.
-inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
-  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
-  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
-  // per 128-bit lane: [v0, v1, v2, v3] partial sums
-  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
-  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0x4E));
-  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0xB1));
-  return _mm512_castps512_ps128(s);
 }
 
 // MB token rows against the 4 weight rows; see DotKernel in gemm.h. The token rows are interleaved
@@ -438,6 +433,41 @@ void pack_bf16_a_panel_avx512(const uint16_t* const* rows, const float* scale, i
 
 void pack_f32_a_panel_avx512(const float* const* rows, const float* scale, int64_t kc, float* dst) {
   pack_panel6(rows, scale, kc, dst);
+}
+
+// As pack_panel32, with pairs: each load of 16 pairs also prefetches the same row kc further on.
+void pack_pair_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t* dst) {
+  constexpr int NR = 32;
+  const int64_t kp = (kc + 1) / 2;
+  int64_t p = 0;
+  for (; 2 * (p + 16) <= kc; p += 16) {
+    for (int half = 0; half < 2; ++half) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[16 * half + i] + 2 * p + kc), _MM_HINT_T1);
+        r[i] = load_pairs(rows[16 * half + i] + 2 * p);
+      }
+      transpose16(r);  // r[q] = pair p + q of the 16 rows
+      for (int q = 0; q < 16; ++q) store_pairs(dst + (p + q) * NR + 16 * half, r[q]);
+    }
+  }
+  for (; p < kp; ++p) {
+    for (int j = 0; j < NR; ++j) dst[p * NR + j] = bf16_pair(rows[j], p, kc);
+  }
+}
+
+void pack_pair_a_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t* dst) {
+  const int64_t kp = (kc + 1) / 2;
+  __m512 v[6], out[6];
+  int64_t p = 0;
+  for (; 2 * (p + 16) <= kc; p += 16, dst += 96) {
+    for (int i = 0; i < 6; ++i) v[i] = load_pairs(rows[i] + 2 * p);
+    interleave6(v, out);
+    for (int m = 0; m < 6; ++m) store_pairs(dst + 16 * m, out[m]);
+  }
+  for (; p < kp; ++p, dst += 6) {
+    for (int i = 0; i < 6; ++i) dst[i] = bf16_pair(rows[i], p, kc);
+  }
 }
 
 void pack_row_panels_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t width,

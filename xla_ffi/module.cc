@@ -88,6 +88,7 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     d["backward_calls"] = s.backward_calls.load();
     d["small_batch_flops"] = s.small_batch_flops.load();
     d["packed_once_flops"] = s.packed_once_flops.load();
+    d["bf16_pair_flops"] = s.bf16_pair_flops.load();
     const ktjax::ScratchStats scratch = ktjax::scratch_stats();
     d["scratch_bytes"] = scratch.held_bytes;
     d["scratch_peak_bytes"] = scratch.peak_bytes;
@@ -104,5 +105,6 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     s.backward_calls.store(0);
     s.small_batch_flops.store(0);
     s.packed_once_flops.store(0);
+    s.bf16_pair_flops.store(0);
   });
 }

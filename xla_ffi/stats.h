@@ -29,6 +29,7 @@ struct Stats {
   std::atomic<int64_t> backward_calls{0};
   std::atomic<int64_t> small_batch_flops{0};  // the part done on the small-batch paths, dot and direct (gemm.h)
   std::atomic<int64_t> packed_once_flops{0};  // the part done against a B packed once (gemm_packed)
+  std::atomic<int64_t> bf16_pair_flops{0};    // the part done on the bf16 pair path (vdpbf16ps, gemm.h)
 };
 
 Stats& stats();

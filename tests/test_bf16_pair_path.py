@@ -1,0 +1,127 @@
+"""The bf16 pair path (vdpbf16ps, CPUs with AVX512_BF16): bf16 tokens times bf16 gate and up weights.
+
+Each product of two bf16 values is exact in f32 and the sums stay f32, so the gate and up
+pre-activations the forward saves (f32) are held to f32 accuracy against a float64 reference, on
+both of its kernels: the dot kernel (up to 96 tokens per expert) and the packed micro-kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from moe_testing import make_problem, rel_err
+
+from ktjax import ffi
+from ktjax.ops.moe_experts import _forward_call
+
+SHAPES = {
+    # The dot kernel: tokens per expert % 6, I % 4 (the last group of weight rows) and H % 32 (the
+    # masked last block of 32) all nonzero.
+    "dot_edges": dict(T=37, K=3, E=11, H=1061, I=45),
+    "dot_odd_width": dict(T=13, K=3, E=5, H=71, I=42),
+    "dot_one_token": dict(T=1, K=2, E=4, H=16, I=24),
+    # 96 tokens (the dot kernel's limit) and 97 (packed) on two experts.
+    "dot_row_limit": dict(T=96, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (96, 1))),
+    "packed_past_row_limit": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
+    # 16 tokens and a reduction of three equal blocks (dot kernel, 2784 + 2784 + 2732).
+    "dot_split_reduction": dict(T=16, K=1, E=1, H=8300, I=40),
+    # The packed micro-kernel: an odd H (the last pair half empty) in five depth blocks (4 of 256 and
+    # 77), more token rows than one packed block (96 + 96 + 8: a last panel of 6 holding 2), and I in
+    # work items of multiples of 32 columns but the last, whose last panel of 32 holds 18.
+    "packed_blocks_and_edges": dict(T=200, K=1, E=1, H=1101, I=530),
+    "packed_narrow": dict(T=130, K=1, E=1, H=31, I=33),
+}
+
+
+def saved_preactivations(p, lora_ranks=()):
+    """g and u [T*K, I] f32 as the forward saves them (slots sorted by expert, stable), and the
+    float64 reference in the same order."""
+    E = p.gate.shape[0]
+    adapters = []
+    for name in ("gate", "up", "down"):
+        if name in p.lora:
+            adapters.extend(p.lora[name])
+        else:
+            out_dim, in_dim = (p.down.shape[1], p.down.shape[2]) if name == "down" else p.gate.shape[1:]
+            adapters += [jnp.zeros((E, 0, in_dim), p.x.dtype), jnp.zeros((E, out_dim, 0), p.x.dtype)]
+    _, g, u = _forward_call((p.x, p.ids, p.weights, p.gate, p.up, p.down, *adapters), p.scale, True)
+    K = p.ids.shape[1]
+    ids = np.asarray(p.ids).reshape(-1)
+    order = np.argsort(ids, kind="stable")
+    x = np.asarray(p.x.astype(jnp.float32), np.float64)[order // K]
+    e = ids[order]
+
+    def reference(name):
+        w = np.asarray(getattr(p, name).astype(jnp.float32), np.float64)
+        out = np.einsum("sh,sih->si", x, w[e])
+        if name in p.lora:
+            a, b = (np.asarray(t.astype(jnp.float32), np.float64) for t in p.lora[name])
+            out += p.scale * np.einsum("sr,sir->si", np.einsum("sh,srh->sr", x, a[e]), b[e])
+        return out
+
+    return (np.asarray(g), reference("gate")), (np.asarray(u), reference("up"))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_gate_and_up_preactivations_are_exact_to_f32(shape, use_isa):
+    use_isa("avx512_bf16")
+    p = make_problem(21, **SHAPES[shape], dtype=jnp.bfloat16)
+    ffi.reset_kernel_counters()
+    (g, g_ref), (u, u_ref) = saved_preactivations(p)
+    counters = ffi.kernel_counters()
+    # Every gate and up product took the pair path, and nothing else did.
+    S, I, H = g.shape[0], p.gate.shape[1], p.gate.shape[2]
+    assert counters["bf16_pair_flops"] == 2 * (2 * S * I * H)
+    assert rel_err(g, g_ref) < 1e-5, "gate"
+    assert rel_err(u, u_ref) < 1e-5, "up"
+
+
+def test_lora_a_products_of_bf16_adapters_take_the_pair_path(use_isa):
+    # x A^T with a bf16 A is a pair product too (rank 3: one group of 3 weight rows); z B^T is not (z f32).
+    use_isa("avx512_bf16")
+    p = make_problem(22, **SHAPES["dot_edges"], dtype=jnp.bfloat16, ranks={"gate": 3, "up": 5})
+    ffi.reset_kernel_counters()
+    (g, g_ref), (u, u_ref) = saved_preactivations(p)
+    S, I, H = g.shape[0], p.gate.shape[1], p.gate.shape[2]
+    assert ffi.kernel_counters()["bf16_pair_flops"] == 2 * S * H * (2 * I + 3 + 5)
+    assert rel_err(g, g_ref) < 1e-5, "gate"
+    assert rel_err(u, u_ref) < 1e-5, "up"
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_other_isas_never_take_the_pair_path_and_agree_with_it(isa, use_isa, monkeypatch):
+    use_isa("avx512_bf16")
+    p = make_problem(23, **SHAPES["packed_blocks_and_edges"], dtype=jnp.bfloat16)
+    (g_pairs, _), _ = saved_preactivations(p)
+    use_isa(isa)
+    ffi.reset_kernel_counters()
+    (g, g_ref), _ = saved_preactivations(p)
+    assert ffi.kernel_counters()["bf16_pair_flops"] == 0
+    assert rel_err(g, g_ref) < 1e-5
+    assert rel_err(g_pairs, g) < 1e-5
+
+
+def test_f32_tokens_never_take_the_pair_path(use_isa):
+    # bf16 weights with f32 tokens: the products have an f32 operand, so they stay on the f32 kernels.
+    use_isa("avx512_bf16")
+    p = make_problem(24, **SHAPES["dot_edges"])
+    p.gate, p.up, p.down = (t.astype(jnp.bfloat16) for t in (p.gate, p.up, p.down))
+    ffi.reset_kernel_counters()
+    jax.block_until_ready(saved_preactivations(p)[0][0])
+    assert ffi.kernel_counters()["bf16_pair_flops"] == 0
+
+
+@pytest.mark.parametrize("shape", ["dot_edges", "packed_narrow"])
+def test_a_weight_rows_neighbour_never_leaks_into_its_products(shape, use_isa):
+    # H % 32 != 0: the last block of 32 of each weight row ends inside the next row. An inf there
+    # (the next row's first value) must not reach this row's products, even times a zero padding.
+    use_isa("avx512_bf16")
+    p = make_problem(25, **SHAPES[shape], dtype=jnp.bfloat16)
+    p.gate = p.gate.at[:, 1, 0].set(jnp.inf)
+    (g, g_ref), _ = saved_preactivations(p)
+    assert np.isinf(g_ref[:, 1]).all() and np.isinf(g[:, 1]).all()
+    keep = np.ones(g.shape[1], bool)
+    keep[1] = False
+    assert rel_err(g[:, keep], g_ref[:, keep]) < 1e-5

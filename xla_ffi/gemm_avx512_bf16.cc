@@ -1,0 +1,128 @@
+// AVX512_BF16 kernels, compiled with -mavx512f -mavx512bw -mavx512bf16: the bf16 pair path of gemm.h
+// (PairKernel, PairDotKernel), where both operands are bf16 and vdpbf16ps multiplies pairs of them
+// into f32 accumulators. Its packers are in gemm_avx512.cc (they need AVX-512F only).
+#include <immintrin.h>
+
+#include "avx512_masks.h"
+#include "gemm_kernels.h"
+
+namespace ktjax {
+
+namespace {
+
+// acc + the pairwise products of a and b, lane by lane (16 lanes, 2 pairs each).
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+
+}  // namespace
+
+// The f32 micro-kernel's loop (gemm_avx512.cc) with pairs for values: per pair step, two B vectors of
+// 16 pairs and each A pair broadcast once for both; 12 accumulators in registers.
+void microkernel_pairs_avx512bf16(int64_t kp, const uint32_t* a, const uint32_t* b, float* const* c, int mr,
+                                  int nr, float alpha, bool acc) {
+  constexpr int MR = 6, NR = 32;
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512i b0 = _mm512_loadu_si512(b + p * NR), b1 = _mm512_loadu_si512(b + p * NR + 16);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512i ai = _mm512_set1_epi32(static_cast<int>(a[p * MR + i]));
+      c0[i] = dot_pairs(c0[i], ai, b0);
+      c1[i] = dot_pairs(c1[i], ai, b1);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+    if (i >= mr) break;
+    float* p = c[i];
+    __m512 r0 = _mm512_mul_ps(c0[i], va), r1 = _mm512_mul_ps(c1[i], va);
+    if (acc) {
+      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, p));
+      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, p + 16));
+    }
+    _mm512_mask_storeu_ps(p, m0, r0);
+    _mm512_mask_storeu_ps(p + 16, m1, r1);
+  }
+}
+
+namespace {
+
+// MB token rows against 4 weight rows (w[0..3], the missing ones of nw < 4 pointing at a real row and
+// their sums dropped), 32 values of k per step: one load per weight row and per token row, MB * 4
+// accumulators. The last block of 32 reads the weights with a mask (the token rows are zero-padded).
+// The next 4 weight rows are prefetched into L2 at the steps of 32 k selected by `slice`.
+template <int MB>
+void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* const* w, const uint16_t* next,
+                   int64_t ldw, int nw, float* const* c, float alpha, bool acc, PrefetchSlice slice) {
+  __m512 s[4][MB];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MB; ++i) s[j][i] = _mm512_setzero_ps();
+  }
+  const int64_t full = kc / 32 * 32;
+  int until_prefetch = slice.phase;
+  for (int64_t k = 0; k < kc; k += 32) {
+    if (until_prefetch-- == 0) {
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+      until_prefetch = slice.period - 1;
+    }
+    const __mmask32 mask = k < full ? ~__mmask32(0) : (__mmask32(1) << (kc - k)) - 1;
+    __m512i wv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w[j] + k);
+#pragma GCC unroll 6
+    for (int i = 0; i < MB; ++i) {
+      const __m512i av = _mm512_loadu_si512(a + i * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) s[j][i] = dot_pairs(s[j][i], av, wv[j]);
+    }
+  }
+  const __m128 va = _mm_set1_ps(alpha);
+#pragma GCC unroll 6
+  for (int i = 0; i < MB; ++i) {
+    __m128 r = _mm_mul_ps(reduce4(s[0][i], s[1][i], s[2][i], s[3][i]), va);
+    if (nw == 4) {
+      if (acc) r = _mm_add_ps(r, _mm_loadu_ps(c[i]));
+      _mm_storeu_ps(c[i], r);
+    } else {
+      float v[4];
+      _mm_storeu_ps(v, r);
+      for (int j = 0; j < nw; ++j) c[i][j] = (acc ? c[i][j] : 0.0f) + v[j];
+    }
+  }
+}
+
+}  // namespace
+
+void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+                         int nw, float* const* c, float alpha, bool acc) {
+  const uint16_t* rows[4];
+  for (int j = 0; j < 4; ++j) rows[j] = w + (j < nw ? j : 0) * ldw;
+  // Every tile reads the same 4 weight rows; each prefetches its share of the next 4 (none after the
+  // last group: nw < 4).
+  const uint16_t* next = w + 4 * ldw;
+  const int tiles = (m + 5) / 6;
+  int i = 0;
+  for (; i + 6 <= m; i += 6) {
+    pair_dot_tile<6>(kc, a + i * lda, lda, rows, next, ldw, nw, c + i, alpha, acc, PrefetchSlice{i / 6, tiles});
+  }
+  const PrefetchSlice last{i / 6, tiles};
+  const uint16_t* tile = a + i * lda;
+  switch (m - i) {
+    case 1: pair_dot_tile<1>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
+    case 2: pair_dot_tile<2>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
+    case 3: pair_dot_tile<3>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
+    case 4: pair_dot_tile<4>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
+    case 5: pair_dot_tile<5>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
+    default: break;
+  }
+}
+
+}  // namespace ktjax

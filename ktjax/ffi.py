@@ -126,9 +126,11 @@ def silu_mul_grad(g: np.ndarray, u: np.ndarray, dh: np.ndarray, w: float) -> tup
     return dg.reshape(g.shape), du.reshape(g.shape)
 
 
-def measure_peak_gflops(threads: int, seconds: float = 0.5) -> float:
-    """f32 GFLOP/s of the selected micro-kernel on cache-resident data, summed over `threads`."""
-    return _ktjax_ffi.measure_peak_gflops(threads, seconds)
+def measure_peak_gflops(threads: int, seconds: float = 0.5, bf16_pairs: bool = False) -> float:
+    """GFLOP/s of the selected micro-kernel on cache-resident data, summed over `threads`: the f32
+    kernel, or with ``bf16_pairs`` the bf16 pair kernel (``vdpbf16ps``; 0.0 where the selected ISA has
+    none, i.e. on every ISA but ``avx512_bf16``)."""
+    return _ktjax_ffi.measure_peak_gflops(threads, seconds, bf16_pairs)
 
 
 def measure_read_bandwidth_gbs(threads: int, n_bytes: int = 1 << 30, passes: int = 3) -> float:

@@ -26,6 +26,8 @@ def test_machine_probes_measure_positive_rates_and_reject_bad_input():
     from ktjax import ffi
 
     assert ffi.measure_peak_gflops(1, seconds=0.05) > 0
+    bf16 = ffi.measure_peak_gflops(1, seconds=0.05, bf16_pairs=True)
+    assert bf16 > 0 if ffi.selected_isa() == "avx512_bf16" else bf16 == 0
     for threads in (1, 2):
         gbs = ffi.measure_read_bandwidth_gbs(threads, n_bytes=32 << 20, passes=2)
         assert 0 < gbs < 10_000, gbs  # finite, and not a pass timed as zero

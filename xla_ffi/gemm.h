@@ -3,9 +3,10 @@
 // Operands are views over row-major buffers of f32 or bf16 with optional row indirection (to read an
 // expert's tokens straight out of x without gathering them) and optional per-row scale (router
 // weights). Packing widens bf16 to f32, so one f32 micro-kernel per ISA serves both types, and every
-// product is accumulated in f32. With few rows of A against bf16 weights, the ISA's small-batch
-// kernels (DotKernel, DirectKernel below) read the weights in place instead of packing them. Callers
-// parallelise over (expert, tile) work items.
+// product is accumulated in f32; where both operands are bf16 and the CPU has AVX512_BF16, the pair
+// path (PairKernel below) multiplies them as bf16 pairs instead, still into f32 sums. With few rows of
+// A against bf16 weights, the ISA's small-batch kernels (DotKernel, DirectKernel below) read the weights
+// in place instead of packing them. Callers parallelise over (expert, tile) work items.
 #pragma once
 
 #include <cstdint>
@@ -174,7 +175,8 @@ struct Isa {
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",
-// "generic") when set and supported: "avx512" is "avx512_bf16" without its pair path. Returns nullptr only when KTJAX_ISA names an ISA this CPU lacks or an unknown one.
+// "generic") when set and supported: "avx512" is "avx512_bf16" without its pair path. Returns nullptr
+// only when KTJAX_ISA names an ISA this CPU lacks or an unknown one.
 const Isa* select_isa();
 // Comma-separated ISAs this CPU can run, best first.
 const char* available_isas();

@@ -69,7 +69,9 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     return py::make_tuple(dg, du);
   }, "(dg, du) of h = silu(g) * u for the upstream gradient w * dh, as the kernels compute them.");
   m.def("measure_peak_gflops", &ktjax::measure_peak_gflops, py::arg("threads"), py::arg("seconds") = 0.5,
-        "f32 GFLOP/s of the selected micro-kernel on L1-resident data, summed over threads.");
+        py::arg("bf16_pairs") = false,
+        "GFLOP/s of the selected micro-kernel on L1-resident data, summed over threads: f32, or with "
+        "bf16_pairs the bf16 pair kernel (vdpbf16ps; 0 where the selected ISA has none).");
   m.def("measure_read_bandwidth_gbs", [](int threads, int64_t n_bytes, int passes) {
     if (threads < 1 || n_bytes < 1 || passes < 1) {
       throw std::invalid_argument("threads, n_bytes and passes must be positive");

@@ -11,15 +11,19 @@
 
 namespace ktjax {
 
-double measure_peak_gflops(int threads, double seconds) {
+double measure_peak_gflops(int threads, double seconds, bool bf16_pairs) {
   const Isa* isa = select_isa();
-  if (isa == nullptr || threads < 1) return 0.0;
+  if (isa == nullptr || threads < 1 || (bf16_pairs && isa->pair_kernel == nullptr)) return 0.0;
+  // f32: kc steps of one value; pairs: kc steps of two (the same 4 bytes per step and element).
   constexpr int64_t kc = 128, mr = 6;  // panels of 3 + 16 KiB: L1-resident
+  const int64_t values_per_step = bf16_pairs ? 2 : 1;
   std::vector<double> gflops(threads, 0.0);
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       std::vector<float> a(kc * mr, 0.5f), b(kc * isa->nr, 0.25f), c(mr * isa->nr, 0.0f);
+      // 0x3f003f00: two bf16 0.5; 0x3e803e80: two bf16 0.25
+      std::vector<uint32_t> a2(kc * mr, 0x3f003f00u), b2(kc * isa->nr, 0x3e803e80u);
       float* rows[mr];
       for (int i = 0; i < mr; ++i) rows[i] = c.data() + i * isa->nr;
       const auto start = std::chrono::steady_clock::now();
@@ -27,11 +31,12 @@ double measure_peak_gflops(int threads, double seconds) {
       double elapsed = 0.0;
       do {
         for (int rep = 0; rep < 256; ++rep, ++calls) {
-          isa->kernel(kc, a.data(), b.data(), rows, mr, isa->nr, 1.0f, true);
+          if (bf16_pairs) isa->pair_kernel(kc, a2.data(), b2.data(), rows, mr, isa->nr, 1.0f, true);
+          else isa->kernel(kc, a.data(), b.data(), rows, mr, isa->nr, 1.0f, true);
         }
         elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       } while (elapsed < seconds);
-      gflops[t] = 2.0 * mr * isa->nr * kc * calls / elapsed / 1e9;
+      gflops[t] = 2.0 * mr * isa->nr * kc * values_per_step * calls / elapsed / 1e9;
     });
   }
   for (auto& th : pool) th.join();

@@ -63,6 +63,7 @@ const Isa kAvx512 = {"avx512",
                      nullptr,
                      nullptr,
                      nullptr,
+                     nullptr,
                      nullptr};
 // AVX-512 with the bf16 pair path (vdpbf16ps) on top.
 const Isa kAvx512Bf16 = {"avx512_bf16",
@@ -82,6 +83,7 @@ const Isa kAvx512Bf16 = {"avx512_bf16",
                          microkernel_pairs_avx512bf16,
                          pack_pair_panel_avx512,
                          pack_pair_a_panel_avx512,
+                         pack_pair_rows_avx512,
                          pair_dot_avx512bf16};
 const Isa kAvx2 = {"avx2",
                    16,
@@ -100,10 +102,11 @@ const Isa kAvx2 = {"avx2",
                    nullptr,
                    nullptr,
                    nullptr,
+                   nullptr,
                    nullptr};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                       nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable,
-                      nullptr, nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512Bf16) {
@@ -347,20 +350,34 @@ void macro_kernel(Kernel kernel, int64_t nr, int64_t mc, int64_t nc, int64_t ste
   }
 }
 
-// The bf16 pair path (gemm.h): both operands bf16 with k contiguous (A [M, K], B stored [N, K]), neither
+// The bf16 pair path (gemm.h): both operands bf16, A [M, K] not transposed, B stored either way, neither
 // scaled nor B gathered, on an ISA with vdpbf16ps.
 bool pair_path(const Isa& isa, const MatView& A, const MatView& B) {
   return isa.pair_kernel != nullptr && A.dtype == DType::kBF16 && B.dtype == DType::kBF16 && !A.trans &&
-         B.trans && A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr;
+         A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr;
 }
 
-// Packs rows [i0, i0 + mc) of A [M, K] (bf16, not transposed), values [k0, k0 + kc), into panels of
-// `width` rows of pairs, zero-padded: buf[(p * kp + q) * width + ii] = pair q of row i0 + p * width + ii,
-// kp = (kc + 1) / 2. Full panels go through the ISA's packer, the last partial one word by word.
-void pack_pairs(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width, uint32_t* buf,
-                PairPanelPacker fast) {
+// Packs logical rows [i0, i0 + mc) of A (bf16), values [k0, k0 + kc), into panels of `width` rows of
+// pairs, zero-padded: buf[(p * kp + q) * width + ii] = pair q of row i0 + p * width + ii, kp = (kc + 1) / 2.
+// Stored (i, k): full panels through the ISA's panel packer, the last partial one word by word. Stored
+// (k, i) (B [K, N] packed as B^T): each two stored rows through its row packer.
+void pack_pairs(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
+                uint32_t* buf) {
   const auto* d = static_cast<const uint16_t*>(A.data);
   const int64_t panels = (mc + width - 1) / width, kp = (kc + 1) / 2;
+  if (A.trans) {
+    constexpr int64_t kAhead = 4;  // pairs of rows prefetched ahead, as pack_panels does for f32
+    for (int64_t q = 0; q < kp; ++q) {
+      for (int64_t k = k0 + 2 * (q + kAhead); k < std::min(k0 + kc, k0 + 2 * (q + kAhead) + 2); ++k) {
+        for (int64_t c = 0; c < mc; c += 32) __builtin_prefetch(d + A.row(k) * A.ld + i0 + c);
+      }
+      const uint16_t* r0 = d + A.row(k0 + 2 * q) * A.ld + i0;
+      const uint16_t* r1 = 2 * q + 1 < kc ? d + A.row(k0 + 2 * q + 1) * A.ld + i0 : nullptr;
+      isa.pack_pair_rows(r0, r1, mc, width, kp * width, buf + q * width);
+    }
+    return;
+  }
+  const PairPanelPacker fast = width == kMR ? isa.pack_pair_a_panel : isa.pack_pair_panel;
   const uint16_t* rows[kMaxNR];
   for (int64_t p = 0; p < panels; ++p) {
     uint32_t* panel = buf + p * kp * width;
@@ -415,10 +432,10 @@ void gemm_pairs(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, co
     const int64_t nc = std::min(kNC, N - jc);
     for (int64_t pc = 0; pc < K; pc += depth) {
       const int64_t kc = std::min(depth, K - pc), kp = (kc + 1) / 2;
-      pack_pairs(B.t(), jc, nc, pc, kc, nr, bpack, isa.pack_pair_panel);
+      pack_pairs(isa, B.t(), jc, nc, pc, kc, nr, bpack);
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
-        pack_pairs(A, ic, mc, pc, kc, kMR, apack, isa.pack_pair_a_panel);
+        pack_pairs(isa, A, ic, mc, pc, kc, kMR, apack);
         macro_kernel(isa.pair_kernel, nr, mc, nc, kp, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc),
                      accumulate || pc > 0, true);
       }
@@ -499,7 +516,7 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
   if (pair_path(isa, A, B)) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (M > kDotMaxRows) return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    if (!B.trans || M > kDotMaxRows) return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
     return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
   }

@@ -124,8 +124,9 @@ using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int
 // Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
 using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 
-// Products whose operands are both bf16, A [M, K] (token rows) and B stored [N, K] (a weight: the
-// forward's gate and up projections and their recompute), on a CPU with AVX512_BF16: vdpbf16ps
+// Products whose operands are both bf16, A [M, K] (token rows, k contiguous) and a weight B stored
+// [N, K] (the forward's gate and up projections and their recompute) or [K, N] (the backward's
+// dy Down_e, with dy bf16 where x is), on a CPU with AVX512_BF16: vdpbf16ps
 // multiplies pairs of bf16 values (each product exact in f32) and adds both to an f32 accumulator,
 // twice the work of an f32 FMA per instruction, without widening or an f32 copy of either operand.
 // Operands are packed as pairs of consecutive k in one 32-bit word (k even: low half; an odd K's
@@ -133,7 +134,9 @@ using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 //   PairKernel: c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_{p < kp} a[p][i] . b[p][0:nr],  i < mr,
 // with a[p * 6 + i] and b[p * 32 + j] (nr <= 32) the pairs p of A's row i and B's stored row j.
 // PairPanelPacker packs one full panel (6 or 32 stored rows) of kc values per row:
-// dst[p * width + j] = pair p of rows[j], p < (kc + 1) / 2.
+// dst[p * width + j] = pair p of rows[j], p < (kc + 1) / 2. PairRowPacker packs a B stored [K, N]: two
+// stored rows k and k + 1 (r1 null past an odd K: zero high halves) into the pair slice they fill of
+// consecutive panels: dst[p * stride + j] = r0[p * width + j] | r1[p * width + j] << 16, zero past n.
 // PairDotKernel is the dot kernel (DotKernel) for m <= kDotMaxRows token rows stored one after the
 // other, lda bf16 values apart and zero-padded to a multiple of 32, against nw <= 4 weight rows read in
 // place from ldw apart; kc values, the last block of 32 read with a mask:
@@ -142,6 +145,8 @@ using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 using PairKernel = void (*)(int64_t kp, const uint32_t* a, const uint32_t* b, float* const* c, int mr, int nr,
                             float alpha, bool acc);
 using PairPanelPacker = void (*)(const uint16_t* const* rows, int64_t kc, uint32_t* dst);
+using PairRowPacker = void (*)(const uint16_t* r0, const uint16_t* r1, int64_t n, int64_t width, int64_t stride,
+                               uint32_t* dst);
 using PairDotKernel = void (*)(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                                int nw, float* const* c, float alpha, bool acc);
 
@@ -166,11 +171,12 @@ struct Isa {
   // The SiLU gating (activation.h), never null.
   SiluMul silu_mul;
   SiluMulGrad silu_mul_grad;
-  // The bf16 pair path (PairKernel above), all four null where the ISA has none: the micro-kernel, its
-  // packers of full B panels (nr rows) and A panels (6 rows), and the dot kernel.
+  // The bf16 pair path (PairKernel above), all null where the ISA has none: the micro-kernel, its
+  // packers of full B panels (nr rows), A panels (6 rows) and of a B stored [K, N], and the dot kernel.
   PairKernel pair_kernel;
   PairPanelPacker pack_pair_panel;
   PairPanelPacker pack_pair_a_panel;
+  PairRowPacker pack_pair_rows;
   PairDotKernel pair_dot;
 };
 

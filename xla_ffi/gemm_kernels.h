@@ -62,10 +62,13 @@ void pack_row_panels_avx2(const void* src, DType dtype, float scale, int64_t n, 
                           float* dst);
 void pack_dot_row_avx512(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 
-// The bf16 pair path (PairKernel in gemm.h). Its packers need only AVX-512F (gemm_avx512.cc): full
-// panels of 32 stored rows (B side) and 6 (A side), by the f32 packers' transposes of 32-bit words.
+// The bf16 pair path (PairKernel in gemm.h). Its packers need only AVX-512F/BW (gemm_avx512.cc): full
+// panels of 32 stored rows (B side) and 6 (A side), by the f32 packers' transposes of 32-bit words, and
+// pairs of stored rows of a B stored [K, N] (PairRowPacker), interleaved by two-source permutes.
 void pack_pair_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t* dst);
 void pack_pair_a_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t* dst);
+void pack_pair_rows_avx512(const uint16_t* r0, const uint16_t* r1, int64_t n, int64_t width, int64_t stride,
+                           uint32_t* dst);
 // Its kernels need AVX512_BF16 (gemm_avx512_bf16.cc): the 6x32 micro-kernel and the dot kernel.
 void microkernel_pairs_avx512bf16(int64_t kp, const uint32_t* a, const uint32_t* b, float* const* c, int mr,
                                   int nr, float alpha, bool acc);

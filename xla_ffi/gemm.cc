@@ -351,10 +351,12 @@ void macro_kernel(Kernel kernel, int64_t nr, int64_t mc, int64_t nc, int64_t ste
 }
 
 // The bf16 pair path (gemm.h): both operands bf16, A [M, K] not transposed, B stored either way, neither
-// scaled nor B gathered, on an ISA with vdpbf16ps.
-bool pair_path(const Isa& isa, const MatView& A, const MatView& B) {
+// scaled nor B gathered, on an ISA with vdpbf16ps. A B stored [K, N] takes it past the direct path's
+// rows only: up to those, the f32 direct kernel (reading the weights in place) was faster than packing
+// them as pairs (S1 frozen fwd+bwd 1.07x slower with pairs; S2 0.90x, docs/performance.md).
+bool pair_path(const Isa& isa, int64_t M, const MatView& A, const MatView& B) {
   return isa.pair_kernel != nullptr && A.dtype == DType::kBF16 && B.dtype == DType::kBF16 && !A.trans &&
-         A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr;
+         A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr && (B.trans || M > kDirectMaxRows);
 }
 
 // Packs logical rows [i0, i0 + mc) of A (bf16), values [k0, k0 + kc), into panels of `width` rows of
@@ -514,7 +516,7 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
-  if (pair_path(isa, A, B)) {
+  if (pair_path(isa, M, A, B)) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
     if (!B.trans || M > kDotMaxRows) return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);

@@ -1,10 +1,11 @@
 """The bf16 pair path (vdpbf16ps, CPUs with AVX512_BF16): bf16 tokens times bf16 gate and up weights,
-and (past 96 tokens per expert) the backward's bf16 dy times the down weights.
+and the backward's bf16 dy times the down weights.
 
 Each product of two bf16 values is exact in f32 and the sums stay f32, so the gate and up
 pre-activations the forward saves (f32) and the router weights' gradients (f32, through dy Down_e)
-are held to f32 accuracy against a float64 reference, on both of its kernels: the dot kernel (up to 96
-tokens per expert) and the packed micro-kernel.
+are held to f32 accuracy against a float64 reference, on each of its kernels: the dot kernel (weights
+stored [N, K]) and the direct kernel (stored [K, N]) up to 96 tokens per expert, the packed
+micro-kernel past that.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from ktjax.ops.moe_experts import _forward_call
 SHAPES = {
     # The dot kernel: tokens per expert % 6, I % 4 (the last group of weight rows) and H % 32 (the
     # masked last block of 32) all nonzero.
-    "dot_edges": dict(T=37, K=3, E=11, H=1061, I=45),
-    "dot_odd_width": dict(T=13, K=3, E=5, H=71, I=42),
-    "dot_one_token": dict(T=1, K=2, E=4, H=16, I=24),
+    "few_tokens_edges": dict(T=37, K=3, E=11, H=1061, I=45),
+    "few_tokens_odd_width": dict(T=13, K=3, E=5, H=71, I=42),
+    "one_token": dict(T=1, K=2, E=4, H=16, I=24),
     # 96 tokens (the dot kernel's limit) and 97 (packed) on two experts.
-    "dot_row_limit": dict(T=96, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (96, 1))),
-    "packed_past_row_limit": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
+    "row_limit_96": dict(T=96, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (96, 1))),
+    "rows_97": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
     # 16 tokens and a reduction of three equal blocks (dot kernel, 2784 + 2784 + 2732).
-    "dot_split_reduction": dict(T=16, K=1, E=1, H=8300, I=40),
+    "split_reduction": dict(T=16, K=1, E=1, H=8300, I=40),
     # The packed micro-kernel: an odd H (the last pair half empty) in five depth blocks (4 of 256 and
     # 77), more token rows than one packed block (96 + 96 + 8: a last panel of 6 holding 2), and I in
     # work items of multiples of 32 columns but the last, whose last panel of 32 holds 18.
@@ -84,7 +85,7 @@ def test_gate_and_up_preactivations_are_exact_to_f32(shape, use_isa):
 def test_lora_a_products_of_bf16_adapters_take_the_pair_path(use_isa):
     # x A^T with a bf16 A is a pair product too (rank 3: one group of 3 weight rows); z B^T is not (z f32).
     use_isa("avx512_bf16")
-    p = make_problem(22, **SHAPES["dot_edges"], dtype=jnp.bfloat16, ranks={"gate": 3, "up": 5})
+    p = make_problem(22, **SHAPES["few_tokens_edges"], dtype=jnp.bfloat16, ranks={"gate": 3, "up": 5})
     ffi.reset_kernel_counters()
     (g, g_ref), (u, u_ref) = saved_preactivations(p)
     S, I, H = g.shape[0], p.gate.shape[1], p.gate.shape[2]
@@ -109,14 +110,14 @@ def test_other_isas_never_take_the_pair_path_and_agree_with_it(isa, use_isa, mon
 def test_f32_tokens_never_take_the_pair_path(use_isa):
     # bf16 weights with f32 tokens: the products have an f32 operand, so they stay on the f32 kernels.
     use_isa("avx512_bf16")
-    p = make_problem(24, **SHAPES["dot_edges"])
+    p = make_problem(24, **SHAPES["few_tokens_edges"])
     p.gate, p.up, p.down = (t.astype(jnp.bfloat16) for t in (p.gate, p.up, p.down))
     ffi.reset_kernel_counters()
     jax.block_until_ready(saved_preactivations(p)[0][0])
     assert ffi.kernel_counters()["bf16_pair_flops"] == 0
 
 
-@pytest.mark.parametrize("shape", ["dot_edges", "packed_narrow"])
+@pytest.mark.parametrize("shape", ["few_tokens_edges", "packed_narrow"])
 def test_a_weight_rows_neighbour_never_leaks_into_its_products(shape, use_isa):
     # H % 32 != 0: the last block of 32 of each weight row ends inside the next row. An inf there
     # (the next row's first value) must not reach this row's products, even times a zero padding.
@@ -130,12 +131,17 @@ def test_a_weight_rows_neighbour_never_leaks_into_its_products(shape, use_isa):
     assert rel_err(g[:, keep], g_ref[:, keep]) < 1e-5
 
 
+DY_DOWN_SHAPES = ("few_tokens_edges", "few_tokens_odd_width", "row_limit_96", "rows_97")
+
+
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
-@pytest.mark.parametrize("shape", ["dot_row_limit", "packed_past_row_limit", "packed_blocks_and_edges"])
+@pytest.mark.parametrize("shape", [*DY_DOWN_SHAPES, "packed_blocks_and_edges"])
 def test_router_weight_gradients_through_dy_down_pairs_are_exact_to_f32(shape, policy, use_isa):
     # d topk_weights = (dy Down_e) . h is f32; with a cotangent of bf16 values, dy is exact, so it is held
-    # to f32 accuracy. dy Down_e takes the pair path past 96 tokens per expert (97 and 200 here; an odd
-    # H = 1101 leaves the last pair of stored rows half empty), the f32 direct kernel up to 96.
+    # to f32 accuracy. dy Down_e takes the pair path: its direct kernel up to 96 tokens per expert (~10
+    # with I = 45 and 42: a last block of 64 columns partly masked; an odd H = 1061 or 71: a last block
+    # of rows with an odd count; 96: 16 row tiles, the first copying each block of weights, the others
+    # reading the copy), packed past that (97 and 200; H = 1101 leaves the last pair half empty).
     use_isa("avx512_bf16")
     p = make_problem(26, **SHAPES[shape], dtype=jnp.bfloat16)
     cot = np.random.default_rng(3).standard_normal(p.x.shape)
@@ -150,6 +156,6 @@ def test_router_weight_gradients_through_dy_down_pairs_are_exact_to_f32(shape, p
     _, grads_ref = reference_loss_and_grads(p, cot)
     S, I, H = p.ids.size, p.gate.shape[1], p.gate.shape[2]
     gate_up = (2 if policy == "recompute" else 1) * 2 * (2 * S * I * H)
-    assert pair_flops == gate_up + (0 if shape == "dot_row_limit" else 2 * S * H * I)
+    assert pair_flops == gate_up + 2 * S * H * I
     assert rel_err(grads["weights"], grads_ref["weights"]) < 2e-5
     assert rel_err(grads["x"], grads_ref["x"]) < 1.2e-2

@@ -1,5 +1,6 @@
-// k-masks and a horizontal sum shared by the AVX-512 translation units (gemm_avx512.cc,
-// gemm_avx512_bf16.cc, activation_avx512.cc); include only from files compiled with -mavx512f.
+// k-masks, a horizontal sum and the bf16 pair interleave shared by the AVX-512 translation units
+// (gemm_avx512.cc, gemm_avx512_bf16.cc, activation_avx512.cc); include only from files compiled with
+// -mavx512f -mavx512bw.
 #pragma once
 
 #include <immintrin.h>
@@ -22,6 +23,19 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0x4E));
   s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0xB1));
   return _mm512_castps512_ps128(s);
+}
+
+// 32 bf16 values of two stored rows k and k + 1 as pairs (the pair path, gemm.h): the pairs of columns
+// 0..15 (first) and 16..31 (second), each two-source permute taking one value from each row.
+alignas(64) inline constexpr uint16_t kPairLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) inline constexpr uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+inline __m512i pairs_first(__m512i r0, __m512i r1) {
+  return _mm512_permutex2var_epi16(r0, _mm512_load_si512(kPairLo), r1);
+}
+inline __m512i pairs_second(__m512i r0, __m512i r1) {
+  return _mm512_permutex2var_epi16(r0, _mm512_load_si512(kPairHi), r1);
 }
 
 }  // namespace ktjax

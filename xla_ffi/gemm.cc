@@ -64,6 +64,7 @@ const Isa kAvx512 = {"avx512",
                      nullptr,
                      nullptr,
                      nullptr,
+                     nullptr,
                      nullptr};
 // AVX-512 with the bf16 pair path (vdpbf16ps) on top.
 const Isa kAvx512Bf16 = {"avx512_bf16",
@@ -84,7 +85,8 @@ const Isa kAvx512Bf16 = {"avx512_bf16",
                          pack_pair_panel_avx512,
                          pack_pair_a_panel_avx512,
                          pack_pair_rows_avx512,
-                         pair_dot_avx512bf16};
+                         pair_dot_avx512bf16,
+                         pair_direct_avx512bf16};
 const Isa kAvx2 = {"avx2",
                    16,
                    microkernel_avx2,
@@ -103,10 +105,11 @@ const Isa kAvx2 = {"avx2",
                    nullptr,
                    nullptr,
                    nullptr,
+                   nullptr,
                    nullptr};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                       nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable,
-                      nullptr, nullptr, nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512Bf16) {
@@ -351,12 +354,10 @@ void macro_kernel(Kernel kernel, int64_t nr, int64_t mc, int64_t nc, int64_t ste
 }
 
 // The bf16 pair path (gemm.h): both operands bf16, A [M, K] not transposed, B stored either way, neither
-// scaled nor B gathered, on an ISA with vdpbf16ps. A B stored [K, N] takes it past the direct path's
-// rows only: up to those, the f32 direct kernel (reading the weights in place) was faster than packing
-// them as pairs (S1 frozen fwd+bwd 1.07x slower with pairs; S2 0.90x, docs/performance.md).
-bool pair_path(const Isa& isa, int64_t M, const MatView& A, const MatView& B) {
+// scaled nor B gathered, on an ISA with vdpbf16ps.
+bool pair_path(const Isa& isa, const MatView& A, const MatView& B) {
   return isa.pair_kernel != nullptr && A.dtype == DType::kBF16 && B.dtype == DType::kBF16 && !A.trans &&
-         A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr && (B.trans || M > kDirectMaxRows);
+         A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr;
 }
 
 // Packs logical rows [i0, i0 + mc) of A (bf16), values [k0, k0 + kc), into panels of `width` rows of
@@ -418,6 +419,40 @@ void gemm_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha,
       for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
       isa.pair_dot(kc, apack, kc32, static_cast<int>(M), w + n0 * B.ld + pc, B.ld, nw, crow, alpha,
                    accumulate || pc > 0);
+    }
+  }
+}
+
+// The pair path's direct kernel for up to kDirectMaxRows token rows against a B stored [K, N]: gemm_direct
+// with pairs. Per block of kDirectKC rows of B, the token rows packed as pairs, and each block of
+// kDirectCols columns read in place (masked at the edges) by the first row tile and from its copy by
+// the others.
+void gemm_pair_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                      const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const auto* w = static_cast<const uint16_t*>(B.data);
+  auto* apack = reinterpret_cast<uint32_t*>(scratch);  // kDirectAFloats: M rounded up to kMR, times kDirectKC / 2
+  float* copy = scratch + kDirectAFloats + kDirectBlockFloats;  // kDirectKC / 2 * kDirectCols words
+  const int tiles = static_cast<int>((M + kMR - 1) / kMR);
+  float* crow[kMR];
+  for (int64_t pc = 0; pc < K; pc += kDirectKC) {
+    const int64_t kc = std::min(kDirectKC, K - pc), kp = (kc + 1) / 2;
+    const bool acc = accumulate || pc > 0;
+    pack_pairs(isa, A, 0, M, pc, kc, kMR, apack);
+    for (int64_t jc = 0; jc < N; jc += kDirectCols) {
+      const int nb = static_cast<int>(std::min(kDirectCols, N - jc));
+      const uint16_t* b = w + pc * B.ld + jc;
+      DirectRows rows;
+      rows.copy = copy;
+      rows.prefetch = pc + kc < K ? b + kc * B.ld : nullptr;
+      rows.prefetch_ld = B.ld;
+      for (int64_t ir = 0; ir < M; ir += kMR) {
+        const int mr = static_cast<int>(std::min(kMR, M - ir));
+        for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
+        rows.slice = PrefetchSlice{static_cast<int>(ir / kMR), tiles};
+        using Copy = DirectRows::Copy;
+        rows.copy_mode = ir > 0 ? Copy::kRead : tiles > 1 ? Copy::kWrite : Copy::kNone;
+        isa.pair_direct(kc, apack + ir * kp, b, B.ld, crow, mr, nb, alpha, acc, rows);
+      }
     }
   }
 }
@@ -516,11 +551,14 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
-  if (pair_path(isa, M, A, B)) {
+  if (pair_path(isa, A, B)) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (!B.trans || M > kDotMaxRows) return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    if (M > (B.trans ? kDotMaxRows : kDirectMaxRows)) {
+      return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    }
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    if (B.trans) return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
   }
   const bool dot = B.trans && !A.trans, direct = !B.trans;
   if ((dot || direct) && small_batch(isa, M, K, B)) {

@@ -141,6 +141,11 @@ using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 // other, lda bf16 values apart and zero-padded to a multiple of 32, against nw <= 4 weight rows read in
 // place from ldw apart; kc values, the last block of 32 read with a mask:
 //   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} a[i * lda + k] * w[j * ldw + k].
+// PairDirectKernel is the direct kernel (DirectKernel) for a B stored [K, N] with pairs: A one panel of
+// mr <= 6 rows of pairs (a[p * 6 + i]), kc <= 32 values of B's stored rows read in place, up to
+// kDirectCols columns (masked past nr), each two rows interleaved into pairs in registers; `rows` as
+// for DirectKernel, the copy holding the interleaved pairs ((kc + 1) / 2 * kDirectCols words).
+//   c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha * sum_{k < kc} A(i, k) * w[k * ldw + 0:nr].
 // Subnormal bf16 inputs and f32 results of vdpbf16ps count as zero (below 1.2e-38 in magnitude).
 using PairKernel = void (*)(int64_t kp, const uint32_t* a, const uint32_t* b, float* const* c, int mr, int nr,
                             float alpha, bool acc);
@@ -149,6 +154,8 @@ using PairRowPacker = void (*)(const uint16_t* r0, const uint16_t* r1, int64_t n
                                uint32_t* dst);
 using PairDotKernel = void (*)(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                                int nw, float* const* c, float alpha, bool acc);
+using PairDirectKernel = void (*)(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c,
+                                  int mr, int nr, float alpha, bool acc, const DirectRows& rows);
 
 struct Isa {
   const char* name;
@@ -172,12 +179,14 @@ struct Isa {
   SiluMul silu_mul;
   SiluMulGrad silu_mul_grad;
   // The bf16 pair path (PairKernel above), all null where the ISA has none: the micro-kernel, its
-  // packers of full B panels (nr rows), A panels (6 rows) and of a B stored [K, N], and the dot kernel.
+  // packers of full B panels (nr rows), A panels (6 rows) and of a B stored [K, N], the dot kernel and
+  // the direct kernel.
   PairKernel pair_kernel;
   PairPanelPacker pack_pair_panel;
   PairPanelPacker pack_pair_a_panel;
   PairRowPacker pack_pair_rows;
   PairDotKernel pair_dot;
+  PairDirectKernel pair_direct;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",

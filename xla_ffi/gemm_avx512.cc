@@ -472,12 +472,6 @@ void pack_pair_a_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t*
 
 void pack_pair_rows_avx512(const uint16_t* r0, const uint16_t* r1, int64_t n, int64_t width, int64_t stride,
                            uint32_t* dst) {
-  // Words 0..15 of 32 columns take the values 0..15 of both rows, words 16..31 the values 16..31.
-  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
   for (int64_t c0 = 0; c0 < n; c0 += width, dst += stride) {
     for (int64_t j = 0; j < width; j += 32) {
       const int64_t len = std::min<int64_t>({width - j, 32, std::max<int64_t>(n - c0 - j, 0)});
@@ -485,8 +479,8 @@ void pack_pair_rows_avx512(const uint16_t* r0, const uint16_t* r1, int64_t n, in
       const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + c0 + j);
       const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + c0 + j) : _mm512_setzero_si512();
       const int64_t words = std::min<int64_t>(width - j, 32);
-      _mm512_mask_storeu_epi32(dst + j, first_lanes(words), _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_mask_storeu_epi32(dst + j + 16, first_lanes(words - 16), _mm512_permutex2var_epi16(a, hi, b));
+      _mm512_mask_storeu_epi32(dst + j, first_lanes(words), pairs_first(a, b));
+      _mm512_mask_storeu_epi32(dst + j + 16, first_lanes(words - 16), pairs_second(a, b));
     }
   }
 }

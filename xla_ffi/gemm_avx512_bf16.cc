@@ -1,5 +1,5 @@
 // AVX512_BF16 kernels, compiled with -mavx512f -mavx512bw -mavx512bf16: the bf16 pair path of gemm.h
-// (PairKernel, PairDotKernel), where both operands are bf16 and vdpbf16ps multiplies pairs of them
+// (PairKernel, PairDotKernel, PairDirectKernel), where both operands are bf16 and vdpbf16ps multiplies pairs of them
 // into f32 accumulators. Its packers are in gemm_avx512.cc (they need AVX-512F only).
 #include <immintrin.h>
 
@@ -99,7 +99,105 @@ void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* c
   }
 }
 
+// MR rows of pairs against NH blocks of 32 columns of B [K, N] read in place; see PairDirectKernel in
+// gemm.h. Each pair step loads the same columns of stored rows 2p and 2p + 1 (masked past nr) and
+// interleaves them into pairs (or reads them from the copy); the accumulators stay in registers.
+template <int MR, int NH, bool kFromCopy>
+void pair_direct_tile(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int nr,
+                      float alpha, bool acc, const DirectRows& rows) {
+  __m512 s[2 * NH][MR];
+#pragma GCC unroll 4
+  for (int j = 0; j < 2 * NH; ++j) {
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) s[j][i] = _mm512_setzero_ps();
+  }
+  // locals: the copy's stores could alias `rows` for the compiler
+  auto* const copy = reinterpret_cast<uint32_t*>(
+      kFromCopy || rows.copy_mode == DirectRows::Copy::kWrite ? rows.copy : nullptr);
+  const uint16_t* next = rows.prefetch;
+  const int64_t next_ld = rows.prefetch_ld;
+  const int period = rows.slice.period;
+  int until_prefetch = next != nullptr ? rows.slice.phase : -1;
+  __mmask32 cols[NH];
+  for (int h = 0; h < NH; ++h) {
+    const int n = nr - 32 * h;
+    cols[h] = n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : (__mmask32(1) << n) - 1;
+  }
+  const int64_t kp = (kc + 1) / 2;
+  for (int64_t p = 0; p < kp; ++p, a += 6) {
+    if (until_prefetch-- == 0) {
+      for (int h = 0; h < NH; ++h) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + 2 * p * next_ld + 32 * h), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next + (2 * p + 1) * next_ld + 32 * h), _MM_HINT_T1);
+      }
+      until_prefetch = period - 1;
+    }
+    __m512i wv[2 * NH];
+    if constexpr (kFromCopy) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 2 * NH; ++j) wv[j] = _mm512_loadu_si512(copy + p * kDirectCols + 16 * j);
+    } else {
+      const bool odd_end = 2 * p + 1 == kc;  // an odd kc's last pair: no second row
+#pragma GCC unroll 2
+      for (int h = 0; h < NH; ++h) {
+        const __m512i r0 = _mm512_maskz_loadu_epi16(cols[h], w + 2 * p * ldw + 32 * h);
+        const __m512i r1 = _mm512_maskz_loadu_epi16(odd_end ? 0 : cols[h], w + (2 * p + 1) * ldw + 32 * h);
+        wv[2 * h] = pairs_first(r0, r1);
+        wv[2 * h + 1] = pairs_second(r0, r1);
+        if (copy != nullptr) {
+          _mm512_storeu_si512(copy + p * kDirectCols + 32 * h, wv[2 * h]);
+          _mm512_storeu_si512(copy + p * kDirectCols + 32 * h + 16, wv[2 * h + 1]);
+        }
+      }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512i ai = _mm512_set1_epi32(static_cast<int>(a[i]));
+#pragma GCC unroll 4
+      for (int j = 0; j < 2 * NH; ++j) s[j][i] = dot_pairs(s[j][i], ai, wv[j]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  __mmask16 m[2 * NH];
+  for (int q = 0; q < 2 * NH; ++q) m[q] = first_lanes(nr - 16 * q);
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 2 * NH; ++j) {
+      float* p = c[i] + 16 * j;
+      __m512 r = _mm512_mul_ps(s[j][i], va);
+      if (acc) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m[j], p));
+      _mm512_mask_storeu_ps(p, m[j], r);
+    }
+  }
+}
+
+template <int NH, bool kFromCopy>
+void pair_direct_rows(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                      int nr, float alpha, bool acc, const DirectRows& rows) {
+  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
+    case 1: pair_direct_tile<1, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 2: pair_direct_tile<2, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 3: pair_direct_tile<3, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 4: pair_direct_tile<4, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    case 5: pair_direct_tile<5, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+    default: pair_direct_tile<6, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
+  }
+}
+
 }  // namespace
+
+void pair_direct_avx512bf16(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                            int nr, float alpha, bool acc, const DirectRows& rows) {
+  const bool from_copy = rows.copy_mode == DirectRows::Copy::kRead;
+  if (nr > 32) {
+    if (from_copy) pair_direct_rows<2, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+    else pair_direct_rows<2, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+  } else {
+    if (from_copy) pair_direct_rows<1, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+    else pair_direct_rows<1, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
+  }
+}
 
 void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                          int nw, float* const* c, float alpha, bool acc) {

@@ -69,10 +69,12 @@ void pack_pair_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t* d
 void pack_pair_a_panel_avx512(const uint16_t* const* rows, int64_t kc, uint32_t* dst);
 void pack_pair_rows_avx512(const uint16_t* r0, const uint16_t* r1, int64_t n, int64_t width, int64_t stride,
                            uint32_t* dst);
-// Its kernels need AVX512_BF16 (gemm_avx512_bf16.cc): the 6x32 micro-kernel and the dot kernel.
+// Its kernels need AVX512_BF16 (gemm_avx512_bf16.cc): the 6x32 micro-kernel, the dot and direct kernels.
 void microkernel_pairs_avx512bf16(int64_t kp, const uint32_t* a, const uint32_t* b, float* const* c, int mr,
                                   int nr, float alpha, bool acc);
 void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                          int nw, float* const* c, float alpha, bool acc);
+void pair_direct_avx512bf16(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                            int nr, float alpha, bool acc, const DirectRows& rows);
 
 }  // namespace ktjax

@@ -65,13 +65,15 @@ def kernel_counters() -> dict[str, int]:
     Keys: ``forward``, ``recompute`` (forward work redone in backward), ``input_grad`` (dx and the
     chain to it), ``lora_grad``, ``base_grad``, ``forward_calls``, ``backward_calls``;
     ``small_batch_flops``, the part of those FLOPs done on the small-batch path (a few tokens against
-    bf16 weights read in place, without packing; AVX-512 and AVX2); ``packed_once_flops``, the part done
+    bf16 weights read in place, without packing; AVX-512 and AVX2; the pair path's dot and direct
+    kernels too); ``packed_once_flops``, the part done
     against an operand packed once for several products (the base-weight gradients of an expert
-    whose token rows fit the per-worker reuse buffer of 12 MiB); and the scratch pool the calls
-    borrow their intermediates from (reused across calls, not reset): ``scratch_bytes`` held now,
-    ``scratch_peak_bytes``, ``scratch_allocations`` (buffers ever allocated; flat once calls reuse
-    them). Kernels run asynchronously: block on the results (``jax.block_until_ready``) before
-    reading.
+    whose token rows fit the per-worker reuse buffer of 12 MiB); ``bf16_pair_flops``, the part done
+    on the bf16 pair path (both operands bf16, ``vdpbf16ps``: ISA ``avx512_bf16`` only); and the
+    scratch pool the calls borrow their intermediates from (reused across calls, not reset):
+    ``scratch_bytes`` held now, ``scratch_peak_bytes``, ``scratch_allocations`` (buffers ever
+    allocated; flat once calls reuse them). Kernels run asynchronously: block on the results
+    (``jax.block_until_ready``) before reading.
     """
     return dict(_ktjax_ffi.counters())
 

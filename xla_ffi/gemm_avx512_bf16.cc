@@ -56,7 +56,9 @@ namespace {
 // MB token rows against 4 weight rows (w[0..3], the missing ones of nw < 4 pointing at a real row and
 // their sums dropped), 32 values of k per step: one load per weight row and per token row, MB * 4
 // accumulators. The last block of 32 reads the weights with a mask (the token rows are zero-padded).
-// The next 4 weight rows are prefetched into L2 at the steps of 32 k selected by `slice`.
+// The next 8 weight rows (the driver's next two calls) are prefetched into L2 at the steps of 32 k
+// selected by `slice`: with only the next 4, as the f32 dot kernel does, the S1 forward took 1.05x
+// as long (docs/performance.md).
 template <int MB>
 void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* const* w, const uint16_t* next,
                    int64_t ldw, int nw, float* const* c, float alpha, bool acc, PrefetchSlice slice) {
@@ -70,7 +72,7 @@ void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* c
   int until_prefetch = slice.phase;
   for (int64_t k = 0; k < kc; k += 32) {
     if (until_prefetch-- == 0) {
-      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+      for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
       until_prefetch = slice.period - 1;
     }
     const __mmask32 mask = k < full ? ~__mmask32(0) : (__mmask32(1) << (kc - k)) - 1;
@@ -203,8 +205,8 @@ void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, cons
                          int nw, float* const* c, float alpha, bool acc) {
   const uint16_t* rows[4];
   for (int j = 0; j < 4; ++j) rows[j] = w + (j < nw ? j : 0) * ldw;
-  // Every tile reads the same 4 weight rows; each prefetches its share of the next 4 (none after the
-  // last group: nw < 4).
+  // Every tile reads the same 4 weight rows; each prefetches its share of the next 8 (prefetches past
+  // the weights' end are harmless: they never fault).
   const uint16_t* next = w + 4 * ldw;
   const int tiles = (m + 5) / 6;
   int i = 0;

@@ -1,4 +1,4 @@
-// k-masks, a horizontal sum and the bf16 pair interleave shared by the AVX-512 translation units
+// k-masks, horizontal sums and the bf16 pair interleave shared by the AVX-512 translation units
 // (gemm_avx512.cc, gemm_avx512_bf16.cc, activation_avx512.cc); include only from files compiled with
 // -mavx512f -mavx512bw.
 #pragma once
@@ -23,6 +23,26 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0x4E));
   s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, 0xB1));
   return _mm512_castps512_ps128(s);
+}
+
+// The dot kernels' epilogue (gemm_avx512.cc, gemm_avx512_bf16.cc): s[j][i] holds the partial sums of
+// token row i against weight row j; c[i][j] = (acc ? c[i][j] : 0) + alpha * (sum of its lanes), j < nw.
+template <int MB>
+__attribute__((always_inline)) inline void store_dot_sums(const __m512 (&s)[4][MB], int nw, float* const* c,
+                                                          float alpha, bool acc) {
+  const __m128 va = _mm_set1_ps(alpha);
+#pragma GCC unroll 6
+  for (int i = 0; i < MB; ++i) {
+    __m128 r = _mm_mul_ps(reduce4(s[0][i], s[1][i], s[2][i], s[3][i]), va);
+    if (nw == 4) {
+      if (acc) r = _mm_add_ps(r, _mm_loadu_ps(c[i]));
+      _mm_storeu_ps(c[i], r);
+    } else {
+      float v[4];
+      _mm_storeu_ps(v, r);
+      for (int j = 0; j < nw; ++j) c[i][j] = (acc ? c[i][j] : 0.0f) + v[j];
+    }
+  }
 }
 
 // 32 bf16 values of two stored rows k and k + 1 as pairs (the pair path, gemm.h): the pairs of columns

@@ -1,5 +1,6 @@
 // GEMM driver: cache blocking, packing (bf16 -> f32 widening, row gather, row scale), ISA dispatch,
-// and the small-batch paths that read bf16 weights in place (gemm_dot, gemm_direct).
+// the small-batch paths that read bf16 weights in place (gemm_dot, gemm_direct), and the bf16 pair path
+// for products of two bf16 operands (gemm_pair_dot, gemm_pair_direct, gemm_pairs).
 #include "gemm.h"
 
 #include <algorithm>
@@ -67,26 +68,18 @@ const Isa kAvx512 = {"avx512",
                      nullptr,
                      nullptr};
 // AVX-512 with the bf16 pair path (vdpbf16ps) on top.
-const Isa kAvx512Bf16 = {"avx512_bf16",
-                         32,
-                         microkernel_avx512,
-                         pack_bf16_panel_avx512,
-                         pack_f32_panel_avx512,
-                         pack_bf16_a_panel_avx512,
-                         pack_f32_a_panel_avx512,
-                         pack_row_panels_avx512,
-                         dot_bf16_avx512,
-                         pack_dot_row_avx512,
-                         direct_bf16_avx512,
-                         round_bf16_avx512,
-                         silu_mul_avx512,
-                         silu_mul_grad_avx512,
-                         microkernel_pairs_avx512bf16,
-                         pack_pair_panel_avx512,
-                         pack_pair_a_panel_avx512,
-                         pack_pair_rows_avx512,
-                         pair_dot_avx512bf16,
-                         pair_direct_avx512bf16};
+Isa avx512_with_pairs() {
+  Isa isa = kAvx512;
+  isa.name = "avx512_bf16";
+  isa.pair_kernel = microkernel_pairs_avx512bf16;
+  isa.pack_pair_panel = pack_pair_panel_avx512;
+  isa.pack_pair_a_panel = pack_pair_a_panel_avx512;
+  isa.pack_pair_rows = pack_pair_rows_avx512;
+  isa.pair_dot = pair_dot_avx512bf16;
+  isa.pair_direct = pair_direct_avx512bf16;
+  return isa;
+}
+const Isa kAvx512Bf16 = avx512_with_pairs();
 const Isa kAvx2 = {"avx2",
                    16,
                    microkernel_avx2,

@@ -137,9 +137,9 @@ using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 // dst[p * width + j] = pair p of rows[j], p < (kc + 1) / 2. PairRowPacker packs a B stored [K, N]: two
 // stored rows k and k + 1 (r1 null past an odd K: zero high halves) into the pair slice they fill of
 // consecutive panels: dst[p * stride + j] = r0[p * width + j] | r1[p * width + j] << 16, zero past n.
-// PairDotKernel is the dot kernel (DotKernel) for m <= kDotMaxRows token rows stored one after the
-// other, lda bf16 values apart and zero-padded to a multiple of 32, against nw <= 4 weight rows read in
-// place from ldw apart; kc values, the last block of 32 read with a mask:
+// PairDotKernel is the dot kernel (DotKernel) for m <= 96 token rows stored one after the other, lda
+// bf16 values apart and zero-padded to a multiple of 32, against nw <= 4 weight rows read in place from
+// ldw apart (the 8 after them prefetched into L2); kc values, the last block of 32 read with a mask:
 //   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} a[i * lda + k] * w[j * ldw + k].
 // PairDirectKernel is the direct kernel (DirectKernel) for a B stored [K, N] with pairs: A one panel of
 // mr <= 6 rows of pairs (a[p * 6 + i]), kc <= 32 values of B's stored rows read in place, up to

@@ -245,19 +245,7 @@ void dot_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, int nw
       for (int j = 0; j < 4; ++j) s[j][i] = _mm512_fmadd_ps(av, wv[j], s[j][i]);
     }
   }
-  const __m128 va = _mm_set1_ps(alpha);
-#pragma GCC unroll 6
-  for (int i = 0; i < MB; ++i) {
-    __m128 r = _mm_mul_ps(reduce4(s[0][i], s[1][i], s[2][i], s[3][i]), va);
-    if (nw == 4) {
-      if (acc) r = _mm_add_ps(r, _mm_loadu_ps(c[i]));
-      _mm_storeu_ps(c[i], r);
-    } else {
-      float v[4];
-      _mm_storeu_ps(v, r);
-      for (int j = 0; j < nw; ++j) c[i][j] = (acc ? c[i][j] : 0.0f) + v[j];
-    }
-  }
+  store_dot_sums<MB>(s, nw, c, alpha, acc);
 }
 
 // MR rows of A (packed 6 apart) against NH halves of 32 bf16 columns read in place; see DirectKernel

@@ -86,19 +86,7 @@ void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* c
       for (int j = 0; j < 4; ++j) s[j][i] = dot_pairs(s[j][i], av, wv[j]);
     }
   }
-  const __m128 va = _mm_set1_ps(alpha);
-#pragma GCC unroll 6
-  for (int i = 0; i < MB; ++i) {
-    __m128 r = _mm_mul_ps(reduce4(s[0][i], s[1][i], s[2][i], s[3][i]), va);
-    if (nw == 4) {
-      if (acc) r = _mm_add_ps(r, _mm_loadu_ps(c[i]));
-      _mm_storeu_ps(c[i], r);
-    } else {
-      float v[4];
-      _mm_storeu_ps(v, r);
-      for (int j = 0; j < nw; ++j) c[i][j] = (acc ? c[i][j] : 0.0f) + v[j];
-    }
-  }
+  store_dot_sums<MB>(s, nw, c, alpha, acc);
 }
 
 // MR rows of pairs against NH blocks of 32 columns of B [K, N] read in place; see PairDirectKernel in

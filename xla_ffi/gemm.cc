@@ -217,6 +217,24 @@ bool small_batch(const Isa& isa, int64_t M, int64_t K, const MatView& B) {
          B.dtype == DType::kBF16 && B.rows == nullptr && B.row_scale == nullptr;
 }
 
+// The row tiles of one block of weights on a direct path (gemm_direct, gemm_pair_direct): each tile of
+// kMR rows (the last one shorter) runs tile(ir, mr, crow, rows) on the same block. With `copy`, the
+// first tile copies the block (when others follow) and the others read the copy; without, every tile
+// reads the block. Each tile fetches its share of the same columns of the next block (PrefetchSlice).
+template <typename Tile>
+void direct_row_tiles(int64_t M, const OutView& C, int64_t jc, DirectRows rows, bool copy, Tile tile) {
+  using Copy = DirectRows::Copy;
+  const int tiles = static_cast<int>((M + kMR - 1) / kMR);
+  float* crow[kMR];
+  for (int64_t ir = 0; ir < M; ir += kMR) {
+    const int mr = static_cast<int>(std::min(kMR, M - ir));
+    for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
+    rows.slice = PrefetchSlice{static_cast<int>(ir / kMR), tiles};
+    rows.copy_mode = !copy ? Copy::kNone : ir > 0 ? Copy::kRead : tiles > 1 ? Copy::kWrite : Copy::kNone;
+    tile(ir, mr, static_cast<float* const*>(crow), rows);
+  }
+}
+
 // The direct path: A packed in micro-kernel panels per block of kDirectKC, each block of kDirectCols
 // columns of B read from its stored rows by the first row tile and from its copy by the others (the
 // last, partial block from a zero-padded copy made here).
@@ -226,8 +244,6 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
   float* apack = scratch;
   auto* block = reinterpret_cast<uint16_t*>(scratch + kDirectAFloats);
   float* copy = scratch + kDirectAFloats + kDirectBlockFloats;
-  const int tiles = static_cast<int>((M + kMR - 1) / kMR);
-  float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
     const int64_t kc = std::min(kDirectKC, K - pc);
     const bool acc = accumulate || pc > 0;
@@ -247,18 +263,11 @@ void gemm_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, c
       rows.copy = copy;
       rows.prefetch = pc + kc < K ? b + kc * B.ld : nullptr;
       rows.prefetch_ld = B.ld;
-      for (int64_t ir = 0; ir < M; ir += kMR) {
-        const int mr = static_cast<int>(std::min(kMR, M - ir));
-        for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
-        // Every row tile reads this block; each fetches its share of the same columns of the next one.
-        rows.slice = PrefetchSlice{static_cast<int>(ir / kMR), tiles};
-        // A padded block: every tile reads `block`. Else the first reads the weights (and copies them
-        // when other tiles follow) and the others read the copy.
-        using Copy = DirectRows::Copy;
-        rows.copy_mode = padded ? Copy::kNone : ir > 0 ? Copy::kRead : tiles > 1 ? Copy::kWrite : Copy::kNone;
+      // A padded block: every tile reads `block`. Else the first reads the weights, the others its copy.
+      direct_row_tiles(M, C, jc, rows, !padded, [&](int64_t ir, int mr, float* const* crow, const DirectRows& r) {
         isa.direct_bf16(kc, apack + ir * kc, padded ? block : b, padded ? kDirectCols : B.ld, crow, mr, nb, alpha,
-                        acc, rows);
-      }
+                        acc, r);
+      });
     }
   }
 }
@@ -425,8 +434,6 @@ void gemm_pair_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alp
   const auto* w = static_cast<const uint16_t*>(B.data);
   auto* apack = reinterpret_cast<uint32_t*>(scratch);  // kDirectAFloats: M rounded up to kMR, times kDirectKC / 2
   float* copy = scratch + kDirectAFloats + kDirectBlockFloats;  // kDirectKC / 2 * kDirectCols words
-  const int tiles = static_cast<int>((M + kMR - 1) / kMR);
-  float* crow[kMR];
   for (int64_t pc = 0; pc < K; pc += kDirectKC) {
     const int64_t kc = std::min(kDirectKC, K - pc), kp = (kc + 1) / 2;
     const bool acc = accumulate || pc > 0;
@@ -438,14 +445,9 @@ void gemm_pair_direct(const Isa& isa, int64_t M, int64_t N, int64_t K, float alp
       rows.copy = copy;
       rows.prefetch = pc + kc < K ? b + kc * B.ld : nullptr;
       rows.prefetch_ld = B.ld;
-      for (int64_t ir = 0; ir < M; ir += kMR) {
-        const int mr = static_cast<int>(std::min(kMR, M - ir));
-        for (int i = 0; i < mr; ++i) crow[i] = C.row_ptr(ir + i) + jc;
-        rows.slice = PrefetchSlice{static_cast<int>(ir / kMR), tiles};
-        using Copy = DirectRows::Copy;
-        rows.copy_mode = ir > 0 ? Copy::kRead : tiles > 1 ? Copy::kWrite : Copy::kNone;
-        isa.pair_direct(kc, apack + ir * kp, b, B.ld, crow, mr, nb, alpha, acc, rows);
-      }
+      direct_row_tiles(M, C, jc, rows, true, [&](int64_t ir, int mr, float* const* crow, const DirectRows& r) {
+        isa.pair_direct(kc, apack + ir * kp, b, B.ld, crow, mr, nb, alpha, acc, r);
+      });
     }
   }
 }

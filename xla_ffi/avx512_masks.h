@@ -1,4 +1,4 @@
-// k-masks, horizontal sums and the bf16 pair interleave shared by the AVX-512 translation units
+// k-masks, epilogues, horizontal sums and the bf16 pair interleave shared by the AVX-512 translation units
 // (gemm_avx512.cc, gemm_avx512_bf16.cc, activation_avx512.cc); include only from files compiled with
 // -mavx512f -mavx512bw.
 #pragma once
@@ -12,6 +12,32 @@ namespace ktjax {
 // The k-mask of the first n of 16 lanes (none for n <= 0, all for n >= 16): edge tiles and row tails.
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// The k-mask of the first n of 32 16-bit lanes (none for n <= 0, all for n >= 32): bf16 row tails.
+inline __mmask32 first_lanes32(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
+// The 6x32 micro-kernels' epilogue (f32 and bf16 pairs): c[i][0:nr] = (acc ? c[i][0:nr] : 0) + alpha *
+// [c0[i], c1[i]] for i < mr. Constant row indices (rows past mr skipped by a test), so that the caller's
+// accumulators stay in registers.
+__attribute__((always_inline)) inline void store_tile6x32(const __m512 (&c0)[6], const __m512 (&c1)[6],
+                                                          float* const* c, int mr, int nr, float alpha, bool acc) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    if (i >= mr) break;
+    float* p = c[i];
+    __m512 r0 = _mm512_mul_ps(c0[i], va), r1 = _mm512_mul_ps(c1[i], va);
+    if (acc) {
+      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, p));
+      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, p + 16));
+    }
+    _mm512_mask_storeu_ps(p, m0, r0);
+    _mm512_mask_storeu_ps(p + 16, m1, r1);
+  }
 }
 
 // Sums of 4 vectors: lane j of the result is the sum of v[j]'s 16 lanes.

@@ -37,20 +37,7 @@ void microkernel_avx512(int64_t kc, const float* a, const float* b, float* const
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) microkernel_step(a + k * MR, b + k * NR, c0, c1);
-  const __m512 va = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    if (i >= mr) break;
-    float* p = c[i];
-    __m512 r0 = _mm512_mul_ps(c0[i], va), r1 = _mm512_mul_ps(c1[i], va);
-    if (acc) {
-      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, p));
-      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, p + 16));
-    }
-    _mm512_mask_storeu_ps(p, m0, r0);
-    _mm512_mask_storeu_ps(p + 16, m1, r1);
-  }
+  store_tile6x32(c0, c1, c, mr, nr, alpha, acc);
 }
 
 namespace {
@@ -462,8 +449,7 @@ void pack_pair_rows_avx512(const uint16_t* r0, const uint16_t* r1, int64_t n, in
                            uint32_t* dst) {
   for (int64_t c0 = 0; c0 < n; c0 += width, dst += stride) {
     for (int64_t j = 0; j < width; j += 32) {
-      const int64_t len = std::min<int64_t>({width - j, 32, std::max<int64_t>(n - c0 - j, 0)});
-      const __mmask32 m = len >= 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
+      const __mmask32 m = first_lanes32(std::min(width - j, n - c0 - j));
       const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + c0 + j);
       const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + c0 + j) : _mm512_setzero_si512();
       const int64_t words = std::min<int64_t>(width - j, 32);

@@ -1,6 +1,6 @@
 // AVX512_BF16 kernels, compiled with -mavx512f -mavx512bw -mavx512bf16: the bf16 pair path of gemm.h
-// (PairKernel, PairDotKernel, PairDirectKernel), where both operands are bf16 and vdpbf16ps multiplies pairs of them
-// into f32 accumulators. Its packers are in gemm_avx512.cc (they need AVX-512F only).
+// (PairKernel, PairDotKernel, PairDirectKernel), where both operands are bf16 and vdpbf16ps multiplies
+// pairs of them into f32 accumulators. Its packers are in gemm_avx512.cc (they need AVX-512F only).
 #include <immintrin.h>
 
 #include "avx512_masks.h"
@@ -35,20 +35,7 @@ void microkernel_pairs_avx512bf16(int64_t kp, const uint32_t* a, const uint32_t*
       c1[i] = dot_pairs(c1[i], ai, b1);
     }
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-  const __mmask16 m0 = first_lanes(nr), m1 = first_lanes(nr - 16);
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    if (i >= mr) break;
-    float* p = c[i];
-    __m512 r0 = _mm512_mul_ps(c0[i], va), r1 = _mm512_mul_ps(c1[i], va);
-    if (acc) {
-      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, p));
-      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, p + 16));
-    }
-    _mm512_mask_storeu_ps(p, m0, r0);
-    _mm512_mask_storeu_ps(p + 16, m1, r1);
-  }
+  store_tile6x32(c0, c1, c, mr, nr, alpha, acc);
 }
 
 namespace {
@@ -68,14 +55,13 @@ void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* c
 #pragma GCC unroll 6
     for (int i = 0; i < MB; ++i) s[j][i] = _mm512_setzero_ps();
   }
-  const int64_t full = kc / 32 * 32;
   int until_prefetch = slice.phase;
   for (int64_t k = 0; k < kc; k += 32) {
     if (until_prefetch-- == 0) {
       for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
       until_prefetch = slice.period - 1;
     }
-    const __mmask32 mask = k < full ? ~__mmask32(0) : (__mmask32(1) << (kc - k)) - 1;
+    const __mmask32 mask = first_lanes32(kc - k);
     __m512i wv[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w[j] + k);
@@ -109,10 +95,7 @@ void pair_direct_tile(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t 
   const int period = rows.slice.period;
   int until_prefetch = next != nullptr ? rows.slice.phase : -1;
   __mmask32 cols[NH];
-  for (int h = 0; h < NH; ++h) {
-    const int n = nr - 32 * h;
-    cols[h] = n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : (__mmask32(1) << n) - 1;
-  }
+  for (int h = 0; h < NH; ++h) cols[h] = first_lanes32(nr - 32 * h);
   const int64_t kp = (kc + 1) / 2;
   for (int64_t p = 0; p < kp; ++p, a += 6) {
     if (until_prefetch-- == 0) {

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 PROJ_DIMS = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
@@ -131,3 +132,42 @@ def rel_err(got, want) -> float:
     scale = np.abs(want).max()
     assert scale > 0, "reference is all zeros: the test would prove nothing"
     return float(np.abs(got - want).max() / scale)
+
+
+def _bf16_values(a: np.ndarray) -> np.ndarray:
+    """a rounded to the nearest bf16 (ties to even), back in float64."""
+    return np.asarray(a, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def rounded_intermediates_reference(p: Problem, cotangent: np.ndarray):
+    """float64 y and gradients of sum(y * cotangent) with moe_experts(..., intermediates="bf16")'s rounding
+    points, no LoRA: the backward written out by hand, since jax.grad cannot place them. The kernels
+    receive dy = bf16(cotangent) (y is bf16), so this uses it too; then w h is rounded once (down
+    projection, d down) and so are dg and du (dx, d gate, d up). Returns (y, {name: gradient}) keyed like
+    loss_and_grads."""
+    f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
+    x, w, G, U, D = (f64(a) for a in (p.x, p.weights, p.gate, p.up, p.down))
+    ids = np.asarray(p.ids)
+    T, K = ids.shape
+    dy = _bf16_values(cotangent)
+    y = np.zeros_like(x)
+    grads = {"x": np.zeros_like(x), "weights": np.zeros_like(w)}
+    grads.update(gate=np.zeros_like(G), up=np.zeros_like(U), down=np.zeros_like(D))
+    for e in range(G.shape[0]):  # each expert's slots at once
+        t, k = np.nonzero(ids == e)
+        xe, we, dye = x[t], w[t, k][:, None], dy[t]
+        g, u = xe @ G[e].T, xe @ U[e].T
+        sg = 1.0 / (1.0 + np.exp(-g))
+        h = g * sg * u
+        hw = _bf16_values(we * h)
+        np.add.at(y, t, hw @ D[e].T)
+        dh_full = dye @ D[e]
+        grads["weights"][t, k] = np.sum(dh_full * h, axis=1)
+        dh = we * dh_full
+        du = _bf16_values(dh * g * sg)
+        dg = _bf16_values(dh * u * sg * (1.0 + g * (1.0 - sg)))
+        np.add.at(grads["x"], t, dg @ G[e] + du @ U[e])
+        grads["gate"][e] = dg.T @ xe
+        grads["up"][e] = du.T @ xe
+        grads["down"][e] = dye.T @ hw
+    return y, grads

@@ -58,6 +58,8 @@ def test_out_of_range_id_is_reported_in_the_backward_too():
         (dict(lora_scale=float("inf")), "lora_scale must be a finite"),
         (dict(backend="gpu"), "backend must be one of"),
         (dict(policy="save_all"), "policy must be one of"),
+        (dict(intermediates="fp8"), "intermediates must be one of"),
+        (dict(x=P.x.astype(jnp.bfloat16), intermediates="bf16", backend="xla"), "a mode of the CPU kernels"),
     ],
 )
 def test_bad_shapes_and_options_name_the_argument(overrides, pattern):
@@ -74,6 +76,7 @@ def test_bad_shapes_and_options_name_the_argument(overrides, pattern):
         (dict(x=P.x.astype(jnp.float16)), "x must be bfloat16 or float32"),
         (dict(down=P.down.astype(jnp.bfloat16)), "gate, up and down must share one dtype"),
         (dict(gate=P.gate.astype(jnp.int32)), "gate must be bfloat16 or float32"),
+        (dict(intermediates="bf16"), "intermediates='bf16' needs bfloat16 x, got float32"),
         (
             dict(lora={"gate": (P.lora["gate"][0], P.lora["gate"][1].astype(jnp.bfloat16))}),
             r"lora\['gate'\] A and B must share one dtype",
@@ -89,6 +92,19 @@ def test_unknown_isa_request_is_an_error_not_a_crash(monkeypatch):
     monkeypatch.setenv("KTJAX_ISA", "sve2")
     with pytest.raises(Exception, match="KTJAX_ISA names an ISA"):
         call()
+
+
+@pytest.mark.parametrize("save_preact", [False, True])
+def test_kernels_refuse_bf16_intermediates_with_f32_tokens(save_preact):
+    # The Python checks stop this first; the kernels check it again (a direct call past them).
+    from ktjax.ops.moe_experts import _forward_call
+
+    adapters = [jnp.zeros((3, 0, 16)), jnp.zeros((3, 8, 0))] * 2
+    adapters += [jnp.zeros((3, 0, 8)), jnp.zeros((3, 16, 0))]
+    with pytest.raises(Exception, match="bf16_intermediates needs bf16 tokens x"):
+        jax.block_until_ready(
+            _forward_call((P.x, P.ids, P.weights, P.gate, P.up, P.down, *adapters), 1.0, save_preact, True)
+        )
 
 
 def test_good_call_still_works_after_errors():

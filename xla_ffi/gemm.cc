@@ -355,12 +355,9 @@ void macro_kernel(Kernel kernel, int64_t nr, int64_t mc, int64_t nc, int64_t ste
   }
 }
 
-// The bf16 pair path (gemm.h): both operands bf16, A [M, K] not transposed, B stored either way, neither
-// scaled nor B gathered, on an ISA with vdpbf16ps.
-bool pair_path(const Isa& isa, const MatView& A, const MatView& B) {
-  return isa.pair_kernel != nullptr && A.dtype == DType::kBF16 && B.dtype == DType::kBF16 && !A.trans &&
-         A.row_scale == nullptr && B.row_scale == nullptr && B.rows == nullptr;
-}
+// Whether a product with these operands takes the small-M pair kernels (dot, direct): besides
+// pair_operands, A [M, K] not transposed and B read in place (not gathered).
+bool pair_in_place(const MatView& A, const MatView& B) { return !A.trans && B.rows == nullptr; }
 
 // Packs logical rows [i0, i0 + mc) of A (bf16), values [k0, k0 + kc), into panels of `width` rows of
 // pairs, zero-padded: buf[(p * kp + q) * width + ii] = pair q of row i0 + p * width + ii, kp = (kc + 1) / 2.
@@ -546,9 +543,9 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
-  if (pair_path(isa, A, B)) {
+  if (pair_operands(isa, A) && pair_operands(isa, B)) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (M > (B.trans ? kDotMaxRows : kDirectMaxRows)) {
+    if (!pair_in_place(A, B) || M > (B.trans ? kDotMaxRows : kDirectMaxRows)) {
       return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     }
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
@@ -581,16 +578,27 @@ void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const Ma
   }
 }
 
+bool pair_operands(const Isa& isa, const MatView& v) {
+  return isa.pair_kernel != nullptr && v.dtype == DType::kBF16 && v.row_scale == nullptr;
+}
+
 int64_t packed_b_floats(const Isa& isa, int64_t K, int64_t N) {
   return std::max<int64_t>(K, 0) * padded_cols(isa, N);
 }
 
-PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, float* dst) {
+PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, bool pairs, float* dst) {
   const int64_t n_padded = padded_cols(isa, N);
+  if (pairs && pair_operands(isa, B)) {  // blocks of 2 * kKCFewRows values: the bytes of an f32 block
+    auto* words = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t pc = 0; pc < K; pc += 2 * kKCFewRows) {
+      pack_pairs(isa, B.t(), 0, N, pc, std::min(2 * kKCFewRows, K - pc), isa.nr, words + pc / 2 * n_padded);
+    }
+    return PackedB{dst, K, N, 2 * kKCFewRows, true};
+  }
   for (int64_t pc = 0; pc < K; pc += kKCFewRows) {
     pack_any(isa, B.t(), 0, N, pc, std::min(kKCFewRows, K - pc), isa.nr, dst + pc * n_padded);
   }
-  return PackedB{dst, K, N, kKCFewRows};
+  return PackedB{dst, K, N, kKCFewRows, false};
 }
 
 void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const PackedB& B,
@@ -601,6 +609,22 @@ void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const
   stats().packed_once_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
   const int64_t n_padded = padded_cols(isa, N);
+  if (B.pairs) {  // as below, with pairs: kc / 2 words per row of A at depth kc
+    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    const int64_t rows = kMC * kKC / (B.kc / 2) / kMR * kMR;
+    auto* apack = reinterpret_cast<uint32_t*>(scratch);
+    const auto* words = reinterpret_cast<const uint32_t*>(B.data);
+    for (int64_t pc = 0; pc < K; pc += B.kc) {
+      const int64_t kc = std::min(B.kc, K - pc);
+      for (int64_t ic = 0; ic < M; ic += rows) {
+        const int64_t mc = std::min(rows, M - ic);
+        pack_pairs(isa, A, ic, mc, pc, kc, kMR, apack);
+        macro_kernel(isa.pair_kernel, isa.nr, mc, N, (kc + 1) / 2, alpha, apack, words + pc / 2 * n_padded,
+                     C.skip_rows(ic), accumulate || pc > 0, false);
+      }
+    }
+    return;
+  }
   const int64_t rows = kMC * kKC / B.kc / kMR * kMR;  // rows of A one packing buffer holds at depth kc
   float* apack = scratch;
   for (int64_t pc = 0; pc < K; pc += B.kc) {

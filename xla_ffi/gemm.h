@@ -124,8 +124,8 @@ using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int
 // Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
 using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 
-// Products whose operands are both bf16, A [M, K] (token rows, k contiguous) and a weight B stored
-// [N, K] (the forward's gate and up projections and their recompute) or [K, N] (the backward's
+// Products whose operands are both bf16 and unscaled (pair_operands below; e.g. token rows A [M, K] and
+// a weight B stored [N, K], the forward's gate and up projections, or [K, N], the backward's
 // dy Down_e, with dy bf16 where x is), on a CPU with AVX512_BF16: vdpbf16ps
 // multiplies pairs of bf16 values (each product exact in f32) and adds both to an f32 accumulator,
 // twice the work of an f32 FMA per instruction, without widening or an f32 copy of either operand.
@@ -206,20 +206,30 @@ int64_t gemm_scratch_floats();
 void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
           const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work);
 
+// Whether a view can be an operand of the bf16 pair path on this ISA: bf16 and unscaled. gemm() takes the
+// pair path when both operands can; its small-M pair kernels (dot, direct) besides need A not transposed
+// and B not gathered, and other such products are packed as pairs (gemm_pairs).
+bool pair_operands(const Isa& isa, const MatView& v);
+
 // B [K, N] packed whole, for several products against it (the token rows of a weight gradient, one
 // product per block of its rows): depth blocks of kc rows, block pc at data + pc * round_up(N, nr),
-// each the panels of nr columns that gemm() packs per block. Built by pack_b, read by gemm_packed.
+// each the panels of nr columns that gemm() packs per block. With `pairs`, the same in words of bf16
+// pairs (PairKernel): blocks twice as deep in values, block pc at words + pc / 2 * round_up(N, nr).
+// Built by pack_b, read by gemm_packed.
 struct PackedB {
   const float* data = nullptr;
   int64_t K = 0, N = 0, kc = 0;
+  bool pairs = false;
 };
 
-// Floats pack_b writes for B [K, N].
+// Floats pack_b writes for B [K, N] (either way: a pair of values takes the room of one f32 value).
 int64_t packed_b_floats(const Isa& isa, int64_t K, int64_t N);
-// Packs B [K, N] (widened, row-gathered and scaled as its view says) into dst, packed_b_floats long.
-PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, float* dst);
+// Packs B [K, N] (widened, row-gathered and scaled as its view says) into dst, packed_b_floats long;
+// as bf16 pairs when `pairs` is asked for and B can be a pair operand (pair_operands).
+PackedB pack_b(const Isa& isa, int64_t K, int64_t N, const MatView& B, bool pairs, float* dst);
 // C[M,N] = (accumulate ? C : 0) + alpha * op(A) B, with B packed by pack_b; as gemm() otherwise. Each
-// block of A is packed once, for all of B's columns.
+// block of A is packed once, for all of B's columns. B packed as pairs needs an A that can be a pair
+// operand (pair_operands; the caller checks).
 void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const PackedB& B,
                  const OutView& C, bool accumulate, float* scratch, Work work);
 

@@ -6,6 +6,10 @@
 //   d Down_e = sum (w dy) h^T,  d Gate_e = sum dg x^T,  d Up_e = sum du x^T       (f32 accumulation)
 //   LoRA of P with z = A v:  dB = s sum d z^T,  dA = s sum (B^T d) v^T
 // Only the gradients named in `needs` are computed; the others are empty outputs and cost nothing.
+// With bf16_intermediates (bf16 tokens only), the products of the base weights' chain read bf16 copies
+// of their f32 operands, so that they run on the bf16 pair path where the CPU has one: dg and du
+// rounded for dx and d Gate_e / d Up_e, and d Down_e = sum dy hw^T with hw = bf16(w h), as in the
+// forward. d topk_weights and every LoRA product keep the f32 values.
 #include "moe_backward.h"
 
 #include <algorithm>
@@ -26,7 +30,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
                         ffi::AnyBuffer weights, ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down,
                         ffi::AnyBuffer a_gate, ffi::AnyBuffer b_gate, ffi::AnyBuffer a_up, ffi::AnyBuffer b_up,
                         ffi::AnyBuffer a_down, ffi::AnyBuffer b_down, ffi::AnyBuffer g_saved,
-                        ffi::AnyBuffer u_saved, float lora_scale, int64_t needs,
+                        ffi::AnyBuffer u_saved, float lora_scale, int64_t needs, bool bf16_intermediates,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweights,
                         ffi::Result<ffi::AnyBuffer> dgate, ffi::Result<ffi::AnyBuffer> dup,
                         ffi::Result<ffi::AnyBuffer> ddown, ffi::Result<ffi::AnyBuffer> da_gate,
@@ -38,6 +42,9 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (auto e = parse_problem(x, ids, weights, gate, up, down, lora_in, lora_scale, &p); e.failure()) return e;
   const int64_t T = p.T, K = p.K, H = p.H, I = p.I, E = p.E;
   if (needs < 0 || needs > kNeedAll) return ffi::Error::InvalidArgument("needs has unknown bits");
+  if (bf16_intermediates && p.x_dtype != DType::kBF16) {
+    return ffi::Error::InvalidArgument("bf16_intermediates needs bf16 tokens x");
+  }
   if (dy.element_type() != x.element_type()) return ffi::Error::InvalidArgument("dy must have the dtype of x");
   if (auto e = expect_shape("dy", dy, {T, H}, "[T, H]"); e.failure()) return e;
   const bool retained = g_saved.element_count() > 0;
@@ -132,11 +139,17 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     u = own_u;
   }
   float* h = need_h ? ctx.alloc(S * I) : nullptr;
+  // bf16 intermediates: hw = bf16(w h) for d Down_e, dg and du rounded for dx and d Gate_e / d Up_e.
+  uint16_t* hw = bf16_intermediates && need_base[kDown] ? ctx.alloc_bf16(S * I) : nullptr;
+  const bool round_dgdu = bf16_intermediates && (need_x || need_base[kGate] || need_base[kUp]);
   const int64_t chunks = (S + 63) / 64;
   if (need_h) {
-    ctx.run(chunks, [&](int64_t c, int) {
+    ctx.run(chunks, [&](int64_t c, int worker) {
       const int64_t i = c * 64 * I, end = std::min(S, (c + 1) * 64) * I;
       ctx.isa.silu_mul(g + i, u + i, h + i, end - i);
+      if (hw != nullptr) {
+        round_rows(ctx.isa, h, r.weight.data(), hw, c * 64, std::min(S, (c + 1) * 64), I, ctx.tile(worker));
+      }
     });
   }
   const MatView dy_all = [&] {
@@ -166,6 +179,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   // dh_full = dy Down_e (+ s q A_down), then per slot: d topk_weights, and dg / du.
   float* dg = nullptr;
   float* du = nullptr;
+  uint16_t* dg16 = nullptr;
+  uint16_t* du16 = nullptr;
   if (need_w) std::fill_n(static_cast<float*>(dweights->untyped_data()), T * K, 0.0f);
   if (need_dh) {
     float* dh = ctx.alloc(S * I);
@@ -185,6 +200,10 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
       dg = ctx.alloc(S * I);
       du = ctx.alloc(S * I);
     }
+    if (round_dgdu) {
+      dg16 = ctx.alloc_bf16(S * I);
+      du16 = ctx.alloc_bf16(S * I);
+    }
     float* dw = static_cast<float*>(dweights->untyped_data());
     ctx.run(chunks, [&](int64_t c, int) {
       for (int64_t sl = c * 64, end = std::min(S, (c + 1) * 64); sl < end; ++sl) {
@@ -198,6 +217,11 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
           dw[r.slot[sl]] = dot;
         }
         if (need_dgdu) ctx.isa.silu_mul_grad(gs, us, dhs, r.weight[sl], dg + sl * I, du + sl * I, I);
+      }
+      if (round_dgdu) {
+        const int64_t r0 = c * 64, r1 = std::min(S, (c + 1) * 64);
+        round_rows(ctx.isa, dg, nullptr, dg16, r0, r1, I, nullptr);
+        round_rows(ctx.isa, du, nullptr, du16, r0, r1, I, nullptr);
       }
     });
   }
@@ -222,12 +246,13 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     ctx.reserve_reuse(r, E, I);
     ctx.run(items.size(), [&](int64_t item, int worker) {
       const int64_t e = items[item].e, off = r.offsets[e], n = r.count(e);
-      const auto he = ctx.reuse_b(worker, n, I, f32_view(h + off * I, I));
+      const MatView hv = hw != nullptr ? bf16_view(hw + off * I, I) : f32_view(h + off * I, I);
+      const auto he = ctx.reuse_b(worker, n, I, hv, hw != nullptr);
       for (int64_t b = items[item].start; b < items[item].start + items[item].count; ++b) {
         const int64_t h0 = b * kTile, nh = std::min(kTile, H - h0);
         grad_tile(out.base[kDown], worker, e, H, I, h0, nh, [&](const OutView& o) {
           MatView a = dy_rows(e).skip_cols(h0);
-          a.row_scale = r.weight.data() + off;
+          if (hw == nullptr) a.row_scale = r.weight.data() + off;  // else w is in hw
           ctx.gemm(worker, nh, 1.0f, a.t(), he, o, false, Work::kBaseGrad);
         });
       }
@@ -294,7 +319,11 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   }
 
   // d Gate_e / d Up_e [i0:i0+ni, :] = d_e^T[i0:i0+ni] x_e, in blocks of kTile rows of both gradients;
-  // an item packs x_e once for all its blocks of either.
+  // an item packs x_e once for all its blocks of either. d_e: dg / du, or their bf16 copies.
+  const uint16_t* dgu16[2] = {dg16, du16};
+  auto d_rows = [&](int j, int64_t off) {
+    return round_dgdu ? bf16_view(dgu16[j] + off * I, I) : f32_view(dgu[j] + off * I, I);
+  };
   std::vector<int> gu;  // the projections among gate and up whose gradient is needed
   for (int j = 0; j < 2; ++j) {
     if (need_base[j]) gu.push_back(j);
@@ -305,12 +334,12 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     ctx.reserve_reuse(r, E, H);
     ctx.run(items.size(), [&](int64_t item, int worker) {
       const int64_t e = items[item].e, off = r.offsets[e], n = r.count(e);
-      const auto xe = ctx.reuse_b(worker, n, H, p.x_rows(r.token.data() + off));
+      const auto xe = ctx.reuse_b(worker, n, H, p.x_rows(r.token.data() + off), round_dgdu);
       for (int64_t b = items[item].start; b < items[item].start + items[item].count; ++b) {
         const int j = gu[b / tiles];
         const int64_t i0 = b % tiles * kTile, ni = std::min(kTile, I - i0);
         grad_tile(out.base[j], worker, e, I, H, i0, ni, [&](const OutView& o) {
-          ctx.gemm(worker, ni, 1.0f, f32_view(dgu[j] + off * I + i0, I).t(), xe, o, false, Work::kBaseGrad);
+          ctx.gemm(worker, ni, 1.0f, d_rows(j, off).skip_cols(i0).t(), xe, o, false, Work::kBaseGrad);
         });
       }
     });
@@ -328,8 +357,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
         const int64_t off = r.offsets[e], n = r.count(e);
         const OutView o = OutView{acc, H, r.token.data() + off}.skip_cols(h0);
         for (int j = 0; j < 2; ++j) {
-          ctx.gemm(worker, n, nh, I, 1.0f, f32_view(dgu[j] + off * I, I), p.w[j].expert(e).skip_cols(h0), o,
-                   true, Work::kInputGrad);
+          ctx.gemm(worker, n, nh, I, 1.0f, d_rows(j, off), p.w[j].expert(e).skip_cols(h0), o, true,
+                   Work::kInputGrad);
           const Lora& l = p.lora[j];
           if (l.rank > 0) {
             ctx.gemm(worker, n, nh, l.rank, s, f32_view(pgu[j] + off * l.rank, l.rank),
@@ -353,6 +382,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeBackward, ktjax::moe_backward,
                                   .Arg<xla::ffi::AnyBuffer>()  // u_saved
                                   .Attr<float>("lora_scale")
                                   .Attr<int64_t>("needs")
+                                  .Attr<bool>("bf16_intermediates")
                                   .Ret<xla::ffi::AnyBuffer>()    // dx
                                   .Ret<xla::ffi::AnyBuffer>()    // dtopk_weights
                                   .Ret<xla::ffi::AnyBuffer>()    // dgate

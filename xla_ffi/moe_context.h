@@ -40,6 +40,8 @@ struct KernelContext {
 
   // n floats of scratch for this call (uninitialised; see Scratch::floats).
   float* alloc(int64_t n) { return scratch.floats(n); }
+  // n bf16 values of scratch for this call (uninitialised).
+  uint16_t* alloc_bf16(int64_t n) { return reinterpret_cast<uint16_t*>(scratch.floats((n + 1) / 2)); }
 
   // Columns per work item when the items split the `cols` columns of a [rows, cols] f32 block that
   // each item accumulates over all experts (the forward's down projection, dx): 4 items per worker,
@@ -105,7 +107,8 @@ struct KernelContext {
   }
 
   // The B operand [K, N] of several products in a row, packed once (PackedB) when the worker's reuse
-  // buffer holds it, else left as a view that each product packs itself.
+  // buffer holds it, else left as a view that each product packs itself. Packed as bf16 pairs where
+  // `pairs` asks for it and B can be a pair operand: for products whose A can be one too.
   struct ReusedB {
     MatView view;
     int64_t K, N;
@@ -124,10 +127,10 @@ struct KernelContext {
       reuse_floats = most;
     }
   }
-  ReusedB reuse_b(int worker, int64_t K, int64_t N, const MatView& B) {
+  ReusedB reuse_b(int worker, int64_t K, int64_t N, const MatView& B, bool pairs) {
     ReusedB out{B, K, N, PackedB{}};
     if (packed_b_floats(isa, K, N) <= reuse_floats) {
-      out.packed = pack_b(isa, K, N, B, reuse_space + worker * reuse_floats);
+      out.packed = pack_b(isa, K, N, B, pairs, reuse_space + worker * reuse_floats);
     }
     return out;
   }
@@ -144,10 +147,11 @@ struct KernelContext {
             const MatView& B, const OutView& C, bool accumulate, Work work) {
     ktjax::gemm(isa, M, N, K, alpha, A, B, C, accumulate, gemm_scratch(worker), work);
   }
-  // C[M, B.N] = (accumulate ? C : 0) + alpha * op(A) B.
+  // C[M, B.N] = (accumulate ? C : 0) + alpha * op(A) B. B packed as pairs against an A that cannot be
+  // a pair operand is read through its view instead.
   void gemm(int worker, int64_t M, float alpha, const MatView& A, const ReusedB& B, const OutView& C,
             bool accumulate, Work work) {
-    if (B.packed.data != nullptr) {
+    if (B.packed.data != nullptr && (!B.packed.pairs || pair_operands(isa, A))) {
       gemm_packed(isa, M, alpha, A, B.packed, C, accumulate, gemm_scratch(worker), work);
     } else {
       ktjax::gemm(isa, M, B.N, B.K, alpha, A, B.view, C, accumulate, gemm_scratch(worker), work);
@@ -171,6 +175,19 @@ inline MatView f32_view(const float* data, int64_t ld) {
   return v;
 }
 inline OutView f32_out(float* data, int64_t ld) { return OutView{data, ld, nullptr}; }
+// bf16 matrix [rows, ld] as a GEMM operand.
+inline MatView bf16_view(const uint16_t* data, int64_t ld) {
+  MatView v;
+  v.data = data;
+  v.dtype = DType::kBF16;
+  v.ld = ld;
+  return v;
+}
+
+// The bf16 copy of an intermediate (bf16_intermediates): dst[s, 0:cols] = bf16(scale[s] * src[s, 0:cols])
+// for the rows s in [r0, r1), scale null meaning 1; tmp holds cols floats.
+void round_rows(const Isa& isa, const float* src, const float* scale, uint16_t* dst, int64_t r0, int64_t r1,
+                int64_t cols, float* tmp);
 
 // g, u: [S, I] f32 pre-activations in sorted slot order (h = silu(g) * u when h != nullptr).
 // Computes the gate and up projections (with LoRA) of every kept slot.

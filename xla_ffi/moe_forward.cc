@@ -2,6 +2,8 @@
 //   y[t] = sum_k w[t,k] * Down_e(silu(Gate_e(x[t])) * Up_e(x[t])),  e = topk_ids[t,k]
 // Slots are grouped by expert; each expert's projections are GEMMs over its token group. Optionally
 // saves the gate/up pre-activations [T*K, I] f32 (sorted slot order) for the backward ("retain").
+// With bf16_intermediates (bf16 tokens only), the down projection reads w h rounded to bf16, so that
+// it runs on the bf16 pair path where the CPU has one (ops/moe_experts.py: `intermediates`).
 #include "moe_forward.h"
 
 #include <algorithm>
@@ -14,7 +16,7 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
                        ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::AnyBuffer a_gate,
                        ffi::AnyBuffer b_gate, ffi::AnyBuffer a_up, ffi::AnyBuffer b_up,
                        ffi::AnyBuffer a_down, ffi::AnyBuffer b_down, float lora_scale, bool save_preact,
-                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> g_saved,
+                       bool bf16_intermediates, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> g_saved,
                        ffi::Result<ffi::AnyBuffer> u_saved) {
   const ffi::AnyBuffer lora[6] = {a_gate, b_gate, a_up, b_up, a_down, b_down};
   MoeProblem p;
@@ -30,6 +32,9 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
                       u_saved->element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("g_saved and u_saved must be float32");
   }
+  if (bf16_intermediates && p.x_dtype != DType::kBF16) {
+    return ffi::Error::InvalidArgument("bf16_intermediates needs bf16 tokens x");
+  }
   const Isa* isa = nullptr;
   if (auto e = pick_isa(&isa); e.failure()) return e;
   Routing r;
@@ -43,7 +48,7 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
 
   const int64_t S = r.kept();
   const Lora& ld = p.lora[kDown];
-  KernelContext ctx(pool, *isa, 0);
+  KernelContext ctx(pool, *isa, bf16_intermediates ? I : 0);
   float* g = nullptr;
   float* u = nullptr;
   if (save_preact) {
@@ -70,6 +75,15 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
     });
   }
 
+  // bf16 intermediates: hw = bf16(w h), the down projection's A (LoRA's zd above stays f32).
+  uint16_t* hw = nullptr;
+  if (bf16_intermediates) {
+    hw = ctx.alloc_bf16(S * I);
+    ctx.run((S + 63) / 64, [&](int64_t c, int worker) {
+      round_rows(ctx.isa, h, r.weight.data(), hw, c * 64, std::min(S, (c + 1) * 64), I, ctx.tile(worker));
+    });
+  }
+
   // Down projection, weighted and scattered into y. A work item owns a block of columns of
   // every token, so the scatter-add needs no atomics.
   TokenAccumulator y_acc(ctx, *y, p.x_dtype, T, H);
@@ -84,6 +98,7 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
       out = out.skip_cols(h0);
       MatView he = f32_view(h + off * I, I);
       he.row_scale = r.weight.data() + off;
+      if (hw != nullptr) he = bf16_view(hw + off * I, I);
       ctx.gemm(worker, n, nh, I, 1.0f, he, p.w[kDown].expert(e).skip_rows(h0).t(), out, true,
                Work::kForward);
       if (ld.rank > 0) {
@@ -104,6 +119,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeForward, ktjax::moe_forward,
                               ktjax::bind_problem(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>())
                                   .Attr<float>("lora_scale")
                                   .Attr<bool>("save_preact")
+                                  .Attr<bool>("bf16_intermediates")
                                   .Ret<xla::ffi::AnyBuffer>()    // y
                                   .Ret<xla::ffi::AnyBuffer>()    // g_saved
                                   .Ret<xla::ffi::AnyBuffer>());  // u_saved

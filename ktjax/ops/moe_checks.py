@@ -15,6 +15,7 @@ PROJECTIONS = ("gate", "up", "down")
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 BACKENDS = ("cpu", "xla")
 POLICIES = ("retain", "recompute")
+INTERMEDIATES = ("f32", "bf16")
 
 LoraDict = dict[str, tuple[Any, Any]]
 
@@ -45,12 +46,17 @@ def check_moe_args(
     lora_scale: float,
     backend: str,
     policy: str,
+    intermediates: str = "f32",
 ) -> None:
     """Raises ValueError / TypeError naming the first bad argument of ``moe_experts``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if intermediates not in INTERMEDIATES:
+        raise ValueError(f"intermediates must be one of {INTERMEDIATES}, got {intermediates!r}")
+    if intermediates == "bf16" and backend != "cpu":
+        raise ValueError("intermediates='bf16' is a mode of the CPU kernels; backend='xla' computes in f32")
     _rank("x", x, 2, "[T, H]")
     _rank("topk_ids", topk_ids, 2, "[T, K]")
     _rank("gate", gate, 3, "[E, I, H]")
@@ -60,6 +66,8 @@ def check_moe_args(
     if T < 1 or H < 1 or K < 1 or E < 1 or I < 1:
         raise ValueError(f"moe_experts needs T, H, K, E, I >= 1, got T={T} H={H} K={K} E={E} I={I}")
     _float("x", x)
+    if intermediates == "bf16" and jnp.dtype(x.dtype) != jnp.bfloat16:
+        raise TypeError(f"intermediates='bf16' needs bfloat16 x, got {jnp.dtype(x.dtype).name}")
     if jnp.dtype(topk_ids.dtype) != jnp.int32:
         raise TypeError(f"topk_ids must be int32, got {jnp.dtype(topk_ids.dtype).name}")
     if jnp.dtype(topk_weights.dtype) != jnp.float32:

@@ -65,6 +65,7 @@ def moe_experts(
     lora_scale: float = 1.0,
     backend: str = "cpu",
     policy: str = "retain",
+    intermediates: str = "f32",
 ) -> jax.Array:
     """Routed experts of one MoE layer.
 
@@ -78,11 +79,19 @@ def moe_experts(
       backend: "cpu" (FFI kernels) or "xla" (pure JAX, ``moe_experts_xla``).
       policy: "retain" saves the gate/up pre-activations ([T*K, I] f32 each) for the backward;
         "recompute" recomputes them there. Both give the same gradients.
+      intermediates: "f32" keeps every intermediate of the expert chain in f32. "bf16" (bf16 x,
+        backend "cpu" only) rounds the operands of the products that would otherwise mix f32 and bf16
+        to bf16 — the weighted hidden state w * h (down projection, d down) and the gate/up gradients
+        dg, du (dx, d gate, d up) — so that every projection-sized product runs on the bf16 pair path
+        where the CPU has AVX512_BF16: faster, at about 2-4x the f32 mode's error (docs/performance.md).
+        Pre-activations, d topk_weights, LoRA products and all accumulations stay f32.
 
     Returns:
       y: [T, H], dtype of x.
     """
-    check_moe_args(x, topk_ids, topk_weights, gate, up, down, lora, lora_scale, backend, policy)
+    check_moe_args(
+        x, topk_ids, topk_weights, gate, up, down, lora, lora_scale, backend, policy, intermediates
+    )
     if backend == "xla":
         return moe_experts_xla(x, topk_ids, topk_weights, gate, up, down, lora, float(lora_scale))
     adapters = []
@@ -93,10 +102,11 @@ def moe_experts(
             out_dim, in_dim = (down.shape[1], down.shape[2]) if name == "down" else gate.shape[1:]
             adapters.append(jnp.zeros((gate.shape[0], 0, in_dim), gate.dtype))
             adapters.append(jnp.zeros((gate.shape[0], out_dim, 0), gate.dtype))
-    return _moe_cpu(float(lora_scale), policy, x, topk_ids, topk_weights, gate, up, down, *adapters)
+    bf16_mid = intermediates == "bf16"
+    return _moe_cpu(float(lora_scale), policy, bf16_mid, x, topk_ids, topk_weights, gate, up, down, *adapters)
 
 
-def _forward_call(args: tuple[jax.Array, ...], lora_scale: float, save_preact: bool):
+def _forward_call(args: tuple[jax.Array, ...], lora_scale: float, save_preact: bool, bf16_mid: bool = False):
     x, topk_ids, gate = args[0], args[1], args[3]
     T, K = topk_ids.shape
     saved = (T * K, gate.shape[1]) if save_preact else (0,)
@@ -108,12 +118,12 @@ def _forward_call(args: tuple[jax.Array, ...], lora_scale: float, save_preact: b
             jax.ShapeDtypeStruct(saved, jnp.float32),
         ),
         vmap_method="sequential",
-    )(*args, lora_scale=np.float32(lora_scale), save_preact=save_preact)
+    )(*args, lora_scale=np.float32(lora_scale), save_preact=save_preact, bf16_intermediates=bf16_mid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _moe_cpu(lora_scale: float, policy: str, *args: jax.Array) -> jax.Array:
-    y, _, _ = _forward_call(args, lora_scale, save_preact=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _moe_cpu(lora_scale: float, policy: str, bf16_mid: bool, *args: jax.Array) -> jax.Array:
+    y, _, _ = _forward_call(args, lora_scale, save_preact=False, bf16_mid=bf16_mid)
     return y
 
 
@@ -122,17 +132,17 @@ class _Needs(int):
     """The `needs` bitmask, carried through the residuals as static (non-array) data."""
 
 
-def _moe_cpu_fwd(lora_scale: float, policy: str, *primals):
+def _moe_cpu_fwd(lora_scale: float, policy: str, bf16_mid: bool, *primals):
     args = tuple(p.value for p in primals)
     needs = 0
     for name, p in zip(_INPUT_NAMES, primals):
         if p.perturbed and name in NEED_BITS and p.value.size > 0:  # rank-0 adapters: nothing to do
             needs |= NEED_BITS[name]
-    y, g_saved, u_saved = _forward_call(args, lora_scale, save_preact=policy == "retain")
+    y, g_saved, u_saved = _forward_call(args, lora_scale, save_preact=policy == "retain", bf16_mid=bf16_mid)
     return y, (args, g_saved, u_saved, _Needs(needs))
 
 
-def _moe_cpu_bwd(lora_scale: float, policy: str, res, dy):
+def _moe_cpu_bwd(lora_scale: float, policy: str, bf16_mid: bool, res, dy):
     args, g_saved, u_saved, needs = res
     if isinstance(dy, SymbolicZero) or needs == 0:
         return (None,) * len(args)
@@ -143,7 +153,13 @@ def _moe_cpu_bwd(lora_scale: float, policy: str, res, dy):
         shape = a.shape if name in needed else (0,)
         result_shapes.append(jax.ShapeDtypeStruct(shape, a.dtype))
     grads = jax.ffi.ffi_call(ffi.BACKWARD_TARGET, tuple(result_shapes), vmap_method="sequential")(
-        dy, *args, g_saved, u_saved, lora_scale=np.float32(lora_scale), needs=np.int64(needs)
+        dy,
+        *args,
+        g_saved,
+        u_saved,
+        lora_scale=np.float32(lora_scale),
+        needs=np.int64(needs),
+        bf16_intermediates=bf16_mid,
     )
     by_name = dict(zip(NEED_BITS, grads))
     return tuple(by_name[name] if name in needed else None for name in _INPUT_NAMES)

@@ -2,11 +2,13 @@
 
     python -m ktjax.bench --quick                      # small shapes, a minute or two
     python -m ktjax.bench --shapes S1,S2 --reps 3 --json bench.json --png bench.png
+    python -m ktjax.bench --shapes S2 --backends cpu,cpu_bf16,xla   # also intermediates="bf16"
 
 For each shape it times (interleaving backends and cases, min and median over --reps) the forward and
 forward+backward in three training modes: ``full`` (grads of x, router weights, gate/up/down),
 ``lora`` (x, router weights, LoRA adapters on all three projections) and ``frozen`` (x and router
-weights only); backward = forward+backward - forward. The baseline is
+weights only); backward = forward+backward - forward. Backend ``cpu`` is the kernels in their default
+mode, ``cpu_bf16`` the kernels with ``intermediates="bf16"`` (moe_experts). The baseline is
 ``ktjax.ops.moe_capacity`` (capacity buffers at dropless capacity, index-gather dispatch, batched
 einsum, f32 weights). Reports ms, tokens/s, effective GFLOP/s (nominal: forward F = 2*T*K*3*H*I,
 full 3F, lora and frozen 2F), % of a measured micro-kernel peak (the bf16 pair kernel's where the CPU
@@ -45,6 +47,7 @@ SHAPES = {
     "M2": dict(T=128, H=2880, I=2880, K=4, E=32, r=16),  # gpt-oss-20b's expert shape: ~16 tokens per expert
 }
 CASES = ("forward", "full", "lora", "frozen")
+CPU_BACKENDS = {"cpu": "f32", "cpu_bf16": "bf16"}  # backend -> moe_experts(intermediates=...)
 
 
 def make_inputs(shape: dict, seed: int = 0) -> dict:
@@ -81,12 +84,13 @@ def make_fns(backend: str, inp: dict) -> dict[str, tuple[Callable, tuple]]:
     XLA would otherwise sort the slots by expert at compile time (the baseline's dispatch would cost
     nothing) and fold work on the cotangent into the compiled program.
     """
-    if backend == "cpu":
+    if backend in CPU_BACKENDS:
         weights = (inp["gate"], inp["up"], inp["down"])
         lora = inp["lora"]
+        mode = CPU_BACKENDS[backend]
 
         def moe(x, w, gate, up, down, ids, lora):
-            return moe_experts(x, ids, w, gate, up, down, lora=lora, lora_scale=2.0)
+            return moe_experts(x, ids, w, gate, up, down, lora=lora, lora_scale=2.0, intermediates=mode)
     else:  # the baseline runs in f32: weights converted once, outside the timing
         weights = tuple(t.astype(jnp.float32) for t in (inp["gate"], inp["up"], inp["down"]))
         lora = {k: tuple(t.astype(jnp.float32) for t in v) for k, v in inp["lora"].items()}
@@ -145,14 +149,19 @@ def report(name: str, result: dict, peak_gflops: float, bandwidth_gbs: float) ->
     flops = {"forward": F, "full": 3 * F, "lora": 2 * F, "frozen": 2 * F}
     t = {k: (min(v), statistics.median(v)) for k, v in result["times"].items()}
     backends = sorted({k.split("/")[0] for k in t})
+    cpus = [b for b in backends if b in CPU_BACKENDS]
+    ratios = [b for b in cpus if "xla" in backends]
     lines = [
         f"\n{name}: T={T} H={H} I={I} K={K} E={E} bf16 (dropless capacity {result['capacity']}); "
         f"forward F = {F / 1e9:.1f} GFLOP"
+        + (f"; tokens/s, GFLOP/s and % peak of {'/'.join(cpus)}" if len(cpus) > 1 else "")
     ]
     head = f"{'case':<22}" + "".join(f"{b + ' ms min/med':>20}" for b in backends)
-    lines.append(
-        head + f"{'tokens/s':>11}{'GFLOP/s':>9}{'% peak':>8}" + ("  xla/cpu" if len(backends) > 1 else "")
-    )
+    # tokens/s, GFLOP/s and % peak of each CPU backend, "/"-separated when there are several
+    widths = [w * len(cpus) + len(cpus) + 1 for w in (9, 7, 6)]
+    for width, title in zip(widths, ("tokens/s", "GFLOP/s", "% peak")):
+        head += f"{title:>{width}}"
+    lines.append(head + "".join(f"{'xla/' + b:>{len(b) + 6}}" for b in ratios))
     rows = [(c, c if c == "forward" else f"{c} fwd+bwd") for c in CASES]
     rows += [(f"bwd:{c}", f"{c} backward") for c in CASES[1:]]
     for key, label in rows:
@@ -165,21 +174,26 @@ def report(name: str, result: dict, peak_gflops: float, bandwidth_gbs: float) ->
 
         vals = {b: get(b) for b in backends}
         line = f"{label:<22}" + "".join(f"{v[0] * 1e3:>11.1f}/{v[1] * 1e3:<8.1f}" for v in vals.values())
-        if "cpu" in vals and not key.startswith("bwd:"):
-            cpu = vals["cpu"][0]
-            gf = flops[key] / cpu / 1e9
-            line += f"{T / cpu:>11.0f}{gf:>9.1f}{gf / peak_gflops:>8.1%}"
+        if key.startswith("bwd:"):
+            line += " " * sum(widths)
         else:
-            line += f"{'':>28}"
-        if len(backends) > 1:
-            line += f"{vals['xla'][0] / max(vals['cpu'][0], 1e-9):>8.2f}x"
+            gf = [flops[key] / vals[b][0] / 1e9 for b in cpus]
+            metrics = (
+                "/".join(f"{T / vals[b][0]:.0f}" for b in cpus),
+                "/".join(f"{g:.1f}" for g in gf),
+                "/".join(f"{g / peak_gflops:.1%}" for g in gf),
+            )
+            line += "".join(f"{m:>{w}}" for m, w in zip(metrics, widths))
+        for b in ratios:
+            line += f"{vals['xla'][0] / max(vals[b][0], 1e-9):>{len(b) + 5}.2f}x"
         lines.append(line)
     weight_bytes = 3 * E * H * I * 2
     stream = weight_bytes / (bandwidth_gbs * 1e9)
-    if "cpu/forward" in t:
+    if cpus:
+        forwards = "; ".join(f"{b} forward = {t[f'{b}/forward'][0] / stream:.1f}x that" for b in cpus)
         lines.append(
             f"bytes model: expert weights {weight_bytes / 2**20:.0f} MiB -> {stream * 1e3:.1f} ms to stream "
-            f"once at {bandwidth_gbs:.1f} GB/s; cpu forward = {t['cpu/forward'][0] / stream:.1f}x that"
+            f"once at {bandwidth_gbs:.1f} GB/s; {forwards}"
         )
     return "\n".join(lines)
 
@@ -218,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ktjax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes Q1, Q2")
     parser.add_argument("--shapes", default="S1,S2,S3", help=f"comma-separated, of {list(SHAPES)}")
-    parser.add_argument("--backends", default="cpu,xla")
+    parser.add_argument(
+        "--backends", default="cpu,xla", help="comma-separated, of cpu, cpu_bf16 (intermediates='bf16'), xla"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", help="write the raw timings here")
     parser.add_argument("--png", help="write a bar chart here")
@@ -228,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; known: {list(SHAPES)}")
     backends = args.backends.split(",")
+    if not set(backends) <= {*CPU_BACKENDS, "xla"}:
+        parser.error(f"unknown backend(s) in {args.backends!r}; known: {[*CPU_BACKENDS, 'xla']}")
     threads = int(os.environ.get("KTJAX_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
     # The best of several short probes: this VM's hypervisor takes whole time slices away.
     f32_peak = max(ffi.measure_peak_gflops(threads, seconds=0.1) for _ in range(8))

@@ -37,6 +37,7 @@ RUN_FIELDS = (
     "param_dtype",
     "expert_backend",
     "expert_policy",
+    "expert_intermediates",
     "lora_rank",
     "lora_alpha",
     "lora_targets",

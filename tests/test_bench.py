@@ -22,6 +22,18 @@ def test_bench_times_every_case_for_both_backends_and_reports_them():
         assert label in text
 
 
+def test_bench_reports_the_bf16_intermediates_mode_beside_the_default():
+    shape = dict(T=16, H=32, I=16, K=2, E=4, r=2)
+    result = bench_shape("tiny", shape, ["cpu", "cpu_bf16", "xla"], reps=1)
+    assert {k.split("/")[0] for k in result["times"]} == {"cpu", "cpu_bf16", "xla"}
+    text = report("tiny", result, peak_gflops=100.0, bandwidth_gbs=10.0)
+    for label in ("% peak of cpu/cpu_bf16", "xla/cpu ", "xla/cpu_bf16", "cpu_bf16 forward ="):
+        assert label in text
+    head, forward = text.splitlines()[2:4]
+    assert len(head) == len(forward)  # the columns line up
+    assert forward.count("/") == 3 + 3  # ms min/med of 3 backends; tokens/s, GFLOP/s, % peak of 2
+
+
 def test_machine_probes_measure_positive_rates_and_reject_bad_input():
     from ktjax import ffi
 

@@ -52,6 +52,30 @@ def test_cpu_and_xla_expert_backends_agree_through_the_whole_model(style):
         assert rel_err(g_cpu[name], g_xla[name]) < 1e-4, name
 
 
+def test_bf16_expert_intermediates_reach_the_kernels_and_stay_close_to_f32():
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, 29, (2, 12)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, 29, (2, 12)), jnp.int32)
+    runs = {}
+    for mode in ("f32", "bf16"):
+        cfg = STYLES["qwen3_moe"](param_dtype="bfloat16", expert_intermediates=mode)
+        runs[mode] = loss_and_grads(cfg, ids, targets)
+    (loss_f32, g_f32), (loss_bf16, g_bf16) = runs["f32"], runs["bf16"]
+    np.testing.assert_allclose(loss_bf16, loss_f32, rtol=1e-3)
+    experts = [n for n in g_f32 if ".experts." in n]
+    assert experts and any(not np.array_equal(g_f32[n], g_bf16[n]) for n in experts)  # the mode acted
+    for name in experts:
+        assert rel_err(g_bf16[name], g_f32[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(expert_intermediates="bf16"), dict(param_dtype="bfloat16", expert_intermediates="fp8")]
+)
+def test_bad_expert_intermediates_are_refused_by_the_config(overrides):
+    with pytest.raises(ValueError, match="expert_intermediates"):
+        STYLES["qwen3_moe"](**overrides)
+
+
 def test_parameter_names_follow_hugging_face():
     _, q = split_model(build_model(STYLES["qwen3_moe"]()))
     assert "model.embed_tokens.weight" in q and "lm_head.weight" in q

@@ -208,10 +208,11 @@ def plot(results: dict, path: str) -> None:
     for ax, (name, res) in zip(axes[0], results.items()):
         backends = sorted({k.split("/")[0] for k in res["times"]})
         xs = np.arange(len(CASES))
+        width = 0.8 / len(backends)
         for i, b in enumerate(backends):
-            ax.bar(xs + i * 0.4, [min(res["times"][f"{b}/{c}"]) * 1e3 for c in CASES], 0.4, label=b)
+            ax.bar(xs + i * width, [min(res["times"][f"{b}/{c}"]) * 1e3 for c in CASES], width, label=b)
         ax.set_xticks(
-            xs + 0.2 * (len(backends) - 1), [c if c == "forward" else f"{c}\nfwd+bwd" for c in CASES]
+            xs + width / 2 * (len(backends) - 1), [c if c == "forward" else f"{c}\nfwd+bwd" for c in CASES]
         )
         ax.set_ylabel("ms (min)")
         ax.set_title(name)

@@ -37,6 +37,10 @@ SHAPES = {
     "rows_97": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
     # Packed: 200 token rows, an odd H over several depth blocks, I with a partial panel of 32.
     "packed_edges": dict(T=200, K=1, E=1, H=1101, I=530),
+    # Dropped slots (-1), a token with all its slots dropped, and idle experts.
+    "dropped_slots": dict(
+        T=12, K=3, E=6, H=40, I=24, ids=np.array([[-1, -1, -1]] + [[0, 1, -1], [1, 0, 1]] * 5 + [[-1, 0, 1]])
+    ),
     # 601 tokens on one expert: the weight gradients' reduction over tokens in three blocks of pairs
     # (256 + 256 + 89 values), the last one odd.
     "token_blocks": dict(T=601, K=1, E=1, H=40, I=36),

@@ -3,10 +3,11 @@ w h (down projection, d down), dg and du (dx, d gate, d up) — are rounded to b
 projection-sized product has two bf16 operands (the pair path where the CPU has AVX512_BF16).
 
 The kernels are held to a float64 reference that rounds at exactly those points
-(moe_testing.rounded_intermediates_reference): nearly every bf16 output element equals the reference
-rounded to bf16, bit for bit. The rest differ by one bf16 step: an f32 sum and the float64 one falling
-on either side of a rounding boundary, in an intermediate or an output. The f32 mode on the same inputs
-matches that reference in far fewer elements, so the comparison sees where the rounding happens.
+(moe_testing.rounded_intermediates_reference): nearly every bf16 output element (all but 2 + 2%)
+equals the reference rounded to bf16, bit for bit. The rest differ by one bf16 step: an f32 sum and
+the float64 one falling on either side of a rounding boundary, in an intermediate or an output. The
+f32 mode on the same inputs matches that reference in far fewer elements, so the comparison sees
+where the rounding happens.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def run(p, mode_fn, cot):
     return {"y": y, **grads}
 
 
-def bits_equal_fraction(got, want) -> float:
-    """Share of got's (bf16) elements equal to want (float64) rounded to bf16."""
+def bits_differ(got, want) -> np.ndarray:
+    """Where got's (bf16) elements differ from want (float64) rounded to bf16."""
     want_bf16 = jnp.asarray(np.asarray(want, np.float32)).astype(jnp.bfloat16)
-    return float(np.mean(np.asarray(got) == np.asarray(want_bf16)))
+    return np.asarray(got) != np.asarray(want_bf16)
 
 
 def check_rounding_points(p, policy="retain", seed=1):
@@ -75,8 +76,12 @@ def check_rounding_points(p, policy="retain", seed=1):
     got = run(p, bf16_mode(policy), cot)
     for name in OUTPUTS:
         assert got[name].dtype == jnp.bfloat16
-        share = bits_equal_fraction(got[name], ref[name])
-        assert share > 0.98, f"{name}: only {share:.3f} of the elements equal the rounded reference"
+        # A boundary case is rare (observed: 0-0.3% of the elements), but an output of 16 elements
+        # must not fail for one: up to 2 elements besides 2% may differ.
+        differ = bits_differ(got[name], ref[name])
+        assert differ.sum() <= 2 + 0.02 * differ.size, (
+            f"{name}: {differ.sum()} of {differ.size} elements differ"
+        )
         assert rel_err(got[name], ref[name]) < 1.2e-2, name  # the rest: one bf16 step of an element
     # d topk_weights (f32) comes from f32 values only: exact to f32 against the reference.
     assert rel_err(got["weights"], ref["weights"]) < 2e-5
@@ -97,7 +102,7 @@ def test_the_f32_mode_does_not_match_the_rounded_reference():
     got, ref, cot = check_rounding_points(p)
     f32 = run(p, bf16_mode(intermediates="f32"), cot)
     for name in OUTPUTS:
-        assert bits_equal_fraction(f32[name], ref[name]) < 0.8, name
+        assert bits_differ(f32[name], ref[name]).mean() > 0.2, name
 
 
 def test_error_against_the_exact_math_stays_at_bf16_output_level():

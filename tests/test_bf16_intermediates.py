@@ -169,3 +169,16 @@ def test_the_mode_works_under_jit_and_vmap():
     batched = jax.jit(jax.vmap(f))(xs)
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(xs[i])))
+
+
+def test_an_expert_too_large_to_pack_once_still_takes_the_pair_path():
+    # Expert 0's 520 token rows of H = 6208 do not fit the reuse buffer: its d gate and d up read x
+    # through the gathered view (the pair path packs it per product), the rest pack once as pairs.
+    ids = np.random.default_rng(17).permutation(np.repeat([0, 1], [520, 40]))[:, None]
+    p = make_problem(38, T=560, K=1, E=2, H=6208, I=8, dtype=jnp.bfloat16, ids=ids)
+    ffi.reset_kernel_counters()
+    check_rounding_points(p)
+    counters = ffi.kernel_counters()
+    assert 0 < counters["packed_once_flops"] < counters["base_grad"]
+    if ffi.selected_isa() == "avx512_bf16":
+        assert counters["bf16_pair_flops"] == 9 * 2 * 560 * 6208 * 8

@@ -182,3 +182,15 @@ def test_an_expert_too_large_to_pack_once_still_takes_the_pair_path():
     assert 0 < counters["packed_once_flops"] < counters["base_grad"]
     if ffi.selected_isa() == "avx512_bf16":
         assert counters["bf16_pair_flops"] == 9 * 2 * 560 * 6208 * 8
+
+
+def test_thread_count_does_not_change_results(monkeypatch):
+    # Work items never share an output element, so 1 and 3 threads give the same bits.
+    p = make_problem(39, T=160, K=2, E=3, H=300, I=200, dtype=jnp.bfloat16)
+    cot = np.random.default_rng(5).standard_normal(p.x.shape)
+    monkeypatch.setenv("KTJAX_NUM_THREADS", "1")
+    one = run(p, bf16_mode(), cot)
+    monkeypatch.setenv("KTJAX_NUM_THREADS", "3")
+    three = run(p, bf16_mode(), cot)
+    for name in one:
+        np.testing.assert_array_equal(np.asarray(one[name]), np.asarray(three[name]), err_msg=name)

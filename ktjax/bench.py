@@ -2,13 +2,14 @@
 
     python -m ktjax.bench --quick                      # small shapes, a minute or two
     python -m ktjax.bench --shapes S1,S2 --reps 3 --json bench.json --png bench.png
-    python -m ktjax.bench --shapes S2 --backends cpu,cpu_bf16,xla   # also intermediates="bf16"
+    python -m ktjax.bench --shapes S2 --backends cpu,xla            # the default mode only
 
 For each shape it times (interleaving backends and cases, min and median over --reps) the forward and
 forward+backward in three training modes: ``full`` (grads of x, router weights, gate/up/down),
 ``lora`` (x, router weights, LoRA adapters on all three projections) and ``frozen`` (x and router
-weights only); backward = forward+backward - forward. Backend ``cpu`` is the kernels in their default
-mode, ``cpu_bf16`` the kernels with ``intermediates="bf16"`` (moe_experts). The baseline is
+weights only); backward = forward+backward - forward. Backends (all three by default): ``cpu``, the
+kernels in their default mode; ``cpu_bf16``, the kernels with ``intermediates="bf16"`` (moe_experts);
+``xla``, the baseline:
 ``ktjax.ops.moe_capacity`` (capacity buffers at dropless capacity, index-gather dispatch, batched
 einsum, f32 weights). Reports ms, tokens/s, effective GFLOP/s (nominal: forward F = 2*T*K*3*H*I,
 full 3F, lora and frozen 2F), % of a measured micro-kernel peak (the bf16 pair kernel's where the CPU
@@ -234,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes Q1, Q2")
     parser.add_argument("--shapes", default="S1,S2,S3", help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument(
-        "--backends", default="cpu,xla", help="comma-separated, of cpu, cpu_bf16 (intermediates='bf16'), xla"
+        "--backends",
+        default="cpu,cpu_bf16,xla",
+        help="comma-separated, of cpu (default mode), cpu_bf16 (intermediates='bf16'), xla (baseline)",
     )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", help="write the raw timings here")

@@ -1,6 +1,6 @@
 """Benchmark the routed experts: CPU FFI kernels vs the best pure-XLA formulation, same run, same CPU.
 
-    python -m ktjax.bench --quick                      # small shapes, a minute or two
+    python -m ktjax.bench --quick                      # small shapes, under a minute
     python -m ktjax.bench --shapes S1,S2 --reps 3 --json bench.json --png bench.png
     python -m ktjax.bench --shapes S2 --backends cpu,xla            # the default mode only
 

@@ -142,6 +142,10 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   // bf16 intermediates: hw = bf16(w h) for d Down_e, dg and du rounded for dx and d Gate_e / d Up_e.
   uint16_t* hw = bf16_intermediates && need_base[kDown] ? ctx.alloc_bf16(S * I) : nullptr;
   const bool round_dgdu = bf16_intermediates && (need_x || need_base[kGate] || need_base[kUp]);
+  // dg and du in f32, [S, I] each: what reads them unless only their bf16 copies are read (the LoRA
+  // products of gate and up read the f32 values; else each row is rounded from the worker's tile).
+  const bool lora_reads_dgdu = (p.lora[kGate].rank > 0 || p.lora[kUp].rank > 0) && (need_x || need_gu_lora);
+  const bool f32_dgdu = need_dgdu && (!round_dgdu || lora_reads_dgdu);
   const int64_t chunks = (S + 63) / 64;
   if (need_h) {
     ctx.run(chunks, [&](int64_t c, int worker) {
@@ -196,7 +200,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
                  ld.A.expert(e).skip_cols(i0), o, true, Work::kInputGrad);
       }
     });
-    if (need_dgdu) {
+    if (f32_dgdu) {
       dg = ctx.alloc(S * I);
       du = ctx.alloc(S * I);
     }
@@ -205,7 +209,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
       du16 = ctx.alloc_bf16(S * I);
     }
     float* dw = static_cast<float*>(dweights->untyped_data());
-    ctx.run(chunks, [&](int64_t c, int) {
+    ctx.run(chunks, [&](int64_t c, int worker) {
       for (int64_t sl = c * 64, end = std::min(S, (c + 1) * 64); sl < end; ++sl) {
         const float* dhs = dh + sl * I;
         const float* gs = g + sl * I;
@@ -216,12 +220,14 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
           for (int64_t i = 0; i < I; ++i) dot += dhs[i] * hs[i];
           dw[r.slot[sl]] = dot;
         }
-        if (need_dgdu) ctx.isa.silu_mul_grad(gs, us, dhs, r.weight[sl], dg + sl * I, du + sl * I, I);
-      }
-      if (round_dgdu) {
-        const int64_t r0 = c * 64, r1 = std::min(S, (c + 1) * 64);
-        round_rows(ctx.isa, dg, nullptr, dg16, r0, r1, I, nullptr);
-        round_rows(ctx.isa, du, nullptr, du16, r0, r1, I, nullptr);
+        if (!need_dgdu) continue;
+        float* dgs = f32_dgdu ? dg + sl * I : ctx.tile(worker);
+        float* dus = f32_dgdu ? du + sl * I : ctx.tile(worker) + I;
+        ctx.isa.silu_mul_grad(gs, us, dhs, r.weight[sl], dgs, dus, I);
+        if (round_dgdu) {
+          store_row(ctx.isa, dgs, dg16 + sl * I, DType::kBF16, I);
+          store_row(ctx.isa, dus, du16 + sl * I, DType::kBF16, I);
+        }
       }
     });
   }

@@ -55,12 +55,8 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
 void round_rows(const Isa& isa, const float* src, const float* scale, uint16_t* dst, int64_t r0, int64_t r1,
                 int64_t cols, float* tmp) {
   for (int64_t s = r0; s < r1; ++s) {
-    const float* row = src + s * cols;
-    if (scale != nullptr) {
-      for (int64_t i = 0; i < cols; ++i) tmp[i] = scale[s] * row[i];
-      row = tmp;
-    }
-    store_row(isa, row, dst + s * cols, DType::kBF16, cols);
+    for (int64_t i = 0; i < cols; ++i) tmp[i] = scale[s] * src[s * cols + i];
+    store_row(isa, tmp, dst + s * cols, DType::kBF16, cols);
   }
 }
 

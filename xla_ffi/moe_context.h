@@ -184,8 +184,8 @@ inline MatView bf16_view(const uint16_t* data, int64_t ld) {
   return v;
 }
 
-// The bf16 copy of an intermediate (bf16_intermediates): dst[s, 0:cols] = bf16(scale[s] * src[s, 0:cols])
-// for the rows s in [r0, r1), scale null meaning 1; tmp holds cols floats.
+// The bf16 copy of a scaled intermediate (bf16_intermediates: w h): dst[s, 0:cols] =
+// bf16(scale[s] * src[s, 0:cols]) for the rows s in [r0, r1); tmp holds cols floats.
 void round_rows(const Isa& isa, const float* src, const float* scale, uint16_t* dst, int64_t r0, int64_t r1,
                 int64_t cols, float* tmp);
 

@@ -134,7 +134,7 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (!retained && (need_dh || need_h)) {
     float* own_g = ctx.alloc(S * I);
     float* own_u = ctx.alloc(S * I);
-    compute_preactivations(ctx, p, r, own_g, own_u, nullptr, Work::kRecompute);
+    compute_preactivations(ctx, p, r, own_g, own_u, nullptr, nullptr, Work::kRecompute);
     g = own_g;
     u = own_u;
   }

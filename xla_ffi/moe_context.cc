@@ -5,7 +5,7 @@
 namespace ktjax {
 
 void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routing& r, float* g,
-                            float* u, float* h, Work work) {
+                            float* u, float* h, uint16_t* hw, Work work) {
   const int64_t S = r.kept(), H = p.H, I = p.I;
   const Lora& lg = p.lora[kGate];
   const Lora& lu = p.lora[kUp];
@@ -46,8 +46,14 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
       ctx.gemm(worker, n, ni, lu.rank, p.lora_scale, f32_view(zu + off * lu.rank, lu.rank),
                lu.B.expert(e).skip_rows(i0).t(), f32_out(ut, I), true, work);
     }
-    if (h != nullptr) {
-      for (int64_t s = 0; s < n; ++s) ctx.isa.silu_mul(gt + s * I, ut + s * I, h + (off + s) * I + i0, ni);
+    for (int64_t s = 0; s < n && (h != nullptr || hw != nullptr); ++s) {
+      float* hs = h != nullptr ? h + (off + s) * I + i0 : ctx.tile(worker);
+      ctx.isa.silu_mul(gt + s * I, ut + s * I, hs, ni);
+      if (hw != nullptr) {
+        float* scaled = ctx.tile(worker) + I;
+        for (int64_t i = 0; i < ni; ++i) scaled[i] = r.weight[off + s] * hs[i];
+        store_row(ctx.isa, scaled, hw + (off + s) * I + i0, DType::kBF16, ni);
+      }
     }
   });
 }

@@ -189,10 +189,12 @@ inline MatView bf16_view(const uint16_t* data, int64_t ld) {
 void round_rows(const Isa& isa, const float* src, const float* scale, uint16_t* dst, int64_t r0, int64_t r1,
                 int64_t cols, float* tmp);
 
-// g, u: [S, I] f32 pre-activations in sorted slot order (h = silu(g) * u when h != nullptr).
-// Computes the gate and up projections (with LoRA) of every kept slot.
+// g, u: [S, I] f32 pre-activations in sorted slot order; h = silu(g) * u [S, I] when h != nullptr, and
+// hw = bf16(w h) [S, I] (w: the slot's router weight) when hw != nullptr, through the worker's tile
+// (2 * I floats) while g and u are in cache. Computes the gate and up projections (with LoRA) of every
+// kept slot.
 void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routing& r, float* g,
-                            float* u, float* h, Work work);
+                            float* u, float* h, uint16_t* hw, Work work);
 
 // The micro-kernel for this call (see select_isa), or an error naming KTJAX_ISA.
 ffi::Error pick_isa(const Isa** isa);

@@ -48,7 +48,7 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
 
   const int64_t S = r.kept();
   const Lora& ld = p.lora[kDown];
-  KernelContext ctx(pool, *isa, bf16_intermediates ? I : 0);
+  KernelContext ctx(pool, *isa, bf16_intermediates ? 2 * I : 0);
   float* g = nullptr;
   float* u = nullptr;
   if (save_preact) {
@@ -61,8 +61,11 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
     g = ctx.alloc(S * I);
     u = ctx.alloc(S * I);
   }
-  float* h = ctx.alloc(S * I);
-  compute_preactivations(ctx, p, r, g, u, h, Work::kForward);
+  // h: the down projection's A, and LoRA's; with bf16 intermediates, hw = bf16(w h) is that A, and h
+  // is kept only for LoRA (zd below stays f32).
+  float* h = !bf16_intermediates || ld.rank > 0 ? ctx.alloc(S * I) : nullptr;
+  uint16_t* hw = bf16_intermediates ? ctx.alloc_bf16(S * I) : nullptr;
+  compute_preactivations(ctx, p, r, g, u, h, hw, Work::kForward);
 
   // LoRA A of down: zd = h A^T, [S, r_down].
   const std::vector<int32_t> experts = busy_experts(r, E);
@@ -72,15 +75,6 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
       const int64_t e = experts[item], off = r.offsets[e];
       ctx.gemm(worker, r.count(e), ld.rank, I, 1.0f, f32_view(h + off * I, I), ld.A.expert(e).t(),
                f32_out(zd + off * ld.rank, ld.rank), false, Work::kForward);
-    });
-  }
-
-  // bf16 intermediates: hw = bf16(w h), the down projection's A (LoRA's zd above stays f32).
-  uint16_t* hw = nullptr;
-  if (bf16_intermediates) {
-    hw = ctx.alloc_bf16(S * I);
-    ctx.run((S + 63) / 64, [&](int64_t c, int worker) {
-      round_rows(ctx.isa, h, r.weight.data(), hw, c * 64, std::min(S, (c + 1) * 64), I, ctx.tile(worker));
     });
   }
 
@@ -96,9 +90,8 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
       const int64_t off = r.offsets[e], n = r.count(e);
       OutView out{acc, H, r.token.data() + off};
       out = out.skip_cols(h0);
-      MatView he = f32_view(h + off * I, I);
-      he.row_scale = r.weight.data() + off;
-      if (hw != nullptr) he = bf16_view(hw + off * I, I);
+      MatView he = hw != nullptr ? bf16_view(hw + off * I, I) : f32_view(h + off * I, I);
+      if (hw == nullptr) he.row_scale = r.weight.data() + off;  // else w is in hw
       ctx.gemm(worker, n, nh, I, 1.0f, he, p.w[kDown].expert(e).skip_rows(h0).t(), out, true,
                Work::kForward);
       if (ld.rank > 0) {

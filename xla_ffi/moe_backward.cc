@@ -151,8 +151,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
     ctx.run(chunks, [&](int64_t c, int worker) {
       const int64_t i = c * 64 * I, end = std::min(S, (c + 1) * 64) * I;
       ctx.isa.silu_mul(g + i, u + i, h + i, end - i);
-      if (hw != nullptr) {
-        round_rows(ctx.isa, h, r.weight.data(), hw, c * 64, std::min(S, (c + 1) * 64), I, ctx.tile(worker));
+      for (int64_t s = c * 64; hw != nullptr && s < std::min(S, (c + 1) * 64); ++s) {
+        store_scaled_bf16(ctx.isa, h + s * I, r.weight[s], hw + s * I, I, ctx.tile(worker));
       }
     });
   }

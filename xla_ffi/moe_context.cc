@@ -50,20 +50,15 @@ void compute_preactivations(KernelContext& ctx, const MoeProblem& p, const Routi
       float* hs = h != nullptr ? h + (off + s) * I + i0 : ctx.tile(worker);
       ctx.isa.silu_mul(gt + s * I, ut + s * I, hs, ni);
       if (hw != nullptr) {
-        float* scaled = ctx.tile(worker) + I;
-        for (int64_t i = 0; i < ni; ++i) scaled[i] = r.weight[off + s] * hs[i];
-        store_row(ctx.isa, scaled, hw + (off + s) * I + i0, DType::kBF16, ni);
+        store_scaled_bf16(ctx.isa, hs, r.weight[off + s], hw + (off + s) * I + i0, ni, ctx.tile(worker) + I);
       }
     }
   });
 }
 
-void round_rows(const Isa& isa, const float* src, const float* scale, uint16_t* dst, int64_t r0, int64_t r1,
-                int64_t cols, float* tmp) {
-  for (int64_t s = r0; s < r1; ++s) {
-    for (int64_t i = 0; i < cols; ++i) tmp[i] = scale[s] * src[s * cols + i];
-    store_row(isa, tmp, dst + s * cols, DType::kBF16, cols);
-  }
+void store_scaled_bf16(const Isa& isa, const float* src, float scale, uint16_t* dst, int64_t n, float* tmp) {
+  for (int64_t i = 0; i < n; ++i) tmp[i] = scale * src[i];
+  store_row(isa, tmp, dst, DType::kBF16, n);
 }
 
 ffi::Error pick_isa(const Isa** isa) {

@@ -184,10 +184,9 @@ inline MatView bf16_view(const uint16_t* data, int64_t ld) {
   return v;
 }
 
-// The bf16 copy of a scaled intermediate (bf16_intermediates: w h): dst[s, 0:cols] =
-// bf16(scale[s] * src[s, 0:cols]) for the rows s in [r0, r1); tmp holds cols floats.
-void round_rows(const Isa& isa, const float* src, const float* scale, uint16_t* dst, int64_t r0, int64_t r1,
-                int64_t cols, float* tmp);
+// The bf16 copy of a scaled intermediate (bf16_intermediates: w h): dst[0:n] = bf16(scale * src[0:n]);
+// tmp holds n floats.
+void store_scaled_bf16(const Isa& isa, const float* src, float scale, uint16_t* dst, int64_t n, float* tmp);
 
 // g, u: [S, I] f32 pre-activations in sorted slot order; h = silu(g) * u [S, I] when h != nullptr, and
 // hw = bf16(w h) [S, I] (w: the slot's router weight) when hw != nullptr, through the worker's tile

@@ -60,13 +60,7 @@ const Isa kAvx512 = {"avx512",
                      direct_bf16_avx512,
                      round_bf16_avx512,
                      silu_mul_avx512,
-                     silu_mul_grad_avx512,
-                     nullptr,
-                     nullptr,
-                     nullptr,
-                     nullptr,
-                     nullptr,
-                     nullptr};
+                     silu_mul_grad_avx512};
 // AVX-512 with the bf16 pair path (vdpbf16ps) on top.
 Isa avx512_with_pairs() {
   Isa isa = kAvx512;
@@ -93,16 +87,9 @@ const Isa kAvx2 = {"avx2",
                    direct_bf16_avx2,
                    round_bf16_avx2,
                    silu_mul_avx2,
-                   silu_mul_grad_avx2,
-                   nullptr,
-                   nullptr,
-                   nullptr,
-                   nullptr,
-                   nullptr,
-                   nullptr};
+                   silu_mul_grad_avx2};
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                      nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable,
-                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
 
 bool cpu_has(const Isa& isa) {
   if (&isa == &kAvx512Bf16) {

@@ -178,15 +178,15 @@ struct Isa {
   // The SiLU gating (activation.h), never null.
   SiluMul silu_mul;
   SiluMulGrad silu_mul_grad;
-  // The bf16 pair path (PairKernel above), all null where the ISA has none: the micro-kernel, its
-  // packers of full B panels (nr rows), A panels (6 rows) and of a B stored [K, N], the dot kernel and
-  // the direct kernel.
-  PairKernel pair_kernel;
-  PairPanelPacker pack_pair_panel;
-  PairPanelPacker pack_pair_a_panel;
-  PairRowPacker pack_pair_rows;
-  PairDotKernel pair_dot;
-  PairDirectKernel pair_direct;
+  // The bf16 pair path (PairKernel above), all null where the ISA has none (an initialiser may leave
+  // them out): the micro-kernel, its packers of full B panels (nr rows), A panels (6 rows) and of a B
+  // stored [K, N], the dot kernel and the direct kernel.
+  PairKernel pair_kernel = nullptr;
+  PairPanelPacker pack_pair_panel = nullptr;
+  PairPanelPacker pack_pair_a_panel = nullptr;
+  PairRowPacker pack_pair_rows = nullptr;
+  PairDotKernel pair_dot = nullptr;
+  PairDirectKernel pair_direct = nullptr;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",

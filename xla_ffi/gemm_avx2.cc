@@ -251,14 +251,7 @@ void direct_quarters(int64_t kc, const float* a, const uint16_t* w, int64_t ldw,
 
 void direct_bf16_avx2(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr, int nr,
                       float alpha, bool acc, const DirectRows& rows) {
-  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
-    case 1: direct_quarters<1>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 2: direct_quarters<2>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 3: direct_quarters<3>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 4: direct_quarters<4>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 5: direct_quarters<5>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    default: direct_quarters<6>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-  }
+  with_tile_rows(mr, [&](auto MR) { direct_quarters<MR>(kc, a, w, ldw, c, nr, alpha, acc, rows); });
 }
 
 void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,

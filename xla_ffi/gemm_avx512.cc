@@ -305,31 +305,17 @@ void direct_tile(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, flo
   }
 }
 
-template <int NH, bool kFromCopy>
-void direct_rows(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr, int nr,
-                 float alpha, bool acc, const DirectRows& rows) {
-  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
-    case 1: direct_tile<1, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 2: direct_tile<2, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 3: direct_tile<3, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 4: direct_tile<4, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 5: direct_tile<5, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    default: direct_tile<6, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-  }
-}
-
 }  // namespace
 
 void direct_bf16_avx512(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
                         int nr, float alpha, bool acc, const DirectRows& rows) {
   const bool from_copy = rows.copy_mode == DirectRows::Copy::kRead;
-  if (nr > 32) {
-    if (from_copy) direct_rows<2, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-    else direct_rows<2, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-  } else {
-    if (from_copy) direct_rows<1, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-    else direct_rows<1, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-  }
+  with_tile_rows(mr, [&](auto MR) {
+    if (nr > 32 && from_copy) direct_tile<MR, 2, true>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+    else if (nr > 32) direct_tile<MR, 2, false>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+    else if (from_copy) direct_tile<MR, 1, true>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+    else direct_tile<MR, 1, false>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+  });
 }
 
 void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
@@ -340,16 +326,11 @@ void dot_bf16_avx512(int64_t k0, int64_t kc, const float* a, int64_t lda, int m,
   for (; i + 6 <= m; i += 6) {
     dot_tile<6>(kc, a + i * lda + k0 * 6, w, ldw, nw, c + i, alpha, acc, PrefetchSlice{i / 6, tiles});
   }
-  const int mb = m - i;
-  const float* tile = a + i * lda + k0 * mb;
-  const PrefetchSlice last{i / 6, tiles};
-  switch (mb) {
-    case 1: dot_tile<1>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
-    case 2: dot_tile<2>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
-    case 3: dot_tile<3>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
-    case 4: dot_tile<4>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
-    case 5: dot_tile<5>(kc, tile, w, ldw, nw, c + i, alpha, acc, last); break;
-    default: break;
+  if (i < m) {
+    const PrefetchSlice last{i / 6, tiles};
+    with_tile_rows(m - i, [&](auto MB) {
+      dot_tile<MB>(kc, a + i * lda + k0 * MB, w, ldw, nw, c + i, alpha, acc, last);
+    });
   }
 }
 

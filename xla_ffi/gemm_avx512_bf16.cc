@@ -145,31 +145,17 @@ void pair_direct_tile(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t 
   }
 }
 
-template <int NH, bool kFromCopy>
-void pair_direct_rows(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
-                      int nr, float alpha, bool acc, const DirectRows& rows) {
-  switch (mr) {  // one instantiation per row count, so that the accumulators stay in registers
-    case 1: pair_direct_tile<1, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 2: pair_direct_tile<2, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 3: pair_direct_tile<3, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 4: pair_direct_tile<4, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    case 5: pair_direct_tile<5, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-    default: pair_direct_tile<6, NH, kFromCopy>(kc, a, w, ldw, c, nr, alpha, acc, rows); break;
-  }
-}
-
 }  // namespace
 
 void pair_direct_avx512bf16(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
                             int nr, float alpha, bool acc, const DirectRows& rows) {
   const bool from_copy = rows.copy_mode == DirectRows::Copy::kRead;
-  if (nr > 32) {
-    if (from_copy) pair_direct_rows<2, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-    else pair_direct_rows<2, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-  } else {
-    if (from_copy) pair_direct_rows<1, true>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-    else pair_direct_rows<1, false>(kc, a, w, ldw, c, mr, nr, alpha, acc, rows);
-  }
+  with_tile_rows(mr, [&](auto MR) {
+    if (nr > 32 && from_copy) pair_direct_tile<MR, 2, true>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+    else if (nr > 32) pair_direct_tile<MR, 2, false>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+    else if (from_copy) pair_direct_tile<MR, 1, true>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+    else pair_direct_tile<MR, 1, false>(kc, a, w, ldw, c, nr, alpha, acc, rows);
+  });
 }
 
 void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
@@ -184,15 +170,11 @@ void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, cons
   for (; i + 6 <= m; i += 6) {
     pair_dot_tile<6>(kc, a + i * lda, lda, rows, next, ldw, nw, c + i, alpha, acc, PrefetchSlice{i / 6, tiles});
   }
-  const PrefetchSlice last{i / 6, tiles};
-  const uint16_t* tile = a + i * lda;
-  switch (m - i) {
-    case 1: pair_dot_tile<1>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
-    case 2: pair_dot_tile<2>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
-    case 3: pair_dot_tile<3>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
-    case 4: pair_dot_tile<4>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
-    case 5: pair_dot_tile<5>(kc, tile, lda, rows, next, ldw, nw, c + i, alpha, acc, last); break;
-    default: break;
+  if (i < m) {
+    const PrefetchSlice last{i / 6, tiles};
+    with_tile_rows(m - i, [&](auto MB) {
+      pair_dot_tile<MB>(kc, a + i * lda, lda, rows, next, ldw, nw, c + i, alpha, acc, last);
+    });
   }
 }
 

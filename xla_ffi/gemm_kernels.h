@@ -3,11 +3,26 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dtype.h"
 #include "gemm.h"
 
 namespace ktjax {
+
+// Calls tile(std::integral_constant<int, MR>{}) with MR = mr (1 to 6, larger counts as 6): the small-M
+// kernels instantiate their tile once per row count, so that its accumulators stay in registers.
+template <typename Tile>
+inline void with_tile_rows(int mr, const Tile& tile) {
+  switch (mr) {
+    case 1: return tile(std::integral_constant<int, 1>{});
+    case 2: return tile(std::integral_constant<int, 2>{});
+    case 3: return tile(std::integral_constant<int, 3>{});
+    case 4: return tile(std::integral_constant<int, 4>{});
+    case 5: return tile(std::integral_constant<int, 5>{});
+    default: return tile(std::integral_constant<int, 6>{});
+  }
+}
 
 void microkernel_avx512(int64_t kc, const float* a, const float* b, float* const* c, int mr, int nr,
                         float alpha, bool acc);  // MR=6, NR=32

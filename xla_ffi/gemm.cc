@@ -596,32 +596,30 @@ void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const
   stats().packed_once_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
   const int64_t n_padded = padded_cols(isa, N);
-  if (B.pairs) {  // as below, with pairs: kc / 2 words per row of A at depth kc
-    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    const int64_t rows = kMC * kKC / (B.kc / 2) / kMR * kMR;
-    auto* apack = reinterpret_cast<uint32_t*>(scratch);
-    const auto* words = reinterpret_cast<const uint32_t*>(B.data);
+  // Each depth block of B against the rows of A that one packing buffer holds at that depth, packed by
+  // pack_a; `values` per packed word: 1 (f32) or 2 (bf16 pairs, B's block pc at pc / 2 words).
+  auto run = [&](auto kernel, auto* apack, const auto* b, int64_t values, const auto& pack_a) {
+    const int64_t rows = kMC * kKC / (B.kc / values) / kMR * kMR;
     for (int64_t pc = 0; pc < K; pc += B.kc) {
       const int64_t kc = std::min(B.kc, K - pc);
       for (int64_t ic = 0; ic < M; ic += rows) {
         const int64_t mc = std::min(rows, M - ic);
-        pack_pairs(isa, A, ic, mc, pc, kc, kMR, apack);
-        macro_kernel(isa.pair_kernel, isa.nr, mc, N, (kc + 1) / 2, alpha, apack, words + pc / 2 * n_padded,
+        pack_a(ic, mc, pc, kc, apack);
+        macro_kernel(kernel, isa.nr, mc, N, (kc + values - 1) / values, alpha, apack, b + pc / values * n_padded,
                      C.skip_rows(ic), accumulate || pc > 0, false);
       }
     }
-    return;
-  }
-  const int64_t rows = kMC * kKC / B.kc / kMR * kMR;  // rows of A one packing buffer holds at depth kc
-  float* apack = scratch;
-  for (int64_t pc = 0; pc < K; pc += B.kc) {
-    const int64_t kc = std::min(B.kc, K - pc);
-    for (int64_t ic = 0; ic < M; ic += rows) {
-      const int64_t mc = std::min(rows, M - ic);
-      pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
-      macro_kernel(isa.kernel, isa.nr, mc, N, kc, alpha, apack, B.data + pc * n_padded, C.skip_rows(ic),
-                   accumulate || pc > 0, false);
-    }
+  };
+  if (B.pairs) {
+    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    run(isa.pair_kernel, reinterpret_cast<uint32_t*>(scratch), reinterpret_cast<const uint32_t*>(B.data), 2,
+        [&](int64_t ic, int64_t mc, int64_t pc, int64_t kc, uint32_t* buf) {
+          pack_pairs(isa, A, ic, mc, pc, kc, kMR, buf);
+        });
+  } else {
+    run(isa.kernel, scratch, B.data, 1, [&](int64_t ic, int64_t mc, int64_t pc, int64_t kc, float* buf) {
+      pack_any(isa, A, ic, mc, pc, kc, kMR, buf);
+    });
   }
 }
 

@@ -32,6 +32,19 @@ def test_every_cc_file_is_built():
     assert cmake_sources() == on_disk
 
 
+def test_x86_intrinsics_only_in_the_files_a_portable_build_leaves_out():
+    """CMakeLists.txt drops the sources named *_avx* where it builds no x86 kernels (e.g. aarch64), so
+    every source that includes the x86 intrinsics, directly or through a header, must be named so."""
+    src = ROOT / "xla_ffi"
+    x86_headers = {p.name for p in src.glob("*.h") if "<immintrin.h>" in p.read_text()}
+    assert x86_headers == {"avx512_masks.h"}
+    for cc in src.glob("*.cc"):
+        text = cc.read_text()
+        uses_x86 = "<immintrin.h>" in text or any(f'"{h}"' in text for h in x86_headers)
+        assert uses_x86 == ("_avx" in cc.name), cc.name
+    assert 'EXCLUDE REGEX "_avx"' in (src / "CMakeLists.txt").read_text()
+
+
 def test_extension_was_built_for_the_runtime_ffi_api():
     assert ffi.built_ffi_api_version() <= ffi.runtime_ffi_api_version()
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "gemm_kernels.h"
 
@@ -47,6 +48,7 @@ constexpr int64_t kDirectAFloats = (kDirectMaxRows + kMR - 1) / kMR * kMR * kDir
 constexpr int64_t kDirectBlockFloats = kDirectKC * kDirectCols / 2;
 constexpr int64_t kDirectCopyFloats = kDirectKC * kDirectCols;
 
+#ifdef KTJAX_X86_KERNELS  // defined where the build compiles the x86 kernels (*_avx2.cc, *_avx512*.cc)
 const Isa kAvx512 = {"avx512",
                      32,
                      microkernel_avx512,
@@ -88,10 +90,19 @@ const Isa kAvx2 = {"avx2",
                    round_bf16_avx2,
                    silu_mul_avx2,
                    silu_mul_grad_avx2};
+#endif
 const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                       nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
 
+// The ISAs this build has, best first.
+#ifdef KTJAX_X86_KERNELS
+const Isa* const kIsas[] = {&kAvx512Bf16, &kAvx512, &kAvx2, &kGeneric};
+#else
+const Isa* const kIsas[] = {&kGeneric};
+#endif
+
 bool cpu_has(const Isa& isa) {
+#ifdef KTJAX_X86_KERNELS
   if (&isa == &kAvx512Bf16) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx512bf16");
@@ -101,7 +112,8 @@ bool cpu_has(const Isa& isa) {
            __builtin_cpu_supports("fma");
   }
   if (&isa == &kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return true;
+#endif
+  return &isa == &kGeneric;
 }
 
 // Fetches elements [k0, k0 + kc) of stored rows [r0, r0 + n) of A into L1. The next A panel's token
@@ -493,7 +505,7 @@ OutView OutView::skip_cols(int64_t c0) const {
 
 const Isa* select_isa() {
   const char* want = std::getenv("KTJAX_ISA");
-  for (const Isa* isa : {&kAvx512Bf16, &kAvx512, &kAvx2, &kGeneric}) {
+  for (const Isa* isa : kIsas) {
     if (want && *want) {
       if (std::strcmp(want, isa->name) == 0) return cpu_has(*isa) ? isa : nullptr;
     } else if (cpu_has(*isa)) {
@@ -504,10 +516,14 @@ const Isa* select_isa() {
 }
 
 const char* available_isas() {
-  if (cpu_has(kAvx512Bf16)) return "avx512_bf16,avx512,avx2,generic";
-  if (cpu_has(kAvx512)) return "avx512,avx2,generic";
-  if (cpu_has(kAvx2)) return "avx2,generic";
-  return "generic";
+  static const std::string names = [] {
+    std::string out;
+    for (const Isa* isa : kIsas) {
+      if (cpu_has(*isa)) out += (out.empty() ? "" : ",") + std::string(isa->name);
+    }
+    return out;
+  }();
+  return names.c_str();
 }
 
 void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) {

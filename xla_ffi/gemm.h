@@ -190,8 +190,9 @@ struct Isa {
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",
-// "generic") when set and supported: "avx512" is "avx512_bf16" without its pair path. Returns nullptr
-// only when KTJAX_ISA names an ISA this CPU lacks or an unknown one.
+// "generic") when set and supported: "avx512" is "avx512_bf16" without its pair path. A build without the
+// x86 kernels (not x86-64, or KTJAX_X86_KERNELS off in CMake) has "generic" alone. Returns nullptr
+// only when KTJAX_ISA names an ISA this CPU or build lacks, or an unknown one.
 const Isa* select_isa();
 // Comma-separated ISAs this CPU can run, best first.
 const char* available_isas();

@@ -22,10 +22,10 @@ py::capsule encapsulate(T* fn) {
 
 using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-// The kernel set the next call uses; ValueError when KTJAX_ISA names one this CPU cannot run.
+// The kernel set the next call uses; ValueError when KTJAX_ISA names one this CPU or build cannot run.
 const ktjax::Isa& selected_isa_or_throw() {
   const ktjax::Isa* isa = ktjax::select_isa();
-  if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU cannot run");
+  if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU or build cannot run");
   return *isa;
 }
 

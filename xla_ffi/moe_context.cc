@@ -64,7 +64,7 @@ void store_scaled_bf16(const Isa& isa, const float* src, float scale, uint16_t* 
 ffi::Error pick_isa(const Isa** isa) {
   *isa = select_isa();
   if (*isa != nullptr) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU cannot run; available: ") +
+  return ffi::Error::InvalidArgument(std::string("KTJAX_ISA names an ISA this CPU or build cannot run; available: ") +
                                      available_isas());
 }
 

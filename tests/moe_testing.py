@@ -11,6 +11,22 @@ import numpy as np
 
 PROJ_DIMS = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
 
+# Shapes at the edges of the bf16 pair path's kernels, shared by its tests (test_bf16_pair_path.py,
+# test_bf16_intermediates.py), which add their own.
+PAIR_PATH_EDGE_SHAPES = {
+    # Few tokens per expert: the dot kernel (forward) and direct kernel (dx) with tokens per expert % 6,
+    # I % 4 (the last group of weight rows) and H % 32 (the masked last block of 32) all nonzero.
+    "few_tokens_edges": dict(T=37, K=3, E=11, H=1061, I=45),
+    "one_token": dict(T=1, K=2, E=4, H=16, I=24),
+    # 96 tokens (the small-M kernels' limit) and 97 (packed) on two experts.
+    "row_limit_96": dict(T=96, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (96, 1))),
+    "rows_97": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
+    # The packed micro-kernel: an odd H (the last pair half empty) in five depth blocks (4 of 256 and
+    # 77), more token rows than one packed block (96 + 96 + 8: a last panel of 6 holding 2), and I in
+    # work items of multiples of 32 columns but the last, whose last panel of 32 holds 18.
+    "packed_edges": dict(T=200, K=1, E=1, H=1101, I=530),
+}
+
 
 @dataclass
 class Problem:

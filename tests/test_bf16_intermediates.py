@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from moe_testing import (
+    PAIR_PATH_EDGE_SHAPES,
     loss_and_grads,
     make_problem,
     reference_loss_and_grads,
@@ -28,16 +29,10 @@ from ktjax import ffi
 from ktjax.ops import moe_experts
 
 SHAPES = {
-    # Few tokens per expert: the pair dot kernel (forward) and pair direct kernel (dx) with every edge
-    # (tokens % 6, I % 4, H % 32); the weight gradients packed as pairs with an odd token count.
-    "few_tokens_edges": dict(T=37, K=3, E=11, H=1061, I=45),
+    # The edges of the pair kernels (few_tokens_edges also packs the weight gradients' pairs from an odd
+    # token count), and:
+    **PAIR_PATH_EDGE_SHAPES,
     "odd_sizes": dict(T=13, K=3, E=5, H=72, I=40),
-    "one_token": dict(T=1, K=2, E=4, H=16, I=24),
-    # 96 tokens (the small-M kernels' limit) and 97 (packed) on two experts.
-    "row_limit_96": dict(T=96, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (96, 1))),
-    "rows_97": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
-    # Packed: 200 token rows, an odd H over several depth blocks, I with a partial panel of 32.
-    "packed_edges": dict(T=200, K=1, E=1, H=1101, I=530),
     # Dropped slots (-1), a token with all its slots dropped, and idle experts.
     "dropped_slots": dict(
         T=12, K=3, E=6, H=40, I=24, ids=np.array([[-1, -1, -1]] + [[0, 1, -1], [1, 0, 1]] * 5 + [[-1, 0, 1]])

@@ -14,27 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moe_testing import loss_and_grads, make_problem, reference_loss_and_grads, rel_err
+from moe_testing import PAIR_PATH_EDGE_SHAPES, loss_and_grads, make_problem, reference_loss_and_grads, rel_err
 
 from ktjax import ffi
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_experts import _forward_call
 
 SHAPES = {
-    # The dot kernel: tokens per expert % 6, I % 4 (the last group of weight rows) and H % 32 (the
-    # masked last block of 32) all nonzero.
-    "few_tokens_edges": dict(T=37, K=3, E=11, H=1061, I=45),
+    **PAIR_PATH_EDGE_SHAPES,
     "few_tokens_odd_width": dict(T=13, K=3, E=5, H=71, I=42),
-    "one_token": dict(T=1, K=2, E=4, H=16, I=24),
-    # 96 tokens (the dot kernel's limit) and 97 (packed) on two experts.
-    "row_limit_96": dict(T=96, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (96, 1))),
-    "rows_97": dict(T=97, K=2, E=2, H=300, I=45, ids=np.tile([0, 1], (97, 1))),
     # 16 tokens and a reduction of three equal blocks (dot kernel, 2784 + 2784 + 2732).
     "split_reduction": dict(T=16, K=1, E=1, H=8300, I=40),
-    # The packed micro-kernel: an odd H (the last pair half empty) in five depth blocks (4 of 256 and
-    # 77), more token rows than one packed block (96 + 96 + 8: a last panel of 6 holding 2), and I in
-    # work items of multiples of 32 columns but the last, whose last panel of 32 holds 18.
-    "packed_blocks_and_edges": dict(T=200, K=1, E=1, H=1101, I=530),
     "packed_narrow": dict(T=130, K=1, E=1, H=31, I=33),
 }
 
@@ -97,7 +87,7 @@ def test_lora_a_products_of_bf16_adapters_take_the_pair_path(use_isa):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_other_isas_never_take_the_pair_path_and_agree_with_it(isa, use_isa, monkeypatch):
     use_isa("avx512_bf16")
-    p = make_problem(23, **SHAPES["packed_blocks_and_edges"], dtype=jnp.bfloat16)
+    p = make_problem(23, **SHAPES["packed_edges"], dtype=jnp.bfloat16)
     (g_pairs, _), _ = saved_preactivations(p)
     use_isa(isa)
     ffi.reset_kernel_counters()
@@ -135,7 +125,7 @@ DY_DOWN_SHAPES = ("few_tokens_edges", "few_tokens_odd_width", "row_limit_96", "r
 
 
 @pytest.mark.parametrize("policy", ["retain", "recompute"])
-@pytest.mark.parametrize("shape", [*DY_DOWN_SHAPES, "packed_blocks_and_edges"])
+@pytest.mark.parametrize("shape", [*DY_DOWN_SHAPES, "packed_edges"])
 def test_router_weight_gradients_through_dy_down_pairs_are_exact_to_f32(shape, policy, use_isa):
     # d topk_weights = (dy Down_e) . h is f32; with a cotangent of bf16 values, dy is exact, so it is held
     # to f32 accuracy. dy Down_e takes the pair path: its direct kernel up to 96 tokens per expert (~10

@@ -290,6 +290,15 @@ def test_wide_work_items_match_reference(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_products_narrower_than_the_kernel_tile_match_reference(dtype):
+    # Products with fewer columns than the micro-kernel's tile and more rows (LoRA's rank-r products;
+    # here H and I are narrow too) are computed transposed: y and dx add into gathered token rows, g and
+    # u add the LoRA products onto the base ones, and ~600 tokens per expert take two blocks of 512 rows.
+    p = make_problem(18, T=1200, K=1, E=2, H=24, I=8, dtype=dtype, ranks={"gate": 4, "up": 16, "down": 8})
+    check_against_reference(p, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_base_weight_gradients_pack_each_experts_token_rows_once(dtype):
     # A work item packs its expert's token rows (x for d gate and d up, h for d down) once and reuses
     # them for every 128-row block of the gradient: here several depth blocks (300 tokens) and row

@@ -471,6 +471,89 @@ void gemm_pairs(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, co
   }
 }
 
+// The scratch of gemm_any: the largest of its paths'.
+int64_t any_scratch_floats() {
+  const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
+  const int64_t dot = kDotAScratch + 4 * kDotMaxKC / 2;  // token rows + padded bf16 weight rows
+  const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
+  return std::max({packed, dot, direct});
+}
+
+// C[M,N] = (accumulate ? C : 0) + alpha * op(A) op(B) for K > 0, on the path the operands call for: the
+// pair path's kernels, the small-batch kernels, or the packed f32 micro-kernel.
+void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+              const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  if (pair_operands(isa, A) && pair_operands(isa, B)) {
+    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    if (!pair_in_place(A, B) || M > (B.trans ? kDotMaxRows : kDirectMaxRows)) {
+      return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    }
+    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    if (B.trans) return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+  }
+  const bool dot = B.trans && !A.trans, direct = !B.trans;
+  if ((dot || direct) && small_batch(isa, M, K, B)) {
+    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+    if (dot) gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    else gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    return;
+  }
+  const int64_t nr = isa.nr;
+  const int64_t depth = M <= kFewRows ? kKCFewRows : kKC;
+  float* apack = scratch;
+  float* bpack = scratch + kMC * kKC;
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    for (int64_t pc = 0; pc < K; pc += depth) {
+      const int64_t kc = std::min(depth, K - pc);
+      pack_any(isa, B.t(), jc, nc, pc, kc, nr, bpack);  // B [K, N] = panels of nr rows of B^T
+      for (int64_t ic = 0; ic < M; ic += kMC) {
+        const int64_t mc = std::min(kMC, M - ic);
+        pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
+        macro_kernel(isa.kernel, nr, mc, nc, kc, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc),
+                     accumulate || pc > 0, true);
+      }
+    }
+  }
+}
+
+// Whether gemm_any reads B through a dot kernel (pair or f32), which takes B's rows 4 at a time and so
+// wastes nothing on a narrow N.
+bool dot_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const MatView& B) {
+  if (!B.trans || A.trans) return false;
+  if (pair_operands(isa, A) && pair_operands(isa, B)) return B.rows == nullptr && M <= kDotMaxRows;
+  return small_batch(isa, M, K, B);
+}
+
+// Whether C = op(A) op(B) is cheaper computed transposed (gemm_transposed): LoRA's products with the
+// rank as N (z = x A^T, d B, dB = d^T z; r = 8 or 16) fill 8 or 16 of the micro-kernel's 32 columns (the
+// direct kernels': of 32 or 64), so half or more of their work is padding; transposed, those columns are
+// rows, padded only to the tile's 6. Taken where the tiles' area shrinks by more than a quarter.
+bool few_columns(const Isa& isa, int64_t M, int64_t N, int64_t K, const MatView& A, const MatView& B) {
+  if (N >= isa.nr || N >= M || dot_path(isa, M, K, A, B)) return false;
+  auto area = [&](int64_t rows, int64_t cols) {
+    return (rows + kMR - 1) / kMR * kMR * ((cols + isa.nr - 1) / isa.nr * isa.nr);
+  };
+  return 4 * area(N, M) < 3 * area(M, N);
+}
+
+// C = op(A) op(B) as C^T = op(B)^T op(A)^T, in blocks of kNC rows of C: each block's C^T [N, mc] is
+// computed into the scratch past gemm_any's and added into C transposed.
+void gemm_transposed(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                     const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  float* ct = scratch + any_scratch_floats();  // N * kNC floats, N < isa.nr
+  for (int64_t m0 = 0; m0 < M; m0 += kNC) {
+    const int64_t mc = std::min(kNC, M - m0);
+    const MatView a_rows = A.trans ? A.skip_cols(m0) : A.skip_rows(m0);  // rows [m0, m0 + mc) of op(A)
+    gemm_any(isa, N, mc, K, alpha, B.t(), a_rows.t(), OutView{ct, mc}, false, scratch);
+    for (int64_t i = 0; i < mc; ++i) {
+      float* row = C.row_ptr(m0 + i);
+      for (int64_t j = 0; j < N; ++j) row[j] = (accumulate ? row[j] : 0.0f) + ct[j * mc + i];
+    }
+  }
+}
+
 }  // namespace
 
 MatView MatView::skip_rows(int64_t r0) const {
@@ -534,51 +617,17 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n) 
   }
 }
 
-int64_t gemm_scratch_floats() {
-  const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
-  const int64_t dot = kDotAScratch + 4 * kDotMaxKC / 2;  // token rows + padded bf16 weight rows
-  const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
-  return std::max({packed, dot, direct});
-}
+int64_t gemm_scratch_floats() { return any_scratch_floats() + kMaxNR * kNC; }
 
 void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
           const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work) {
   if (M <= 0 || N <= 0) return;
   add_flops(work, 2 * M * N * K);
   if (K <= 0) return clear_unless_accumulating(M, N, C, accumulate);
-  if (pair_operands(isa, A) && pair_operands(isa, B)) {
-    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (!pair_in_place(A, B) || M > (B.trans ? kDotMaxRows : kDirectMaxRows)) {
-      return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    }
-    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (B.trans) return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+  if (few_columns(isa, M, N, K, A, B)) {
+    return gemm_transposed(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
   }
-  const bool dot = B.trans && !A.trans, direct = !B.trans;
-  if ((dot || direct) && small_batch(isa, M, K, B)) {
-    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (dot) gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    else gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    return;
-  }
-  const int64_t nr = isa.nr;
-  const int64_t depth = M <= kFewRows ? kKCFewRows : kKC;
-  float* apack = scratch;
-  float* bpack = scratch + kMC * kKC;
-  for (int64_t jc = 0; jc < N; jc += kNC) {
-    const int64_t nc = std::min(kNC, N - jc);
-    for (int64_t pc = 0; pc < K; pc += depth) {
-      const int64_t kc = std::min(depth, K - pc);
-      pack_any(isa, B.t(), jc, nc, pc, kc, nr, bpack);  // B [K, N] = panels of nr rows of B^T
-      for (int64_t ic = 0; ic < M; ic += kMC) {
-        const int64_t mc = std::min(kMC, M - ic);
-        pack_any(isa, A, ic, mc, pc, kc, kMR, apack);
-        macro_kernel(isa.kernel, nr, mc, nc, kc, alpha, apack, bpack, C.skip_rows(ic).skip_cols(jc),
-                     accumulate || pc > 0, true);
-      }
-    }
-  }
+  gemm_any(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
 }
 
 bool pair_operands(const Isa& isa, const MatView& v) {

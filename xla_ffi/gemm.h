@@ -204,6 +204,8 @@ void store_row(const Isa& isa, const float* src, void* dst, DType t, int64_t n);
 int64_t gemm_scratch_floats();
 
 // C[M,N] = (accumulate ? C : 0) + alpha * op(A) op(B). K == 0 yields 0 (or leaves C when accumulating).
+// A product with fewer columns than the micro-kernel's tile and more rows (LoRA's rank-r products) is
+// computed as C^T = op(B)^T op(A)^T, whose few rows waste less of the tiles, and added into C.
 void gemm(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
           const MatView& B, const OutView& C, bool accumulate, float* scratch, Work work);
 

@@ -188,6 +188,7 @@ def report(name: str, result: dict, peak_gflops: float, bandwidth_gbs: float) ->
         for b in ratios:
             line += f"{vals['xla'][0] / max(vals[b][0], 1e-9):>{len(b) + 5}.2f}x"
         lines.append(line)
+    lines.append("backward rows: fwd+bwd minus forward (min - min, median - median), not timed on their own")
     weight_bytes = 3 * E * H * I * 2
     stream = weight_bytes / (bandwidth_gbs * 1e9)
     if cpus:

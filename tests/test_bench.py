@@ -17,6 +17,7 @@ def test_bench_times_every_case_for_both_backends_and_reports_them():
         "lora fwd+bwd",
         "frozen fwd+bwd",
         "frozen backward",
+        "backward rows: fwd+bwd minus forward",
         "bytes model",
     ):
         assert label in text

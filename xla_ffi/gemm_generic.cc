@@ -1,7 +1,9 @@
-// Portable micro-kernel: the only one where the build has no x86 kernels (e.g. aarch64), the fallback
-// for x86 CPUs without AVX2/FMA, and a check on the others. Written with GCC/Clang vector types of 4
-// floats, which compile to the target's own SIMD (NEON on aarch64, SSE on x86-64): the 6x16 tile's 24
-// accumulators fit NEON's 32 registers, where the plain loops it replaces kept them in memory.
+// Portable kernels: the only ones where the build has no x86 kernels (e.g. aarch64), the fallback for
+// x86 CPUs without AVX2/FMA, and a check on the others. Written with GCC/Clang vector types of 4 floats,
+// which compile to the target's own SIMD (NEON on aarch64, SSE on x86-64): the tiles' 24 accumulators
+// fit NEON's 32 registers, where plain loops kept them in memory. The micro-kernel, and the dot kernel
+// that reads bf16 weights in place for a few token rows (DotKernel in gemm.h) with its row packer.
+#include <algorithm>
 #include <cstring>
 
 #include "gemm_kernels.h"
@@ -10,11 +12,69 @@ namespace ktjax {
 namespace {
 
 typedef float Vec4 __attribute__((vector_size(16)));
+typedef uint32_t U32x4 __attribute__((vector_size(16)));
 
 inline Vec4 load4(const float* p) {
   Vec4 v;
   std::memcpy(&v, p, sizeof v);  // no alignment assumed
   return v;
+}
+inline U32x4 load_u32x4(const uint16_t* p) {
+  U32x4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// 8 bf16 values read as 4 words, widened to f32: the even ones (k, k + 2, ...: each word's low half,
+// shifted up) and the odd ones (its high half, in place). The dot layout's order (gemm.h).
+inline Vec4 bf16_even(U32x4 w) {
+  const U32x4 bits = w << 16;
+  Vec4 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline Vec4 bf16_odd(U32x4 w) {
+  const U32x4 bits = w & 0xffff0000u;
+  Vec4 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// MB token rows against the 4 weight rows; see DotKernel in gemm.h. Per block of 32 values, 4 steps of
+// 8: one 16-byte load per weight row, widened to its even and odd halves, each multiplied by the token
+// rows' matching 4 values (the dot layout keeps a block's 16 even values, then its 16 odd ones); a row's
+// next block is block_stride floats on. The next 4 weight rows are prefetched at the steps of 32 k that
+// `slice` selects, as the x86 kernels do.
+template <int MB>
+void dot_tile(int64_t kc, const float* a, int64_t block_stride, const uint16_t* w, int64_t ldw, int nw,
+              float* const* c, float alpha, bool acc, PrefetchSlice slice) {
+  Vec4 s[MB][4] = {};
+  const uint16_t* next = w + 4 * ldw;
+  int until_prefetch = slice.phase;
+  for (int64_t k = 0; k < kc; k += 32, a += block_stride) {
+    if (until_prefetch-- == 0) {
+      for (int j = 0; j < 4; ++j) __builtin_prefetch(next + j * ldw + k);
+      until_prefetch = slice.period - 1;
+    }
+    for (int q = 0; q < 4; ++q) {
+      Vec4 wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = bf16_even(load_u32x4(w + j * ldw + k + 8 * q));
+      for (int i = 0; i < MB; ++i) {
+        const Vec4 av = load4(a + i * 32 + 4 * q);
+        for (int j = 0; j < 4; ++j) s[i][j] += av * wv[j];
+      }
+      for (int j = 0; j < 4; ++j) wv[j] = bf16_odd(load_u32x4(w + j * ldw + k + 8 * q));
+      for (int i = 0; i < MB; ++i) {
+        const Vec4 av = load4(a + i * 32 + 16 + 4 * q);
+        for (int j = 0; j < 4; ++j) s[i][j] += av * wv[j];
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < nw; ++j) {
+      const float sum = (s[i][j][0] + s[i][j][1]) + (s[i][j][2] + s[i][j][3]);
+      c[i][j] = (acc ? c[i][j] : 0.0f) + alpha * sum;
+    }
+  }
 }
 
 }  // namespace
@@ -35,6 +95,30 @@ void microkernel_generic(int64_t kc, const float* a, const float* b, float* cons
     float row[NR];
     std::memcpy(row, sum[i], sizeof row);
     for (int j = 0; j < nr; ++j) c[i][j] = (acc ? c[i][j] : 0.0f) + alpha * row[j];
+  }
+}
+
+void dot_bf16_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
+                      int nw, float* const* c, float alpha, bool acc) {
+  // Each tile of 6 rows (the layout's) in parts of kDotRows: 24 accumulators with the values they need
+  // do not fit NEON's 32 registers (gcc spilled 10 of them in the loop), 12 do. Every part reads the same
+  // 4 weight rows (from L1 after the first) and prefetches its share of the next 4.
+  constexpr int kDotRows = 3;
+  const int parts = (m + kDotRows - 1) / kDotRows;
+  for (int t = 0; t < m; t += 6) {
+    const int mb = std::min(6, m - t);
+    for (int r = 0; r < mb; r += kDotRows) {
+      const PrefetchSlice slice{(t + r) / kDotRows, parts};
+      with_tile_rows(std::min(kDotRows, mb - r), [&](auto MB) {
+        dot_tile<MB>(kc, a + t * lda + k0 * mb + r * 32, mb * 32, w, ldw, nw, c + t + r, alpha, acc, slice);
+      });
+    }
+  }
+}
+
+void pack_dot_row_generic(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {
+  for (int64_t k = 0; k < n; k += 32) {
+    pack_dot_block(src, dtype, scale, k, std::min<int64_t>(32, n - k), dst + k / 32 * stride);
   }
 }
 

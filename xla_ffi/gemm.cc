@@ -91,8 +91,21 @@ const Isa kAvx2 = {"avx2",
                    silu_mul_avx2,
                    silu_mul_grad_avx2};
 #endif
-const Isa kGeneric = {"generic", 16, microkernel_generic, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                      nullptr, nullptr, nullptr, silu_mul_portable, silu_mul_grad_portable};
+// Portable: the micro-kernel and the dot kernel, no vectorised packers, no direct kernel or rounder.
+const Isa kGeneric = {"generic",
+                      16,
+                      microkernel_generic,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      dot_bf16_generic,
+                      pack_dot_row_generic,
+                      nullptr,
+                      nullptr,
+                      silu_mul_portable,
+                      silu_mul_grad_portable};
 
 // The ISAs this build has, best first.
 #ifdef KTJAX_X86_KERNELS

@@ -91,7 +91,7 @@ const Isa kAvx2 = {"avx2",
                    silu_mul_avx2,
                    silu_mul_grad_avx2};
 #endif
-// Portable: the micro-kernel and the dot kernel, no vectorised packers, no direct kernel or rounder.
+// Portable: the micro-kernel and the small-batch kernels, no vectorised packers or rounder.
 const Isa kGeneric = {"generic",
                       16,
                       microkernel_generic,
@@ -102,7 +102,7 @@ const Isa kGeneric = {"generic",
                       nullptr,
                       dot_bf16_generic,
                       pack_dot_row_generic,
-                      nullptr,
+                      direct_bf16_generic,
                       nullptr,
                       silu_mul_portable,
                       silu_mul_grad_portable};

@@ -102,8 +102,9 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
 // one segment per 4 KiB page and k would otherwise miss the TLB on every load. What it does besides,
 // set by the driver in DirectRows:
 // - copy_mode kWrite: each segment read is also written to `copy`, in a layout of the ISA's choosing
-//   (both ISAs: widened to f32, in their even/odd order). Several row tiles read the same block one after
-//   the other; the first copies it, and the others (kRead: w and ldw unused) read the contiguous copy,
+//   (x86: widened to f32, in their even/odd order; generic: widened, in column order). Several row tiles
+//   read the same block one after the other; the first copies it, and the others (kRead: w and ldw
+//   unused) read the contiguous copy,
 //   because stored rows 4 KiB apart fall into one L1 set and evict each other (on hot data the old
 //   32-column kernel ran at 0.4-0.5x the micro-kernel's rate on such rows; with the copy and 64
 //   columns 0.75x; docs/performance.md), and, where the copy is widened, without widening again.

@@ -1,8 +1,9 @@
 // Portable kernels: the only ones where the build has no x86 kernels (e.g. aarch64), the fallback for
 // x86 CPUs without AVX2/FMA, and a check on the others. Written with GCC/Clang vector types of 4 floats,
 // which compile to the target's own SIMD (NEON on aarch64, SSE on x86-64): the tiles' 24 accumulators
-// fit NEON's 32 registers, where plain loops kept them in memory. The micro-kernel, and the dot kernel
-// that reads bf16 weights in place for a few token rows (DotKernel in gemm.h) with its row packer.
+// fit NEON's 32 registers, where plain loops kept them in memory. The micro-kernel, and the small-batch
+// kernels that read bf16 weights in place for a few token rows (DotKernel with its row packer, and
+// DirectKernel, in gemm.h).
 #include <algorithm>
 #include <cstring>
 
@@ -13,6 +14,7 @@ namespace {
 
 typedef float Vec4 __attribute__((vector_size(16)));
 typedef uint32_t U32x4 __attribute__((vector_size(16)));
+typedef uint16_t U16x4 __attribute__((vector_size(8)));
 
 inline Vec4 load4(const float* p) {
   Vec4 v;
@@ -34,6 +36,15 @@ inline Vec4 bf16_even(U32x4 w) {
 }
 inline Vec4 bf16_odd(U32x4 w) {
   const U32x4 bits = w & 0xffff0000u;
+  Vec4 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+// 4 consecutive bf16 values widened to f32, in order.
+inline Vec4 widen4(const uint16_t* p) {
+  U16x4 h;
+  std::memcpy(&h, p, sizeof h);
+  const U32x4 bits = __builtin_convertvector(h, U32x4) << 16;
   Vec4 v;
   std::memcpy(&v, &bits, sizeof v);
   return v;
@@ -77,6 +88,45 @@ void dot_tile(int64_t kc, const float* a, int64_t block_stride, const uint16_t* 
   }
 }
 
+// MR rows of A (packed 6 apart) against columns [col, col + 16) of B [K, N] read in place (widened, and
+// written to the copy in column order when the tile copies), or from the copy; see DirectKernel in gemm.h.
+// The quarter at col 0 prefetches the segment's next rows at the steps of k that `rows.slice` selects.
+template <int MR, bool kFromCopy>
+void direct_cols(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int col, int nr,
+                 float alpha, bool acc, const DirectRows& rows) {
+  Vec4 s[MR][4] = {};
+  float* const copy = kFromCopy || rows.copy_mode == DirectRows::Copy::kWrite ? rows.copy : nullptr;
+  const uint16_t* next = col == 0 ? rows.prefetch : nullptr;
+  int until_prefetch = next != nullptr ? rows.slice.phase : -1;
+  for (int64_t k = 0; k < kc; ++k, a += 6) {
+    if (until_prefetch-- == 0) {
+      __builtin_prefetch(next + k * rows.prefetch_ld);
+      if (nr > 32) __builtin_prefetch(next + k * rows.prefetch_ld + 32);
+      until_prefetch = rows.slice.period - 1;
+    }
+    Vec4 wv[4];
+    float* const copy_k = copy != nullptr ? copy + k * kDirectCols + col : nullptr;
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kFromCopy) {
+        wv[j] = load4(copy_k + 4 * j);
+      } else {
+        wv[j] = widen4(w + k * ldw + col + 4 * j);
+        if (copy_k != nullptr) std::memcpy(copy_k + 4 * j, &wv[j], sizeof wv[j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const Vec4 ai = {a[i], a[i], a[i], a[i]};
+      for (int j = 0; j < 4; ++j) s[i][j] += ai * wv[j];
+    }
+  }
+  const int n = std::min(16, nr - col);
+  for (int i = 0; i < MR; ++i) {
+    float row[16];
+    std::memcpy(row, s[i], sizeof row);
+    for (int j = 0; j < n; ++j) c[i][col + j] = (acc ? c[i][col + j] : 0.0f) + alpha * row[j];
+  }
+}
+
 }  // namespace
 
 void microkernel_generic(int64_t kc, const float* a, const float* b, float* const* c, int mr, int nr,
@@ -114,6 +164,18 @@ void dot_bf16_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m
       });
     }
   }
+}
+
+void direct_bf16_generic(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                         int nr, float alpha, bool acc, const DirectRows& rows) {
+  // In quarters of 16 columns: 6 rows by 64 columns would be 96 accumulators of 4 floats, 6 by 16 are 24.
+  const bool from_copy = rows.copy_mode == DirectRows::Copy::kRead;
+  with_tile_rows(mr, [&](auto MR) {
+    for (int col = 0; col < nr; col += 16) {
+      if (from_copy) direct_cols<MR, true>(kc, a, w, ldw, c, col, nr, alpha, acc, rows);
+      else direct_cols<MR, false>(kc, a, w, ldw, c, col, nr, alpha, acc, rows);
+    }
+  });
 }
 
 void pack_dot_row_generic(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst) {

@@ -30,10 +30,13 @@ void microkernel_avx2(int64_t kc, const float* a, const float* b, float* const* 
                       float alpha, bool acc);  // MR=6, NR=16
 void microkernel_generic(int64_t kc, const float* a, const float* b, float* const* c, int mr, int nr,
                          float alpha, bool acc);  // MR=6, NR=16
-// The portable dot kernel and its row packer (gemm.h), in the AVX-512 and AVX2 kernels' layout.
+// The portable small-batch kernels (gemm.h): the dot kernel and its row packer, in the AVX-512 and AVX2
+// kernels' layout, and the direct kernel (its copy: the widened weights in column order).
 void dot_bf16_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                       int nw, float* const* c, float alpha, bool acc);
 void pack_dot_row_generic(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
+void direct_bf16_generic(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
+                         int nr, float alpha, bool acc, const DirectRows& rows);
 
 // AVX-512 panel packers for nr = 32: 16x16 in-register transposes instead of strided scalar stores.
 void pack_bf16_panel_avx512(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst);

@@ -1,7 +1,7 @@
 // Portable kernels: the only ones where the build has no x86 kernels (e.g. aarch64), the fallback for
 // x86 CPUs without AVX2/FMA, and a check on the others. Written with GCC/Clang vector types of 4 floats,
-// which compile to the target's own SIMD (NEON on aarch64, SSE on x86-64): the tiles' 24 accumulators
-// fit NEON's 32 registers, where plain loops kept them in memory. The micro-kernel, and the small-batch
+// which compile to the target's own SIMD (NEON on aarch64, SSE on x86-64): the tiles' accumulators (24
+// at most) fit NEON's 32 registers, where plain loops kept them in memory. The micro-kernel, and the small-batch
 // kernels that read bf16 weights in place for a few token rows (DotKernel with its row packer, and
 // DirectKernel, in gemm.h).
 #include <algorithm>

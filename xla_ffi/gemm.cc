@@ -492,25 +492,37 @@ int64_t any_scratch_floats() {
   return std::max({packed, dot, direct});
 }
 
-// C[M,N] = (accumulate ? C : 0) + alpha * op(A) op(B) for K > 0, on the path the operands call for: the
-// pair path's kernels, the small-batch kernels, or the packed f32 micro-kernel.
-void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
-              const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+// The paths of gemm_any: the pair path's packed GEMM and small-M kernels, the f32 small-M kernels, or the
+// packed f32 micro-kernel.
+enum class Path { kPairs, kPairDot, kPairDirect, kDot, kDirect, kPacked };
+
+Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const MatView& B) {
   if (pair_operands(isa, A) && pair_operands(isa, B)) {
-    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (!pair_in_place(A, B) || M > (B.trans ? kDotMaxRows : kDirectMaxRows)) {
-      return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    }
-    stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (B.trans) return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    if (!pair_in_place(A, B) || M > (B.trans ? kDotMaxRows : kDirectMaxRows)) return Path::kPairs;
+    return B.trans ? Path::kPairDot : Path::kPairDirect;
   }
   const bool dot = B.trans && !A.trans, direct = !B.trans;
-  if ((dot || direct) && small_batch(isa, M, K, B)) {
+  if ((dot || direct) && small_batch(isa, M, K, B)) return dot ? Path::kDot : Path::kDirect;
+  return Path::kPacked;
+}
+
+// C[M,N] = (accumulate ? C : 0) + alpha * op(A) op(B) for K > 0, on the path choose_path picks.
+void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+              const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const Path path = choose_path(isa, M, K, A, B);
+  if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect) {
+    stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
+  }
+  if (path != Path::kPairs && path != Path::kPacked) {
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
-    if (dot) gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    else gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
-    return;
+  }
+  switch (path) {
+    case Path::kPairs: return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kPairDot: return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kPairDirect: return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kDot: return gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kDirect: return gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kPacked: break;
   }
   const int64_t nr = isa.nr;
   const int64_t depth = M <= kFewRows ? kKCFewRows : kKC;
@@ -531,20 +543,15 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   }
 }
 
-// Whether gemm_any reads B through a dot kernel (pair or f32), which takes B's rows 4 at a time and so
-// wastes nothing on a narrow N.
-bool dot_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const MatView& B) {
-  if (!B.trans || A.trans) return false;
-  if (pair_operands(isa, A) && pair_operands(isa, B)) return B.rows == nullptr && M <= kDotMaxRows;
-  return small_batch(isa, M, K, B);
-}
-
 // Whether C = op(A) op(B) is cheaper computed transposed (gemm_transposed): LoRA's products with the
 // rank as N (z = x A^T, d B, dB = d^T z; r = 8 or 16) fill 8 or 16 of the micro-kernel's 32 columns (the
 // direct kernels': of 32 or 64), so half or more of their work is padding; transposed, those columns are
-// rows, padded only to the tile's 6. Taken where the tiles' area shrinks by more than a quarter.
+// rows, padded only to the tile's 6. Taken where the tiles' area shrinks by more than a quarter, and not
+// where a dot kernel takes the product (it reads B's rows 4 at a time: nothing wasted on a narrow N).
 bool few_columns(const Isa& isa, int64_t M, int64_t N, int64_t K, const MatView& A, const MatView& B) {
-  if (N >= isa.nr || N >= M || dot_path(isa, M, K, A, B)) return false;
+  if (N >= isa.nr || N >= M) return false;
+  const Path path = choose_path(isa, M, K, A, B);
+  if (path == Path::kPairDot || path == Path::kDot) return false;
   auto area = [&](int64_t rows, int64_t cols) {
     return (rows + kMR - 1) / kMR * kMR * ((cols + isa.nr - 1) / isa.nr * isa.nr);
   };

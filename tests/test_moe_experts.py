@@ -268,16 +268,19 @@ def test_f32_weights_never_take_the_small_batch_path():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_thread_count_does_not_change_results(dtype, monkeypatch):
-    # bf16 also puts the products of two bf16 operands on the pair path, where the CPU has it.
+    # bf16 also puts the products of two bf16 operands on the pair path, where the CPU has it. One
+    # worker computes H and I in one column block each; 3 and 64 workers split them into blocks of 32
+    # columns and a narrow last one (H: 12 columns, I: 8), 64 workers both phases' items.
     p = make_problem(12, T=40, K=2, E=3, H=300, I=200, ranks={"up": 2}, dtype=dtype)
     cot = jnp.ones(p.x.shape, jnp.float32)
     monkeypatch.setenv("KTJAX_NUM_THREADS", "1")
     y1, g1 = loss_and_grads(p, cpu_moe(), cot)
-    monkeypatch.setenv("KTJAX_NUM_THREADS", "3")
-    y3, g3 = loss_and_grads(p, cpu_moe(), cot)
-    np.testing.assert_array_equal(y1, y3)
-    for name in g1:
-        np.testing.assert_array_equal(g1[name], g3[name], err_msg=name)
+    for workers in ("3", "64"):
+        monkeypatch.setenv("KTJAX_NUM_THREADS", workers)
+        y, g = loss_and_grads(p, cpu_moe(), cot)
+        np.testing.assert_array_equal(y1, y, err_msg=f"y with {workers} workers")
+        for name in g1:
+            np.testing.assert_array_equal(g1[name], g[name], err_msg=f"{name} with {workers} workers")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])

@@ -355,9 +355,9 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (need_x) {
     TokenAccumulator dx_acc(ctx, *dx, p.x_dtype, T, H);
     float* acc = dx_acc.data();
-    const int64_t width = ctx.tile_width(H, T);
-    ctx.run(num_tiles(H, width), [&](int64_t tile, int worker) {
-      const int64_t h0 = tile * width, nh = std::min(width, H - h0);
+    const auto blocks = ctx.token_blocks(H, T);
+    ctx.run(blocks.count(), [&](int64_t b, int worker) {
+      const int64_t h0 = blocks.start(b), nh = blocks.size(b);
       for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
       for (int32_t e : experts) {
         const int64_t off = r.offsets[e], n = r.count(e);

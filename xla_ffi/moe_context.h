@@ -15,7 +15,7 @@
 namespace ktjax {
 
 inline constexpr int64_t kTile = 128;  // rows per product in the weight-gradient phases
-inline constexpr int64_t kTileBlockFloats = 128 * 1024;  // 512 KiB: half of a 1 MiB L2 (tile_width)
+inline constexpr int64_t kTileBlockFloats = 128 * 1024;  // 512 KiB: half of a 1 MiB L2 (token_blocks)
 // Per-worker room for a packed B operand reused across products (KernelContext::reuse_b): 12 MiB, i.e.
 // 1536 token rows of H = 2048 in f32. An expert with more tokens takes the unpacked path.
 inline constexpr int64_t kReuseFloats = int64_t{3} << 20;
@@ -43,23 +43,37 @@ struct KernelContext {
   // n bf16 values of scratch for this call (uninitialised).
   uint16_t* alloc_bf16(int64_t n) { return reinterpret_cast<uint16_t*>(scratch.floats((n + 1) / 2)); }
 
-  // Columns per work item when the items split the `cols` columns of a [rows, cols] f32 block that
-  // each item accumulates over all experts (the forward's down projection, dx): 4 items per worker,
-  // each packing its token rows once for many columns, or wider, down to one item per worker, while an
-  // item's block stays within kTileBlockFloats (half of L2). Few rows (small batches) thus read each
-  // weight row in long runs: 2 KiB of every 4 KiB row per visit at S1 instead of 512 bytes. A
-  // multiple of 32, and at least kTile unless cols is smaller.
-  int64_t tile_width(int64_t cols, int64_t rows) const {
+  // Column blocks of `width` covering `cols`, a remainder narrower than 32 columns joined to the last
+  // block: a product narrower than the kernels' tile is computed transposed (gemm.cc, few_columns),
+  // with its sums in another order, so such a block would make results depend on the worker count.
+  struct ColumnBlocks {
+    int64_t cols, width;
+    int64_t count() const {
+      const int64_t n = num_tiles(cols, width);
+      return n > 1 && cols - (n - 1) * width < 32 ? n - 1 : n;
+    }
+    int64_t start(int64_t b) const { return b * width; }
+    int64_t size(int64_t b) const { return b + 1 == count() ? cols - b * width : width; }
+  };
+
+  // The column blocks, one per work item, of a [rows, cols] f32 block that each item accumulates over
+  // all experts (the forward's down projection, dx): 4 items per worker, each packing its token rows
+  // once for many columns, or wider, down to one item per worker, while an item's block stays within
+  // kTileBlockFloats (half of L2). Few rows (small batches) thus read each weight row in long runs: 2
+  // KiB of every 4 KiB row per visit at S1 instead of 512 bytes. Widths are multiples of 32: with many
+  // workers narrower than kTile (H = 2048 makes 64 items of 32 columns, not 16 of 128, for 16 workers
+  // or more); packing the token rows for each of the narrower items measured no cost
+  // (docs/performance.md).
+  ColumnBlocks token_blocks(int64_t cols, int64_t rows) const {
     const int64_t balanced = block_width(cols, 4 * static_cast<int64_t>(workers));
     const int64_t fits = kTileBlockFloats / std::max<int64_t>(rows, 1) / 32 * 32;
-    return std::max(balanced, std::min(fits, block_width(cols, workers)));
+    return {cols, std::max(balanced, std::min(fits, block_width(cols, workers)))};
   }
 
-  // Width of `parts` column blocks covering `cols`: a multiple of 32, at least kTile unless cols is
-  // smaller, at most cols.
+  // Width of `parts` column blocks covering `cols`: a multiple of 32 (the kernels' tile width), at
+  // most cols.
   static int64_t block_width(int64_t cols, int64_t parts) {
-    const int64_t width = ((cols + parts - 1) / parts + 31) / 32 * 32;
-    return std::min(cols, std::max(width, std::min(kTile, cols)));
+    return std::min(cols, ((cols + parts - 1) / parts + 31) / 32 * 32);
   }
 
   // A work item: units [start, start + count) of expert e's work (columns, or blocks of rows).
@@ -76,16 +90,16 @@ struct KernelContext {
   }
 
   // Column blocks of every busy expert's [tokens, cols] output as work items of about equal cost
-  // (blocks of at least kTile columns, see expert_parts). With even routing over many experts an item
+  // (blocks of 32 columns or more, see expert_parts). With even routing over many experts an item
   // is a whole expert (its token rows packed once); a dominant expert is split so that every worker
   // shares it.
   std::vector<ExpertSpan> balanced_blocks(const Routing& r, int64_t E, int64_t cols) const {
     std::vector<ExpertSpan> items;
     for (int64_t e = 0; e < E; ++e) {
       if (r.count(e) == 0) continue;
-      const int64_t width = block_width(cols, expert_parts(r, e, std::max<int64_t>(1, (cols + 31) / 32)));
-      for (int64_t c0 = 0; c0 < cols; c0 += width) {
-        items.push_back({static_cast<int32_t>(e), c0, std::min(width, cols - c0)});
+      const ColumnBlocks blocks{cols, block_width(cols, expert_parts(r, e, (cols + 31) / 32))};
+      for (int64_t b = 0; b < blocks.count(); ++b) {
+        items.push_back({static_cast<int32_t>(e), blocks.start(b), blocks.size(b)});
       }
     }
     return items;

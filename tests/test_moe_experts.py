@@ -269,8 +269,9 @@ def test_f32_weights_never_take_the_small_batch_path():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_thread_count_does_not_change_results(dtype, monkeypatch):
     # bf16 also puts the products of two bf16 operands on the pair path, where the CPU has it. One
-    # worker computes H and I in one column block each; 3 and 64 workers split them into blocks of 32
-    # columns and a narrow last one (H: 12 columns, I: 8), 64 workers both phases' items.
+    # worker computes H and I in one column block each; more workers split them, a remainder under 32
+    # columns joining the last block (3 workers: I in 64, 64 and 72 columns; 64 workers: H in 8 blocks
+    # of 32 and one of 44, I in 5 of 32 and one of 40).
     p = make_problem(12, T=40, K=2, E=3, H=300, I=200, ranks={"up": 2}, dtype=dtype)
     cot = jnp.ones(p.x.shape, jnp.float32)
     monkeypatch.setenv("KTJAX_NUM_THREADS", "1")

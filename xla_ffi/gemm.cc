@@ -28,14 +28,14 @@ constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every 
 // to kDotMaxRows rows) in blocks of the reduction (dot_depth) whose packed token rows stay in L2
 // while the weight rows stream past; the direct path (DirectKernel, up to kDirectMaxRows rows) in
 // blocks of kDirectKC rows. The limits are where the packed path became as fast in interleaved A/B
-// runs (docs/performance.md): the dot path beats it up to ~100 rows, the direct path (since its later
+// runs (docs/performance-log.md): the dot path beats it up to ~100 rows, the direct path (since its later
 // row tiles read the weights widened) up to 96-128; at 128 (S2) the two are even.
 constexpr int64_t kDotMaxRows = 96;
 constexpr int64_t kDirectMaxRows = 96;
 // The dot path's reduction blocks are as deep as keeps the packed token rows within kDotAFloats (256 KiB,
 // a quarter of a 1 MiB L2), between kDotMinKC and kDotMaxKC, and of equal depth: for a few tokens at
 // the usual widths that is whole weight rows, so each group of 4 rows is read as one stretch of memory
-// (docs/performance.md: 5-13% off the forward at 16-32 tokens per expert against blocks of 1024).
+// (docs/performance-log.md: 5-13% off the forward at 16-32 tokens per expert against blocks of 1024).
 constexpr int64_t kDotAFloats = 64 * 1024;
 constexpr int64_t kDotMinKC = 1024;
 constexpr int64_t kDotMaxKC = 8192;
@@ -222,7 +222,7 @@ void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t 
 // scale), with an ISA that has the small-batch kernels. B stored [N, K] (transposed) then takes the
 // dot path (A not transposed), B stored [K, N] the direct path. The dot path needs a reduction of at
 // least one block of 32: a shorter one (LoRA's B products at rank < 32) would pay a zero-padded block
-// and a horizontal sum for every 4 outputs, more work than packing B (docs/performance.md).
+// and a horizontal sum for every 4 outputs, more work than packing B (docs/performance-log.md).
 bool small_batch(const Isa& isa, int64_t M, int64_t K, const MatView& B) {
   const bool has_kernel = B.trans ? isa.dot_bf16 != nullptr && K >= 32 : isa.direct_bf16 != nullptr;
   return has_kernel && M <= (B.trans ? kDotMaxRows : kDirectMaxRows) &&

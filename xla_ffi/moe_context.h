@@ -63,7 +63,7 @@ struct KernelContext {
   // KiB of every 4 KiB row per visit at S1 instead of 512 bytes. Widths are multiples of 32: with many
   // workers narrower than kTile (H = 2048 makes 64 items of 32 columns, not 16 of 128, for 16 workers
   // or more); packing the token rows for each of the narrower items measured no cost
-  // (docs/performance.md).
+  // (docs/performance-log.md).
   ColumnBlocks token_blocks(int64_t cols, int64_t rows) const {
     const int64_t balanced = block_width(cols, 4 * static_cast<int64_t>(workers));
     const int64_t fits = kTileBlockFloats / std::max<int64_t>(rows, 1) / 32 * 32;

@@ -83,7 +83,8 @@ def moe_experts(
         backend "cpu" only) rounds the operands of the products that would otherwise mix f32 and bf16
         to bf16 — the weighted hidden state w * h (down projection, d down) and the gate/up gradients
         dg, du (dx, d gate, d up) — so that every projection-sized product runs on the bf16 pair path
-        where the CPU has AVX512_BF16: faster, at about 2-4x the f32 mode's error (docs/performance.md).
+        where the CPU has AVX512_BF16: faster, and about one bf16 rounding less accurate (README,
+        "The core op"; speed in docs/performance.md).
         Pre-activations, d topk_weights, LoRA products and all accumulations stay f32.
 
     Returns:

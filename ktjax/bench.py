@@ -15,7 +15,7 @@ einsum, f32 weights). Reports ms, tokens/s, effective GFLOP/s (nominal: forward 
 full 3F, lora and frozen 2F), % of a measured micro-kernel peak (the bf16 pair kernel's where the CPU
 has AVX512_BF16, else the f32 kernel's), the speed-up over XLA, and for the
 forward a bytes-moved model: the time to stream the expert weights once at the memory bandwidth
-that the kernels' threads measure together.
+that the kernels' threads measure together. Tables go to stdout, progress lines to stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -124,14 +125,19 @@ def _timed(fn: Callable, *args) -> float:
 
 
 def bench_shape(name: str, shape: dict, backends: list[str], reps: int) -> dict:
+    def progress(msg: str) -> None:  # on stderr: stdout keeps the tables
+        print(f"  {name}: {msg}", file=sys.stderr, flush=True)
+
     inp = make_inputs(shape)
     fns = {b: make_fns(b, inp) for b in backends}
-    for b in backends:  # compile and warm up
+    progress(f"compiling and warming up {len(backends)} backend(s) x {len(CASES)} cases")
+    for b in backends:
         for case in CASES:
             fn, args = fns[b][case]
             jax.block_until_ready(fn(*args))
     times = {(b, c): [] for b in backends for c in CASES}
-    for _ in range(reps):  # interleaved: every case of every backend once per round
+    for rep in range(reps):  # interleaved: every case of every backend once per round
+        progress(f"round {rep + 1} of {reps}")
         for b in backends:
             for case in CASES:
                 fn, args = fns[b][case]
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         default="cpu,cpu_bf16,xla",
         help="comma-separated, of cpu (default mode), cpu_bf16 (intermediates='bf16'), xla (baseline)",
     )
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds (>= 1); min and median over them")
     parser.add_argument("--json", help="write the raw timings here")
     parser.add_argument("--png", help="write a bar chart here")
     args = parser.parse_args(argv)
@@ -251,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     backends = args.backends.split(",")
     if not set(backends) <= {*CPU_BACKENDS, "xla"}:
         parser.error(f"unknown backend(s) in {args.backends!r}; known: {[*CPU_BACKENDS, 'xla']}")
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
+    for flag, path in (("--json", args.json), ("--png", args.png)):  # fail now, not after the run
+        folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
+        if folder is not None and not os.path.isdir(folder):
+            parser.error(f"{flag}: no directory {folder!r} to write {path!r} into")
     threads = int(os.environ.get("KTJAX_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
     # The best of several short probes: this VM's hypervisor takes whole time slices away.
     f32_peak = max(ffi.measure_peak_gflops(threads, seconds=0.1) for _ in range(8))

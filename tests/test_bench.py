@@ -2,7 +2,7 @@
 
 import pytest
 
-from ktjax.bench import CASES, bench_shape, report
+from ktjax.bench import CASES, bench_shape, main, report
 
 
 def test_bench_times_every_case_for_both_backends_and_reports_them():
@@ -47,3 +47,22 @@ def test_machine_probes_measure_positive_rates_and_reject_bad_input():
     for bad in (dict(threads=0), dict(n_bytes=0), dict(passes=0)):
         with pytest.raises(ValueError, match="must be positive"):
             ffi.measure_read_bandwidth_gbs(**{"threads": 1, "n_bytes": 1 << 20, "passes": 1, **bad})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reps", "0"], "--reps must be at least 1"),
+        (["--shapes", "S1,S9"], "unknown shape"),
+        (["--backends", "cpu,gpu"], "unknown backend"),
+        (["--json", "/nonexistent-dir/b.json"], "--json: no directory"),
+        (["--png", "/nonexistent-dir/b.png"], "--png: no directory"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_it_measures_anything(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "ktjax.bench:" not in captured.out  # no probe ran

@@ -5,9 +5,11 @@ import pytest
 from ktjax.bench import CASES, bench_shape, main, report
 
 
-def test_bench_times_every_case_for_both_backends_and_reports_them():
+def test_bench_times_every_case_for_both_backends_and_reports_them(capsys):
     shape = dict(T=16, H=32, I=16, K=2, E=4, r=2)
     result = bench_shape("tiny", shape, ["cpu", "xla"], reps=2)
+    progress = capsys.readouterr()
+    assert "tiny: round 2 of 2" in progress.err and progress.out == ""  # progress on stderr only
     assert set(result["times"]) == {f"{b}/{c}" for b in ("cpu", "xla") for c in CASES}
     assert all(len(v) == 2 and min(v) > 0 for v in result["times"].values())
     text = report("tiny", result, peak_gflops=100.0, bandwidth_gbs=10.0)

@@ -1,4 +1,4 @@
-"""Default: a 3.75M-parameter MoE learns to sort digits; attention full, experts LoRA; ~45 s on 2 cores.
+"""Default: a 3.75M-parameter MoE learns to sort digits; attention full, experts LoRA; ~15-25 s on 2 cores.
 
     python -m experiments.run sort_hybrid            (or just: python -m experiments.run)
     python -m experiments.run sort_hybrid --set train.steps=100 --set model.num_hidden_layers=2

@@ -2,7 +2,7 @@
 
     python -m experiments.run throughput
     python -m experiments.run throughput --set model.param_dtype=float32 --set train.steps=10
-    python -m experiments.run throughput --set model.expert_intermediates=bf16
+    python -m experiments.run throughput --set model.expert_intermediates=f32   # bf16 weights default to bf16
 
 Routed experts: H=2048, I=768, E=32, top-8, bf16 weights, LoRA r=16 on the experts (attention and
 routers full). Reports tokens/s and the expert kernels' work per kind (GFLOP and GFLOP/s, from
@@ -59,7 +59,7 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     model = build_model(cfg.model, seed=cfg.train.seed)
     print(
         f"expert backend {cfg.model.expert_backend}, {cfg.model.param_dtype} weights, "
-        f"{cfg.model.expert_intermediates} intermediates, "
+        f"{cfg.model.intermediates} intermediates, "
         f"{cfg.train.batch_size * make_task(cfg.data).seq_len} tokens per step"
     )
     ffi.reset_kernel_counters()

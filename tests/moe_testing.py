@@ -6,8 +6,19 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+from error_bounds import (
+    U_F32,
+    Tracked,
+    add,
+    bf16_rounding_as_error,
+    gamma,
+    matmul,
+    mul,
+    round_to_bf16,
+    round_to_f32,
+    rounded_to_bf16,
+)
 
 PROJ_DIMS = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
 
@@ -150,40 +161,151 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / scale)
 
 
-def _bf16_values(a: np.ndarray) -> np.ndarray:
-    """a rounded to the nearest bf16 (ties to even), back in float64."""
-    return np.asarray(a, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
+def representable_cotangent(seed: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Random normal upstream gradients, rounded to values that `dtype` (the output's) holds exactly, so
+    that the kernels receive exactly the dy the references use (no conversion on the way rounds)."""
+    cot = np.random.default_rng(seed).standard_normal(shape)
+    return round_to_bf16(cot) if jnp.dtype(dtype) == jnp.bfloat16 else round_to_f32(cot)
 
 
-def rounded_intermediates_reference(p: Problem, cotangent: np.ndarray):
-    """float64 y and gradients of sum(y * cotangent) with moe_experts(..., intermediates="bf16")'s rounding
-    points, no LoRA: the backward written out by hand, since jax.grad cannot place them. The kernels
-    receive dy = bf16(cotangent) (y is bf16), so this uses it too; then w h is rounded once (down
-    projection, d down) and so are dg and du (dx, d gate, d up). Returns (y, {name: gradient}) keyed like
-    loss_and_grads."""
+# The SiLU gating's constants for the bounds: max |silu'| = 1.0998 (at v = 2.40), max |silu''| = 1/2
+# (at 0), and the kernels' own error, held by tests/test_silu_gating.py for every ISA to 8 f32 ulps of
+# |h|, |du| and, for dg, of |d u sigmoid(g)| (1 + |g|).
+SILU_SLOPE, SILU_CURVATURE, SILU_ULPS = 1.1, 0.5, 8
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _silu_mul(g: Tracked, u: Tracked) -> Tracked:
+    """h = silu(g) u."""
+    silu = g.v * _sigmoid(g.v)
+    silu_mag = np.abs(silu) + SILU_SLOPE * g.e
+    e = SILU_SLOPE * g.e * u.mag + np.abs(silu) * u.e + SILU_ULPS * U_F32 * silu_mag * u.mag
+    return Tracked(silu * u.v, e)
+
+
+def _silu_mul_grad(g: Tracked, u: Tracked, dh: Tracked, w: np.ndarray) -> tuple[Tracked, Tracked]:
+    """(dg, du) of h = silu(g) u for the upstream gradient w dh (w: exact router weights, [n, 1])."""
+    sg = _sigmoid(g.v)
+    silu, slope = g.v * sg, sg * (1.0 + g.v * (1.0 - sg))
+    silu_mag = np.abs(silu) + SILU_SLOPE * g.e
+    slope_mag = np.abs(slope) + SILU_CURVATURE * g.e
+    sg_mag = np.minimum(1.0, sg + 0.25 * g.e)  # max sigmoid' = 1/4
+    d = w * dh.v
+    w = np.abs(w)
+    du_e = w * (dh.e * silu_mag + np.abs(dh.v) * SILU_SLOPE * g.e) + SILU_ULPS * U_F32 * w * dh.mag * silu_mag
+    dg_e = w * (dh.e * u.mag * slope_mag + np.abs(dh.v) * u.e * slope_mag)
+    dg_e += w * np.abs(dh.v) * np.abs(u.v) * SILU_CURVATURE * g.e
+    dg_e += SILU_ULPS * U_F32 * w * dh.mag * u.mag * sg_mag * (1.0 + g.mag)
+    return Tracked(d * u.v * slope, dg_e), Tracked(d * silu, du_e)
+
+
+def _dot_rows(a: Tracked, b: Tracked, terms: int) -> Tracked:
+    """sum(a * b, axis=1) in f32, one accumulator per row."""
+    v = np.sum(a.v * b.v, axis=1)
+    e = np.sum(np.abs(a.v) * b.e + a.e * np.abs(b.v) + a.e * b.e, axis=1)
+    return Tracked(v, e + gamma(terms) * np.sum(a.mag * b.mag, axis=1))
+
+
+def _scatter_add(out: Tracked, rows: np.ndarray, part: Tracked) -> None:
+    np.add.at(out.v, rows, part.v)
+    np.add.at(out.e, rows, part.e)
+
+
+def tracked_reference(p: Problem, dy: np.ndarray, intermediates: str = "f32") -> dict[str, Tracked]:
+    """y and the gradients of sum(y * dy), each with the bound of the kernels' arithmetic (error_bounds.py).
+
+    The expert math is written out slot group by slot group, as the kernels compute it, so that each
+    product's accumulation length is known: g and u sum H products (+ the adapter's r); y and dx add
+    all of a token's slots into one f32 accumulator (K (I + r + 2) and K (2 I + 2 r + 4) terms);
+    weight gradients sum an expert's slots. `intermediates="bf16"` rounds where moe_experts(...,
+    intermediates="bf16") does — w h for the down projection and d Down, dg and du for dx and d Gate /
+    d Up — and the reference's values are those rounded ones (LoRA products and d topk_weights read
+    the f32 values); "bf16_as_error" keeps the exact values and counts those roundings in the bounds.
+    dy: the upstream gradient the kernels receive (exact, see representable_cotangent).
+    Returns {name: Tracked} keyed like loss_and_grads ("y", "x", "weights", "gate", ..., "gate_a", ...).
+    """
     f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
-    x, w, G, U, D = (f64(a) for a in (p.x, p.weights, p.gate, p.up, p.down))
+    exact = lambda a: Tracked.exact(f64(a))  # noqa: E731
+    x, G, U, D = (exact(a) for a in (p.x, p.gate, p.up, p.down))
+    w_all = f64(p.weights)
+    dy_all = Tracked.exact(np.asarray(dy, np.float64))
+    lora = {k: (exact(a), exact(b)) for k, (a, b) in p.lora.items()}
+    rank = {k: int(p.lora[k][0].shape[1]) if k in p.lora else 0 for k in ("gate", "up", "down")}
+    s = p.scale
+    round_mid = {"f32": None, "bf16": rounded_to_bf16, "bf16_as_error": bf16_rounding_as_error}[intermediates]
     ids = np.asarray(p.ids)
     T, K = ids.shape
-    dy = _bf16_values(cotangent)
-    y = np.zeros_like(x)
-    grads = {"x": np.zeros_like(x), "weights": np.zeros_like(w)}
-    grads.update(gate=np.zeros_like(G), up=np.zeros_like(U), down=np.zeros_like(D))
-    for e in range(G.shape[0]):  # each expert's slots at once
+    E, I, H = p.gate.shape
+
+    def zeros(*shape):
+        return Tracked.exact(np.zeros(shape))
+
+    out = {"y": zeros(T, H), "x": zeros(T, H), "weights": zeros(T, K)}
+    out.update(gate=zeros(E, I, H), up=zeros(E, I, H), down=zeros(E, H, I))
+    for k in p.lora:
+        a, b = p.lora[k]
+        out[f"{k}_a"], out[f"{k}_b"] = zeros(*a.shape), zeros(*b.shape)
+    n_y = K * (I + rank["down"] + 2)
+    n_dx = K * (2 * I + rank["gate"] + rank["up"] + 4)
+
+    def project(v, name, W, e, terms):  # v [n, in] -> W_e v (+ s B_e (A_e v)) in one accumulator of `terms`
+        res = matmul(v, W[e].T, terms)
+        if name in lora:
+            a, b = lora[name]
+            res = add(res, matmul(matmul(v, a[e].T, v.v.shape[1]), b[e].T, terms, scale=s))
+        return res
+
+    for e in range(E):
         t, k = np.nonzero(ids == e)
-        xe, we, dye = x[t], w[t, k][:, None], dy[t]
-        g, u = xe @ G[e].T, xe @ U[e].T
-        sg = 1.0 / (1.0 + np.exp(-g))
-        h = g * sg * u
-        hw = _bf16_values(we * h)
-        np.add.at(y, t, hw @ D[e].T)
-        dh_full = dye @ D[e]
-        grads["weights"][t, k] = np.sum(dh_full * h, axis=1)
-        dh = we * dh_full
-        du = _bf16_values(dh * g * sg)
-        dg = _bf16_values(dh * u * sg * (1.0 + g * (1.0 - sg)))
-        np.add.at(grads["x"], t, dg @ G[e] + du @ U[e])
-        grads["gate"][e] = dg.T @ xe
-        grads["up"][e] = du.T @ xe
-        grads["down"][e] = dye.T @ hw
-    return y, grads
+        n = len(t)
+        if n == 0:
+            continue
+        xe, w, dye = x[t], w_all[t, k][:, None], dy_all[t]
+        g = project(xe, "gate", G, e, H + rank["gate"] + 2)
+        u = project(xe, "up", U, e, H + rank["up"] + 2)
+        h = _silu_mul(g, u)
+        hw = mul(Tracked.exact(w), h)
+        hw_base = round_mid(hw) if round_mid else hw
+        y_e = matmul(hw_base, D[e].T, n_y)
+        if "down" in lora:
+            a, b = lora["down"]
+            zd = matmul(h, a[e].T, I)
+            y_e = add(y_e, matmul(mul(Tracked.exact(w), zd), b[e].T, n_y, scale=s))
+        _scatter_add(out["y"], t, y_e)
+
+        # Backward.
+        dh = matmul(dye, D[e], H + rank["down"] + 2)
+        if "down" in lora:
+            a, b = lora["down"]
+            q = matmul(dye, b[e], H)
+            dh = add(dh, matmul(q, a[e], H + rank["down"] + 2, scale=s))
+        dw = _dot_rows(dh, h, I)
+        out["weights"].v[t, k], out["weights"].e[t, k] = dw.v, dw.e
+        dg, du = _silu_mul_grad(g, u, dh, w)
+        dg_base, du_base = (round_mid(dg), round_mid(du)) if round_mid else (dg, du)
+        dx = add(matmul(dg_base, G[e], n_dx), matmul(du_base, U[e], n_dx))
+        for name, d in (("gate", dg), ("up", du)):
+            if name in lora:
+                a, b = lora[name]
+                pe = matmul(d, b[e], I)
+                dx = add(dx, matmul(pe, a[e], n_dx, scale=s))
+                z = matmul(xe, a[e].T, H)
+                set_expert(out[f"{name}_b"], e, matmul(d.T, z, n + 1, scale=s))
+                set_expert(out[f"{name}_a"], e, matmul(pe.T, xe, n + 1, scale=s))
+        _scatter_add(out["x"], t, dx)
+        set_expert(out["gate"], e, matmul(dg_base.T, xe, n + 1))
+        set_expert(out["up"], e, matmul(du_base.T, xe, n + 1))
+        wdy = mul(Tracked.exact(w), dye)
+        set_expert(out["down"], e, matmul(dye.T, hw_base, n + 1) if round_mid else matmul(wdy.T, h, n + 1))
+        if "down" in lora:
+            a, b = lora["down"]
+            set_expert(out["down_b"], e, matmul(wdy.T, zd, n + 1, scale=s))
+            set_expert(out["down_a"], e, matmul(mul(Tracked.exact(w), q).T, h, n + 1, scale=s))
+    return out
+
+
+def set_expert(out: Tracked, e: int, value: Tracked) -> None:
+    out.v[e], out.e[e] = value.v, value.e

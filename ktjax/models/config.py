@@ -66,9 +66,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # float32 | bfloat16: dtype of every weight
     expert_backend: str = "cpu"  # cpu (FFI kernels) | xla (pure JAX)
     expert_policy: str = "retain"  # retain | recompute (activations saved for the expert backward)
-    # f32 | bf16: the expert chain's intermediates (moe_experts(intermediates=...)); bf16 needs bf16
-    # weights and the cpu backend, and is faster on CPUs with AVX512_BF16 at a small accuracy cost.
-    expert_intermediates: str = "f32"
+    # auto | f32 | bf16: the expert chain's intermediates (moe_experts(intermediates=...)). auto: bf16
+    # for bf16 weights on the cpu backend, f32 otherwise; bf16 needs bf16 weights and the cpu backend.
+    expert_intermediates: str = "auto"
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()  # subset of LORA_TARGETS
@@ -92,8 +92,10 @@ class ModelConfig:
             raise ValueError(f"unknown lora_targets {sorted(unknown)}; allowed: {LORA_TARGETS}")
         if self.param_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
-        if self.expert_intermediates not in ("f32", "bf16"):
-            raise ValueError(f"expert_intermediates must be f32 or bf16, got {self.expert_intermediates!r}")
+        if self.expert_intermediates not in ("auto", "f32", "bf16"):
+            raise ValueError(
+                f"expert_intermediates must be auto, f32 or bf16, got {self.expert_intermediates!r}"
+            )
         bf16_mid_ok = (self.param_dtype, self.expert_backend) == ("bfloat16", "cpu")
         if self.expert_intermediates == "bf16" and not bf16_mid_ok:
             raise ValueError(
@@ -109,6 +111,14 @@ class ModelConfig:
         rope_type(self.rope_scaling)  # refuses scaling types the model cannot compute
         self.lora_targets = tuple(self.lora_targets)
         self.mlp_only_layers = tuple(self.mlp_only_layers)
+
+    @property
+    def intermediates(self) -> str:
+        """The expert chain's intermediates this config runs with: expert_intermediates, with auto
+        resolved as moe_experts resolves it (the experts get x in the weights' dtype)."""
+        if self.expert_intermediates != "auto":
+            return self.expert_intermediates
+        return "bf16" if (self.param_dtype, self.expert_backend) == ("bfloat16", "cpu") else "f32"
 
     @property
     def lora_scale(self) -> float:

@@ -16,6 +16,7 @@ FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 BACKENDS = ("cpu", "xla")
 POLICIES = ("retain", "recompute")
 INTERMEDIATES = ("f32", "bf16")
+BF16 = jnp.dtype(jnp.bfloat16)
 
 LoraDict = dict[str, tuple[Any, Any]]
 
@@ -33,6 +34,18 @@ def _float(name: str, a: Any) -> None:
 def _rank(name: str, a: Any, ndim: int, doc: str) -> None:
     if getattr(a, "ndim", None) != ndim:
         raise ValueError(f"{name} must have shape {doc}, got {list(getattr(a, 'shape', []))}")
+
+
+def default_intermediates(x_dtype: Any, weight_dtype: Any, backend: str) -> str:
+    """The ``intermediates`` mode ``moe_experts`` uses when none is given: ``"bf16"`` where the CPU kernels
+    multiply bf16 tokens by bf16 weights (every projection-sized product then has two bf16 operands, as
+    in the bf16 kernels of this field), ``"f32"`` otherwise (f32 tokens or weights, or ``backend="xla"``)."""
+    bf16 = (
+        x_dtype is not None
+        and weight_dtype is not None
+        and jnp.dtype(x_dtype) == BF16 == jnp.dtype(weight_dtype)
+    )
+    return "bf16" if bf16 and backend == "cpu" else "f32"
 
 
 def check_moe_args(

@@ -18,7 +18,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from ktjax import ffi
-from ktjax.ops.moe_checks import PROJECTIONS, LoraDict, check_moe_args
+from ktjax.ops.moe_checks import PROJECTIONS, LoraDict, check_moe_args, default_intermediates
 from ktjax.ops.moe_reference import moe_experts_xla
 
 # Bits of the backward kernel's `needs` attribute, in the order of the differentiable inputs after
@@ -65,7 +65,7 @@ def moe_experts(
     lora_scale: float = 1.0,
     backend: str = "cpu",
     policy: str = "retain",
-    intermediates: str = "f32",
+    intermediates: str | None = None,
 ) -> jax.Array:
     """Routed experts of one MoE layer.
 
@@ -79,17 +79,22 @@ def moe_experts(
       backend: "cpu" (FFI kernels) or "xla" (pure JAX, ``moe_experts_xla``).
       policy: "retain" saves the gate/up pre-activations ([T*K, I] f32 each) for the backward;
         "recompute" recomputes them there. Both give the same gradients.
-      intermediates: "f32" keeps every intermediate of the expert chain in f32. "bf16" (bf16 x,
-        backend "cpu" only) rounds the operands of the products that would otherwise mix f32 and bf16
-        to bf16 — the weighted hidden state w * h (down projection, d down) and the gate/up gradients
-        dg, du (dx, d gate, d up) — so that every projection-sized product runs on the bf16 pair path
-        where the CPU has AVX512_BF16: faster, and about one bf16 rounding less accurate (README,
-        "The core op"; speed in docs/performance.md).
-        Pre-activations, d topk_weights, LoRA products and all accumulations stay f32.
+      intermediates: None (default) picks by dtype: "bf16" for bf16 x and bf16 weights on backend
+        "cpu", "f32" otherwise (``moe_checks.default_intermediates``). "f32" keeps every intermediate
+        of the expert chain in f32. "bf16" (bf16 x, backend "cpu" only) rounds the operands of the
+        products that would otherwise mix f32 and bf16 to bf16 — the weighted hidden state w * h (down
+        projection, d down) and the gate/up gradients dg, du (dx, d gate, d up) — so that every
+        projection-sized product has two bf16 operands (the bf16 pair path where the CPU has
+        AVX512_BF16): one bf16 rounding of those intermediates less accurate than "f32" (README, "The
+        core op"). Pre-activations, d topk_weights, LoRA products and all accumulations stay f32.
 
     Returns:
       y: [T, H], dtype of x.
     """
+    if intermediates is None:
+        intermediates = default_intermediates(
+            getattr(x, "dtype", None), getattr(gate, "dtype", None), backend
+        )
     check_moe_args(
         x, topk_ids, topk_weights, gate, up, down, lora, lora_scale, backend, policy, intermediates
     )

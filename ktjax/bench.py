@@ -8,8 +8,8 @@ For each shape it times (interleaving backends and cases, min and median over --
 forward+backward in three training modes: ``full`` (grads of x, router weights, gate/up/down),
 ``lora`` (x, router weights, LoRA adapters on all three projections) and ``frozen`` (x and router
 weights only); backward = forward+backward - forward. Backends (all three by default): ``cpu``, the
-kernels in their default mode; ``cpu_bf16``, the kernels with ``intermediates="bf16"`` (moe_experts);
-``xla``, the baseline:
+kernels in their default mode (for these bf16 weights: ``intermediates="bf16"``, moe_experts);
+``cpu_f32``, the kernels with ``intermediates="f32"``; ``xla``, the baseline:
 ``ktjax.ops.moe_capacity`` (capacity buffers at dropless capacity, index-gather dispatch, batched
 einsum, f32 weights). Reports ms, tokens/s, effective GFLOP/s (nominal: forward F = 2*T*K*3*H*I,
 full 3F, lora and frozen 2F), % of a measured micro-kernel peak (the bf16 pair kernel's where the CPU
@@ -49,7 +49,8 @@ SHAPES = {
     "M2": dict(T=128, H=2880, I=2880, K=4, E=32, r=16),  # gpt-oss-20b's expert shape: ~16 tokens per expert
 }
 CASES = ("forward", "full", "lora", "frozen")
-CPU_BACKENDS = {"cpu": "f32", "cpu_bf16": "bf16"}  # backend -> moe_experts(intermediates=...)
+# backend -> moe_experts(intermediates=...): None is the default, by dtype (bf16 here).
+CPU_BACKENDS = {"cpu": None, "cpu_f32": "f32"}
 
 
 def make_inputs(shape: dict, seed: int = 0) -> dict:
@@ -243,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", default="S1,S2,S3", help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument(
         "--backends",
-        default="cpu,cpu_bf16,xla",
-        help="comma-separated, of cpu (default mode), cpu_bf16 (intermediates='bf16'), xla (baseline)",
+        default="cpu,cpu_f32,xla",
+        help="comma-separated, of cpu (default mode: bf16 intermediates for bf16 weights), "
+        "cpu_f32 (intermediates='f32'), xla (baseline)",
     )
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (>= 1); min and median over them")
     parser.add_argument("--json", help="write the raw timings here")

@@ -78,13 +78,24 @@ def kernel_counters() -> dict[str, int]:
     return dict(_ktjax_ffi.counters())
 
 
+def path_flops() -> dict[str, int]:
+    """GEMM FLOPs per path of the kernels' GEMM driver since start or last reset, keyed by path name in
+    the driver's order: ``packed`` (operands packed per product, f32 micro-kernel), ``dot`` and
+    ``direct`` (a few token rows against bf16 weights read in place), ``pairs``, ``pair_dot`` and
+    ``pair_direct`` (the same three with two bf16 operands, ``vdpbf16ps``: ISA ``avx512_bf16``),
+    ``transposed`` (a product narrower than the micro-kernel's tile computed as C^T, then on one of the
+    others), ``packed_once`` and ``packed_once_pairs`` (B packed once for several products). Which path
+    a product takes depends on the ISA and the shapes; tests/test_kernel_paths.py forces each one."""
+    return dict(_ktjax_ffi.path_flops())
+
+
 def release_scratch() -> int:
     """Frees the kernels' idle scratch buffers (the next call allocates again); returns bytes freed."""
     return _ktjax_ffi.release_scratch()
 
 
 def reset_kernel_counters() -> None:
-    """Sets every kernel counter back to zero."""
+    """Sets every kernel counter (``kernel_counters`` but the scratch pool's, ``path_flops``) back to zero."""
     _ktjax_ffi.reset_counters()
 
 

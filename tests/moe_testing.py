@@ -11,6 +11,7 @@ from error_bounds import (
     U_F32,
     Tracked,
     add,
+    assert_output_within,
     bf16_rounding_as_error,
     gamma,
     matmul,
@@ -19,6 +20,8 @@ from error_bounds import (
     round_to_f32,
     rounded_to_bf16,
 )
+
+from ktjax.ops import moe_experts
 
 PROJ_DIMS = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
 
@@ -159,6 +162,33 @@ def rel_err(got, want) -> float:
     scale = np.abs(want).max()
     assert scale > 0, "reference is all zeros: the test would prove nothing"
     return float(np.abs(got - want).max() / scale)
+
+
+def cpu_moe(policy: str = "retain", intermediates: str | None = None):
+    """moe_experts on the CPU kernels, in loss_and_grads' calling convention."""
+
+    def fn(x, ids, w, gate, up, down, lora, scale):
+        return moe_experts(
+            x, ids, w, gate, up, down, lora=lora, lora_scale=scale, policy=policy, intermediates=intermediates
+        )
+
+    return fn
+
+
+def check_against_reference(
+    p: Problem, policy: str = "retain", seed: int = 1, intermediates: str | None = None
+):
+    """Runs the kernels (moe_experts; default intermediates: by dtype) and holds y and every gradient to
+    the bounds of tracked_reference. Returns (y, {name: gradient})."""
+    cot = representable_cotangent(seed, p.x.shape, p.x.dtype)
+    y, grads = loss_and_grads(p, cpu_moe(policy, intermediates), jnp.asarray(cot, jnp.float32))
+    mode = intermediates or ("bf16" if p.x.dtype == jnp.bfloat16 and p.gate.dtype == jnp.bfloat16 else "f32")
+    want = tracked_reference(p, cot, mode)
+    assert y.dtype == p.x.dtype
+    assert_output_within(y, want["y"], "forward")
+    for name, g in grads.items():
+        assert_output_within(g, want[name], f"gradient of {name}")
+    return y, grads
 
 
 def representable_cotangent(seed: int, shape: tuple[int, ...], dtype) -> np.ndarray:

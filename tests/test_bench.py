@@ -5,6 +5,16 @@ import pytest
 from ktjax.bench import CASES, bench_shape, main, report
 
 
+def test_the_default_backends_are_the_default_mode_the_f32_mode_and_xla(capsys):
+    # The default mode for the benchmark's bf16 weights is bf16 intermediates; cpu_f32 asks for f32.
+    from ktjax.bench import CPU_BACKENDS
+
+    assert CPU_BACKENDS == {"cpu": None, "cpu_f32": "f32"}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "cpu (default mode: bf16 intermediates for bf16 weights)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bench_times_every_case_for_both_backends_and_reports_them(capsys):
     shape = dict(T=16, H=32, I=16, K=2, E=4, r=2)
     result = bench_shape("tiny", shape, ["cpu", "xla"], reps=2)
@@ -25,12 +35,12 @@ def test_bench_times_every_case_for_both_backends_and_reports_them(capsys):
         assert label in text
 
 
-def test_bench_reports_the_bf16_intermediates_mode_beside_the_default():
+def test_bench_reports_the_f32_intermediates_mode_beside_the_default():
     shape = dict(T=16, H=32, I=16, K=2, E=4, r=2)
-    result = bench_shape("tiny", shape, ["cpu", "cpu_bf16", "xla"], reps=1)
-    assert {k.split("/")[0] for k in result["times"]} == {"cpu", "cpu_bf16", "xla"}
+    result = bench_shape("tiny", shape, ["cpu", "cpu_f32", "xla"], reps=1)
+    assert {k.split("/")[0] for k in result["times"]} == {"cpu", "cpu_f32", "xla"}
     text = report("tiny", result, peak_gflops=100.0, bandwidth_gbs=10.0)
-    for label in ("% peak of cpu/cpu_bf16", "xla/cpu ", "xla/cpu_bf16", "cpu_bf16 forward ="):
+    for label in ("% peak of cpu/cpu_f32", "xla/cpu ", "xla/cpu_f32", "cpu_f32 forward ="):
         assert label in text
     head, forward = text.splitlines()[2:4]
     assert len(head) == len(forward)  # the columns line up

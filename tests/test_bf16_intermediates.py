@@ -28,6 +28,8 @@ from moe_testing import (
 from ktjax import ffi
 from ktjax.ops import moe_experts
 
+pytestmark = pytest.mark.kernels
+
 SHAPES = {
     # The edges of the pair kernels (few_tokens_edges also packs the weight gradients' pairs from an odd
     # token count), and:

@@ -27,6 +27,8 @@ from ktjax import ffi
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_experts import _forward_call
 
+pytestmark = pytest.mark.kernels
+
 SHAPES = {
     **PAIR_PATH_EDGE_SHAPES,
     "few_tokens_odd_width": dict(T=13, K=3, E=5, H=71, I=42),

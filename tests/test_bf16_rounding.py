@@ -8,6 +8,8 @@ import pytest
 
 from ktjax import ffi
 
+pytestmark = pytest.mark.kernels
+
 
 def awkward_floats() -> np.ndarray:
     """Ties (low half exactly 0x8000) with even and odd kept bits, one ulp either side of a tie,

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from error_bounds import add, assert_output_within, assert_within, gamma
 from moe_testing import (
+    check_against_reference,
+    cpu_moe,
     loss_and_grads,
     make_problem,
     representable_cotangent,
@@ -18,32 +20,12 @@ from moe_testing import (
 
 from ktjax.ops import moe_experts
 
+pytestmark = pytest.mark.kernels
+
 # Every comparison with the reference holds each element to the bound of the kernels' f32 arithmetic on
 # the problem's own operands (moe_testing.tracked_reference, tests/error_bounds.py); bf16 outputs are
 # that f32 value rounded once (equal to the rounded reference wherever no rounding boundary lies within
 # the bound).
-
-
-def cpu_moe(policy="retain", intermediates=None):
-    def fn(x, ids, w, gate, up, down, lora, scale):
-        return moe_experts(
-            x, ids, w, gate, up, down, lora=lora, lora_scale=scale, policy=policy, intermediates=intermediates
-        )
-
-    return fn
-
-
-def check_against_reference(p, policy="retain", seed=1, intermediates=None):
-    """Runs the kernels (default intermediates: by dtype) and checks y and every gradient."""
-    cot = representable_cotangent(seed, p.x.shape, p.x.dtype)
-    y, grads = loss_and_grads(p, cpu_moe(policy, intermediates), jnp.asarray(cot, jnp.float32))
-    mode = intermediates or ("bf16" if p.x.dtype == jnp.bfloat16 and p.gate.dtype == jnp.bfloat16 else "f32")
-    want = tracked_reference(p, cot, mode)
-    assert y.dtype == p.x.dtype
-    assert_output_within(y, want["y"], "forward")
-    for name, g in grads.items():
-        assert_output_within(g, want[name], f"gradient of {name}")
-    return y, grads
 
 
 SHAPES = {

@@ -6,10 +6,13 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from moe_testing import make_problem
 
 from ktjax import ffi
 from ktjax.ops import moe_experts
+
+pytestmark = pytest.mark.kernels
 
 
 def counted(fn, *args):

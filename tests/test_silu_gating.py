@@ -7,6 +7,8 @@ import pytest
 
 from ktjax import ffi
 
+pytestmark = pytest.mark.kernels
+
 
 def pre_activations() -> np.ndarray:
     """Random values of every scale (|g| from 1e-6 to 200), the edges of exp's range, signed zeros,

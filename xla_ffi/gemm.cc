@@ -493,8 +493,8 @@ int64_t any_scratch_floats() {
 }
 
 // The paths of gemm_any: the pair path's packed GEMM and small-M kernels, the f32 small-M kernels, or the
-// packed f32 micro-kernel.
-enum class Path { kPairs, kPairDot, kPairDirect, kDot, kDirect, kPacked };
+// packed f32 micro-kernel (GemmPath in stats.h).
+using Path = GemmPath;
 
 Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const MatView& B) {
   if (pair_operands(isa, A) && pair_operands(isa, B)) {
@@ -510,6 +510,7 @@ Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const M
 void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
               const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const Path path = choose_path(isa, M, K, A, B);
+  add_path_flops(path, 2 * M * N * K);
   if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   }
@@ -523,6 +524,7 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
     case Path::kDot: return gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kDirect: return gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kPacked: break;
+    default: break;  // the other GemmPath values name callers of gemm_any, never its choice
   }
   const int64_t nr = isa.nr;
   const int64_t depth = M <= kFewRows ? kKCFewRows : kKC;
@@ -563,6 +565,7 @@ bool few_columns(const Isa& isa, int64_t M, int64_t N, int64_t K, const MatView&
 void gemm_transposed(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
                      const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   float* ct = scratch + any_scratch_floats();  // N * kNC floats, N < isa.nr
+  add_path_flops(Path::kTransposed, 2 * M * N * K);
   for (int64_t m0 = 0; m0 < M; m0 += kNC) {
     const int64_t mc = std::min(kNC, M - m0);
     const MatView a_rows = A.trans ? A.skip_cols(m0) : A.skip_rows(m0);  // rows [m0, m0 + mc) of op(A)
@@ -695,6 +698,7 @@ void gemm_packed(const Isa& isa, int64_t M, float alpha, const MatView& A, const
       }
     }
   };
+  add_path_flops(B.pairs ? Path::kPackedOncePairs : Path::kPackedOnce, 2 * M * N * K);
   if (B.pairs) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
     run(isa.pair_kernel, reinterpret_cast<uint32_t*>(scratch), reinterpret_cast<const uint32_t*>(B.data), 2,

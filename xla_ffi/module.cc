@@ -98,6 +98,14 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     return d;
   }, "GEMM FLOPs per kind of work, call counts since start (or the last reset), and the scratch pool: "
      "bytes held, most bytes ever held, buffers ever allocated.");
+  m.def("path_flops", []() {
+    py::dict d;
+    auto& s = ktjax::stats();
+    for (int i = 0; i < static_cast<int>(ktjax::GemmPath::kCount); ++i) {
+      d[ktjax::kGemmPathNames[i]] = s.path_flops[i].load();
+    }
+    return d;
+  }, "GEMM FLOPs per path of the GEMM driver (every path, in the driver's order), since start or reset.");
   m.def("release_scratch", &ktjax::release_idle_scratch,
         "Frees the kernels' idle scratch buffers; returns the bytes freed.");
   m.def("reset_counters", []() {
@@ -108,5 +116,6 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     s.small_batch_flops.store(0);
     s.packed_once_flops.store(0);
     s.bf16_pair_flops.store(0);
+    for (auto& f : s.path_flops) f.store(0);
   });
 }

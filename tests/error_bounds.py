@@ -164,3 +164,35 @@ def _report(bad, err, allowed, got, want, what):
             f"{what}: {int(bad.sum())} of {bad.size} elements outside their bound; worst at {i}: "
             f"got {got[i]!r}, want {want.v[i]!r} +- {allowed[i]:.3e}"
         )
+
+
+# Whole networks (models, training steps) are compared as a whole, not element by element: each output
+# of an f32 evaluation is within gamma(depth) of the exact one relative to the magnitude of its terms,
+# where depth counts the roundings on the longest path from the inputs (a sum of n terms: n). Relative to
+# the largest output that magnitude is larger by however much the network's sums cancel; the random
+# networks of the tests (weights of scale fan_in^-1/2, inputs O(1)) are taken to cancel by at most
+# CANCELLATION, an assumption of these bounds (the element-wise kernel bounds above need none).
+CANCELLATION = 4.0
+
+
+def transformer_depth(layers: int, hidden: int, ffn: int, seq: int, experts: int, vocab: int) -> int:
+    """Roundings on the longest path through a decoder's forward: per layer two norms (H each), the
+    attention projections, scores and weighted sum (2 H + 2 S with the output projection), the router
+    (H, softmax over E) and the MLP (H, its hidden width, a SiLU of 8), then the final norm, the head (H)
+    and a log-softmax over the vocabulary."""
+    per_layer = 2 * hidden + (2 * hidden + 2 * seq) + (hidden + experts) + (hidden + ffn + 8) + 16
+    return layers * per_layer + 2 * hidden + vocab + 8
+
+
+def network_tolerance(depth: int, u: float = U_F32, evaluations: int = 2) -> float:
+    """max |a - b| / max |b| allowed between `evaluations` evaluations of the same network (e.g. two
+    implementations): each within gamma(depth) * CANCELLATION of the exact result."""
+    return evaluations * float(gamma(depth, u)) * CANCELLATION
+
+
+def config_depth(cfg, seq: int) -> int:
+    """transformer_depth of a ktjax ModelConfig run on sequences of `seq` tokens."""
+    ffn = max(cfg.moe_intermediate_size, cfg.intermediate_size or 0)
+    return transformer_depth(
+        cfg.num_hidden_layers, cfg.hidden_size, ffn, seq, cfg.num_experts, cfg.vocab_size
+    )

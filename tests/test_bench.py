@@ -12,7 +12,9 @@ def test_the_default_backends_are_the_default_mode_the_f32_mode_and_xla(capsys):
     assert CPU_BACKENDS == {"cpu": None, "cpu_f32": "f32"}
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "cpu (default mode: bf16 intermediates for bf16 weights)" in " ".join(capsys.readouterr().out.split())
+    assert "cpu (default mode: bf16 intermediates for bf16 weights)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_bench_times_every_case_for_both_backends_and_reports_them(capsys):
@@ -55,7 +57,8 @@ def test_machine_probes_measure_positive_rates_and_reject_bad_input():
     assert bf16 > 0 if ffi.selected_isa() == "avx512_bf16" else bf16 == 0
     for threads in (1, 2):
         gbs = ffi.measure_read_bandwidth_gbs(threads, n_bytes=32 << 20, passes=2)
-        assert 0 < gbs < 10_000, gbs  # finite, and not a pass timed as zero
+        # finite, and not a pass timed as zero (no memory system reads 10 TB/s: HBM3e does ~8 per chip)
+        assert 0 < gbs < 10_000, gbs
     for bad in (dict(threads=0), dict(n_bytes=0), dict(passes=0)):
         with pytest.raises(ValueError, match="must be positive"):
             ffi.measure_read_bandwidth_gbs(**{"threads": 1, "n_bytes": 1 << 20, "passes": 1, **bad})

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from error_bounds import config_depth, gamma, network_tolerance
 from model_testing import jit_logits
 
 from ktjax.models import build_model, deepseek_v3, from_hf, mixtral, qwen3_moe
@@ -50,7 +51,10 @@ def test_export_then_from_hf_gives_the_same_model(style, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == style
     loaded = from_hf(tmp_path, dtype="float32", progress=False)
     got = jit_logits(loaded, IDS)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    # The export merges each adapter (W + s B A: r products and an add, in f32) where the model adds
+    # the adapter's products to W x: the same model a few roundings apart on every path.
+    tolerance = network_tolerance(config_depth(cfg, IDS.shape[1]) + cfg.lora_rank + 2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tolerance, atol=tolerance)
     assert loaded.config.num_experts == cfg.num_experts and loaded.config.lora_rank == 0
 
 
@@ -62,11 +66,10 @@ def test_large_exports_are_sharded_with_an_index(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and not (tmp_path / "model.safetensors").exists()
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]
-    np.testing.assert_allclose(
+    # The same weights (no adapters to merge) in the same program: the same bits.
+    np.testing.assert_array_equal(
         np.asarray(jit_logits(from_hf(tmp_path, dtype="float32", progress=False), IDS)),
         np.asarray(jit_logits(merge_model(defn, params), IDS)),
-        rtol=1e-6,
-        atol=1e-6,
     )
 
 
@@ -96,7 +99,12 @@ def test_peft_adapters_reproduce_the_merged_weights(style, tmp_path):
             adapter[f"base_model.model.{module}.lora_B.weight"],
         )
         want = base[module + ".weight"] + scale * b @ a
-        np.testing.assert_allclose(merged[module + ".weight"], want, rtol=1e-5, atol=1e-5)
+        # Both sides compute W + s (B A) in f32 (r products summed, scaled, added): each within
+        # gamma(r + 2) of the exact value relative to the terms' magnitude.
+        bound = (
+            2 * gamma(config["r"] + 2) * (np.abs(base[module + ".weight"]) + scale * np.abs(b) @ np.abs(a))
+        )
+        assert np.all(np.abs(merged[module + ".weight"] - want) <= bound), module
 
 
 def test_streaming_safetensors_agrees_with_the_library(tmp_path):
@@ -240,4 +248,7 @@ def test_realistic_layer_loads_within_1_3x_its_weights(tmp_path):
         f"weights {weight_bytes / 1e6:.0f} MB; peak anonymous RSS above baseline "
         f"{(peak - base) / weight_bytes:.2f}x"
     )
-    assert peak - base <= 1.3 * weight_bytes, (peak - base) / weight_bytes
+    # Each expert tensor is read into its slot of the stacked arrays and handed to JAX without a copy:
+    # the weights once, plus at most one stacked [E, I, H] tensor in flight (a third of the layer's
+    # expert bytes: gate, up and down are the same size).
+    assert peak - base <= (1 + 1 / 3) * weight_bytes, (peak - base) / weight_bytes

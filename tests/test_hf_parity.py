@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from error_bounds import CANCELLATION, U_BF16, config_depth, network_tolerance  # noqa: E402
 from hf_testing import TINY, hf_logits, make_hf_model  # noqa: E402
 from model_testing import jit_logits  # noqa: E402
 
@@ -41,7 +42,9 @@ def test_f32_logits_match_transformers(hf_model):
     ids = tokens()
     got = jit_logits(from_hf(path, dtype="float32", progress=False), jnp.asarray(ids, jnp.int32))
     assert got.dtype == jnp.float32 and got.shape == (2, 12, 61)
-    assert rel_err(np.asarray(got), hf_logits(model, ids)) < 2e-5, kind
+    # Two f32 implementations of the same model: error_bounds.network_tolerance.
+    depth = config_depth(from_hf(path, dtype="float32", progress=False).config, ids.shape[1])
+    assert rel_err(np.asarray(got), hf_logits(model, ids)) < network_tolerance(depth), kind
 
 
 def test_bf16_logits_match_transformers_loosely(hf_model):
@@ -50,8 +53,13 @@ def test_bf16_logits_match_transformers_loosely(hf_model):
     want = hf_logits(copy.deepcopy(model).to(torch.bfloat16), ids)
     got = np.asarray(jit_logits(from_hf(path, dtype="bfloat16", progress=False), jnp.asarray(ids, jnp.int32)))
     # bf16 rounding differs between the implementations (and can flip a near-tie in routing), so the
-    # bound is on the mean error; f32 above is the exact check.
-    assert np.abs(got - want).mean() / np.abs(want).mean() < 0.1, kind
+    # bound is on the mean error; f32 above is the exact check. Each logit passes through about six bf16
+    # roundings per layer (weights, norms' and attention's and the MLP's outputs) and two more at the
+    # head; over many logits the mean of such independent relative errors of at most u_bf16 grows like
+    # the square root of their count, times the networks' cancellation, for each implementation.
+    bf16_roundings = 6 * len(model.model.layers) + 2
+    bound = 2 * np.sqrt(bf16_roundings) * U_BF16 * CANCELLATION
+    assert np.abs(got - want).mean() / np.abs(want).mean() < bound, kind
 
 
 def hf_grad(model, hf_name: str, grads: dict, intermediate: int, proj: str) -> np.ndarray:
@@ -81,7 +89,8 @@ def test_loss_gradients_match_torch_autograd(hf_model):
         return -jnp.mean(jnp.take_along_axis(logp, x[:, 1:, None], -1))
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    assert abs(float(value) - out.loss.item()) < 1e-5 * max(1.0, out.loss.item())
+    depth = config_depth(cfg, ids.shape[1])
+    assert abs(float(value) - out.loss.item()) < network_tolerance(depth) * max(1.0, out.loss.item())
     moe = max(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     ffn = "block_sparse_moe" if kind == "mixtral" else "mlp"
     attn = "q_a_proj" if cfg.attention == "mla" and cfg.q_lora_rank else "q_proj"
@@ -99,7 +108,7 @@ def test_loss_gradients_match_torch_autograd(hf_model):
         got = np.asarray(grads[name])
         assert got.shape == want.shape, name
         assert np.abs(want).max() > 0, name
-        assert rel_err(got, want) < 1e-4, (kind, name, rel_err(got, want))
+        assert rel_err(got, want) < network_tolerance(2 * depth), (kind, name, rel_err(got, want))
 
 
 @pytest.mark.parametrize("kind", ["deepseek_v3"])
@@ -124,8 +133,10 @@ def test_lora_training_then_merged_export_loads_in_transformers(kind, tmp_path):
     ids = tokens(3)
     want = np.asarray(jit_logits(merge_model(result.defn, result.params), jnp.asarray(ids, jnp.int32)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert rel_err(hf_logits(hf.eval(), ids), want) < 2e-5
+    # The merged weights (W + s B A, r + 2 roundings) where ktjax adds the adapters' products.
+    tolerance = network_tolerance(config_depth(model.config, ids.shape[1]) + 4 + 2)
+    assert rel_err(hf_logits(hf.eval(), ids), want) < tolerance
     reloaded = jit_logits(
         from_hf(tmp_path / "merged", dtype="float32", progress=False), jnp.asarray(ids, jnp.int32)
     )
-    assert rel_err(np.asarray(reloaded), want) < 2e-5
+    assert rel_err(np.asarray(reloaded), want) < tolerance

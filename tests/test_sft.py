@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from error_bounds import config_depth, network_tolerance
 from model_testing import jit_logits
 
 from ktjax.experiment import DataConfig, ExperimentConfig, resolve, run_experiment
@@ -175,8 +176,10 @@ def test_packed_records_attend_only_within_themselves():
     )
     alone_a = np.asarray(jit_logits(model, jnp.asarray(a[None, :-1])))[0]
     alone_b = np.asarray(jit_logits(model, jnp.asarray(b[None, :-1])))[0]
-    np.testing.assert_allclose(packed[0, :5], alone_a, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(packed[0, 5:8], alone_b, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(
-        packed[0, 5:8], np.asarray(jit_logits(model, jnp.asarray(rows["input_ids"])))[0, 5:8], atol=1e-3
-    )
+    # The same math on another sequence length (masked scores add exact zeros): two f32 evaluations.
+    tolerance = network_tolerance(config_depth(model.config, 10)) * float(np.abs(alone_a).max())
+    np.testing.assert_allclose(packed[0, :5], alone_a, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(packed[0, 5:8], alone_b, rtol=0, atol=tolerance)
+    # Without the segments, b's tokens see a's: far more than rounding apart.
+    unsegmented = np.asarray(jit_logits(model, jnp.asarray(rows["input_ids"])))[0, 5:8]
+    assert np.abs(packed[0, 5:8] - unsegmented).max() > 100 * tolerance

@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from error_bounds import network_tolerance, transformer_depth
 from moe_testing import rel_err
 
 from ktjax import ffi
@@ -20,6 +21,8 @@ from ktjax.params import merge_model, split_model
 from ktjax.train import TrainConfig, train
 
 TASK = SortTask(length=5, num_values=6)
+# Roundings on the longest path through tiny()'s forward (sequences of 2 * 5 + 1 tokens).
+TINY_DEPTH = transformer_depth(layers=2, hidden=32, ffn=16, seq=11, experts=4, vocab=TASK.vocab_size)
 
 
 def tiny(**kw):
@@ -140,7 +143,10 @@ def test_micro_batches_give_the_same_step_as_one_batch(tmp_path):
     opts = dict(steps=1, groups=sgd, clip_norm=0, aux_loss_coef=0.0)
     one = train(build_model(tiny()), TASK, config(**opts), tmp_path / "a")
     four = train(build_model(tiny()), TASK, config(**opts, micro_batches=4), tmp_path / "b")
-    np.testing.assert_allclose(one.history[0]["loss"], four.history[0]["loss"], rtol=1e-6)
+    # The same per-token losses (up to each forward's f32 arithmetic) averaged in another order.
+    np.testing.assert_allclose(
+        one.history[0]["loss"], four.history[0]["loss"], rtol=network_tolerance(TINY_DEPTH)
+    )
     for name, label in one.labels.items():
         if label != "frozen":  # SGD: the update is -lr * gradient, so equal updates = equal gradients
             step_one = np.asarray(one.params[name]) - np.asarray(before[name])
@@ -148,7 +154,9 @@ def test_micro_batches_give_the_same_step_as_one_batch(tmp_path):
             if not np.any(step_one):  # LoRA A while B = 0 has a zero gradient: both must be exactly 0
                 assert not np.any(step_four), name
             else:
-                assert rel_err(step_four, step_one) < 1e-4, name
+                # Per-token gradients summed over micro-batches and then across them: a backward's
+                # f32 arithmetic on either side, plus one rounding of the lr product.
+                assert rel_err(step_four, step_one) < network_tolerance(2 * TINY_DEPTH + 1), name
 
 
 def test_exported_merged_weights_give_the_adapted_models_logits(tmp_path):
@@ -164,4 +172,7 @@ def test_exported_merged_weights_give_the_adapted_models_logits(tmp_path):
     ids = OneBatch().fixed["input_ids"]
     want = merge_model(adapted_def, result.params)(ids)
     got = merge_model(plain_def, {n: jax.numpy.asarray(v) for n, v in merged.items()})(ids)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    # The merged weights W + s B A (rounded once, an f32 sum of r products) instead of the adapter's
+    # separate products: two f32 forwards of the same model, a few roundings apart.
+    tolerance = network_tolerance(TINY_DEPTH + cfg.lora_rank + 2)
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * float(np.abs(want).max()))

@@ -31,6 +31,23 @@ def test_out_of_range_expert_id_is_reported_by_the_kernel(bad_id):
         call(topk_ids=jnp.asarray(ids))
 
 
+@pytest.mark.parametrize("bad_id", [3, 1000, -2])
+def test_the_xla_backend_refuses_out_of_range_ids_and_gives_nan_rows_under_jit(bad_id):
+    ids = np.array(P.ids)
+    ids[4, 1] = bad_id
+    with pytest.raises(ValueError, match=rf"topk_ids\[4, 1\] = {bad_id} is out of range"):
+        call(topk_ids=jnp.asarray(ids), backend="xla")
+
+    @jax.jit
+    def f(ids):
+        return moe_experts(P.x, ids, P.weights, P.gate, P.up, P.down, backend="xla")
+
+    y = np.asarray(f(jnp.asarray(ids)))
+    assert np.isnan(y[4]).all()  # the token with the bad id: NaN, not a finite wrong row
+    others = np.delete(np.arange(len(ids)), 4)
+    assert np.isfinite(y[others]).all()
+
+
 def test_out_of_range_id_is_reported_in_the_backward_too():
     ids = np.array(P.ids)
     ids[0, 0] = 3

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 PROJECTIONS = ("gate", "up", "down")
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -34,6 +36,22 @@ def _float(name: str, a: Any) -> None:
 def _rank(name: str, a: Any, ndim: int, doc: str) -> None:
     if getattr(a, "ndim", None) != ndim:
         raise ValueError(f"{name} must have shape {doc}, got {list(getattr(a, 'shape', []))}")
+
+
+def check_ids_in_range(topk_ids: Any, num_experts: int) -> None:
+    """Raises ValueError naming the first id outside [-1, E), as the CPU kernels do, where topk_ids is a
+    concrete array. Under jit it is a tracer and its values are unknown here: the pure-JAX backend then
+    returns NaN for every token with such an id (moe_reference.moe_experts_xla)."""
+    if isinstance(topk_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(topk_ids)
+    bad = np.argwhere((ids < -1) | (ids >= num_experts))
+    if bad.size:
+        t, k = bad[0]
+        raise ValueError(
+            f"topk_ids[{t}, {k}] = {ids[t, k]} is out of range: ids must be in [-1, {num_experts}) for "
+            f"{num_experts} experts (-1 drops the slot)"
+        )
 
 
 def default_intermediates(x_dtype: Any, weight_dtype: Any, backend: str) -> str:

@@ -18,7 +18,13 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from ktjax import ffi
-from ktjax.ops.moe_checks import PROJECTIONS, LoraDict, check_moe_args, default_intermediates
+from ktjax.ops.moe_checks import (
+    PROJECTIONS,
+    LoraDict,
+    check_ids_in_range,
+    check_moe_args,
+    default_intermediates,
+)
 from ktjax.ops.moe_reference import moe_experts_xla
 
 # Bits of the backward kernel's `needs` attribute, in the order of the differentiable inputs after
@@ -99,6 +105,7 @@ def moe_experts(
         x, topk_ids, topk_weights, gate, up, down, lora, lora_scale, backend, policy, intermediates
     )
     if backend == "xla":
+        check_ids_in_range(topk_ids, gate.shape[0])
         return moe_experts_xla(x, topk_ids, topk_weights, gate, up, down, lora, float(lora_scale))
     adapters = []
     for name in PROJECTIONS:

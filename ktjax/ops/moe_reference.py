@@ -3,7 +3,8 @@
 Slots are sorted by expert and each projection is one ``jax.lax.ragged_dot`` over the expert groups.
 Computes in float32 whatever the input dtype and returns the dtype of ``x``. On GPU/TPU
 ``ragged_dot`` lowers natively; on CPU it expands to a dense masked dot (E times the work), so this is
-a reference there, not a fast path.
+a reference there, not a fast path. An id outside [-1, E) makes its token's row of y NaN (under jit;
+``moe_experts`` refuses such ids before the call where they are concrete).
 """
 
 from __future__ import annotations
@@ -49,4 +50,6 @@ def moe_experts_xla(
     h = jax.nn.silu(project(xs, "gate", gate)) * project(xs, "up", up)
     o = project(h, "down", down) * weight[:, None]
     y = jnp.zeros((T, x.shape[1]), f32).at[token].add(o)
+    out_of_range = jnp.any((topk_ids < -1) | (topk_ids >= E), axis=1)  # such slots would read no expert
+    y = jnp.where(out_of_range[:, None], jnp.nan, y)
     return y.astype(x.dtype)

@@ -139,12 +139,10 @@ def test_full_grads_accumulate_across_microbatches():
     parts = [weight_grads(s) for s in (slice(0, 7), slice(7, 16), slice(16, 24))]
     for i, name in enumerate(names):
         assert_within(whole[i], want[name], f"{name} of the whole batch")
-        summed = sum(np.asarray(grads[i], np.float64) for grads, _ in parts)
         # Each part within its own bound, plus the test's own f32 sum of three parts (2 roundings).
         bound = add(*(ref[name] for _, ref in parts))
         bound.e = bound.e + gamma(2) * sum(ref[name].mag for _, ref in parts)
         assert_within(sum(grads[i] for grads, _ in parts), bound, f"{name} summed over micro-batches")
-        assert np.abs(summed).max() > 0
 
 
 def test_works_under_jit_and_grad_of_jit():

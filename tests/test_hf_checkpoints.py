@@ -128,6 +128,22 @@ def test_streaming_safetensors_agrees_with_the_library(tmp_path):
     assert shared.dtype == jnp.bfloat16 and np.array_equal(np.asarray(shared), tensors["b"])
 
 
+def test_a_header_length_past_the_formats_limit_is_refused_before_it_is_read(tmp_path):
+    import struct
+
+    from ktjax.models.safetensors_io import MAX_HEADER_BYTES
+
+    path = tmp_path / "huge_header.safetensors"
+    n = MAX_HEADER_BYTES + 1
+    with path.open("wb") as f:  # a sparse file: the declared header fits in it, but is never read
+        f.write(struct.pack("<Q", n))
+        f.truncate(8 + n + 16)
+    with pytest.raises(
+        ValueError, match=r"huge_header\.safetensors: corrupt safetensors header \(declared length"
+    ):
+        read_header(path)
+
+
 def test_bad_checkpoints_fail_naming_the_tensor(tmp_path):
     cfg = CONFIGS["qwen3_moe"]()
     _, params = randomised(cfg)

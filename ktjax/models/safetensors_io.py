@@ -66,6 +66,11 @@ class TensorInfo:
         return DTYPES[self.code]
 
 
+# The longest JSON header read, as the safetensors format's reference reader caps it: a corrupt length
+# field must not make the loader read a whole file into memory before finding the JSON broken.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(path: str | pathlib.Path) -> dict[str, TensorInfo]:
     """Tensor name -> TensorInfo for one .safetensors file."""
     path = pathlib.Path(path)
@@ -77,6 +82,11 @@ def read_header(path: str | pathlib.Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise ValueError(f"{path}: not a safetensors file (header length {n} > file size)")
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(
+                f"{path}: corrupt safetensors header (declared length {n} bytes, more than the format's "
+                f"limit of {MAX_HEADER_BYTES})"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -22,6 +22,7 @@ from error_bounds import (
 )
 
 from ktjax.ops import moe_experts
+from ktjax.ops.moe_checks import default_intermediates
 
 PROJ_DIMS = {"gate": ("I", "H"), "up": ("I", "H"), "down": ("H", "I")}
 
@@ -182,7 +183,7 @@ def check_against_reference(
     the bounds of tracked_reference. Returns (y, {name: gradient})."""
     cot = representable_cotangent(seed, p.x.shape, p.x.dtype)
     y, grads = loss_and_grads(p, cpu_moe(policy, intermediates), jnp.asarray(cot, jnp.float32))
-    mode = intermediates or ("bf16" if p.x.dtype == jnp.bfloat16 and p.gate.dtype == jnp.bfloat16 else "f32")
+    mode = intermediates or default_intermediates(p.x.dtype, p.gate.dtype, "cpu")
     want = tracked_reference(p, cot, mode)
     assert y.dtype == p.x.dtype
     assert_output_within(y, want["y"], "forward")
@@ -294,16 +295,17 @@ def tracked_reference(p: Problem, dy: np.ndarray, intermediates: str = "f32") ->
         if n == 0:
             continue
         xe, w, dye = x[t], w_all[t, k][:, None], dy_all[t]
+        w_t = Tracked.exact(w)
         g = project(xe, "gate", G, e, H + rank["gate"] + 2)
         u = project(xe, "up", U, e, H + rank["up"] + 2)
         h = _silu_mul(g, u)
-        hw = mul(Tracked.exact(w), h)
+        hw = mul(w_t, h)
         hw_base = round_mid(hw) if round_mid else hw
         y_e = matmul(hw_base, D[e].T, n_y)
         if "down" in lora:
             a, b = lora["down"]
             zd = matmul(h, a[e].T, I)
-            y_e = add(y_e, matmul(mul(Tracked.exact(w), zd), b[e].T, n_y, scale=s))
+            y_e = add(y_e, matmul(mul(w_t, zd), b[e].T, n_y, scale=s))
         _scatter_add(out["y"], t, y_e)
 
         # Backward.
@@ -323,19 +325,19 @@ def tracked_reference(p: Problem, dy: np.ndarray, intermediates: str = "f32") ->
                 pe = matmul(d, b[e], I)
                 dx = add(dx, matmul(pe, a[e], n_dx, scale=s))
                 z = matmul(xe, a[e].T, H)
-                set_expert(out[f"{name}_b"], e, matmul(d.T, z, n + 1, scale=s))
-                set_expert(out[f"{name}_a"], e, matmul(pe.T, xe, n + 1, scale=s))
+                _set_expert(out[f"{name}_b"], e, matmul(d.T, z, n + 1, scale=s))
+                _set_expert(out[f"{name}_a"], e, matmul(pe.T, xe, n + 1, scale=s))
         _scatter_add(out["x"], t, dx)
-        set_expert(out["gate"], e, matmul(dg_base.T, xe, n + 1))
-        set_expert(out["up"], e, matmul(du_base.T, xe, n + 1))
-        wdy = mul(Tracked.exact(w), dye)
-        set_expert(out["down"], e, matmul(dye.T, hw_base, n + 1) if round_mid else matmul(wdy.T, h, n + 1))
+        _set_expert(out["gate"], e, matmul(dg_base.T, xe, n + 1))
+        _set_expert(out["up"], e, matmul(du_base.T, xe, n + 1))
+        wdy = mul(w_t, dye)
+        _set_expert(out["down"], e, matmul(dye.T, hw_base, n + 1) if round_mid else matmul(wdy.T, h, n + 1))
         if "down" in lora:
             a, b = lora["down"]
-            set_expert(out["down_b"], e, matmul(wdy.T, zd, n + 1, scale=s))
-            set_expert(out["down_a"], e, matmul(mul(Tracked.exact(w), q).T, h, n + 1, scale=s))
+            _set_expert(out["down_b"], e, matmul(wdy.T, zd, n + 1, scale=s))
+            _set_expert(out["down_a"], e, matmul(mul(w_t, q).T, h, n + 1, scale=s))
     return out
 
 
-def set_expert(out: Tracked, e: int, value: Tracked) -> None:
+def _set_expert(out: Tracked, e: int, value: Tracked) -> None:
     out.v[e], out.e[e] = value.v, value.e

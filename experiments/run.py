@@ -22,8 +22,13 @@ import pkgutil
 import sys
 
 import experiments
+from ktjax.checkpoint import CheckpointError
 from ktjax.experiment import ExperimentConfig, run_experiment
 from ktjax.overrides import apply_overrides, from_json
+from ktjax.train import TrainingStopped
+
+# What a run can fail with that is the input's or the machine's fault, not ktjax's: printed as one line.
+RUN_ERRORS = (ValueError, FileNotFoundError, UnicodeError, TrainingStopped, CheckpointError)
 
 DEFAULT = "sort_hybrid"
 RUNS = pathlib.Path("runs")
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--resume", action="store_true", help="continue the latest run (or --workdir)")
     parser.add_argument("--workdir", type=pathlib.Path, help="run directory (default: runs/NAME/<timestamp>)")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
 
     names = available()
@@ -71,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = workdir or latest_run(args.name)
         if workdir is None or not (workdir / "config.json").exists():
             parser.error(f"--resume: no earlier run of {args.name} to continue")
-        cfg = from_json(ExperimentConfig, json.loads((workdir / "config.json").read_text()))
+        try:
+            cfg = from_json(ExperimentConfig, json.loads((workdir / "config.json").read_text()))
+        except ValueError as err:
+            parser.error(f"--resume: {workdir / 'config.json'} cannot be read ({err})")
     else:
         cfg = module.get_config()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -81,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     driver = getattr(module, "run", run_experiment)
-    driver(cfg, pathlib.Path(workdir), args.resume)
+    try:
+        driver(cfg, pathlib.Path(workdir), args.resume)
+    except RUN_ERRORS as err:
+        if args.traceback:
+            raise
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

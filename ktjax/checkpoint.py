@@ -1,23 +1,79 @@
-"""orbax checkpoints of a training run: trainable parameters, optimizer state, step, RNG seed and data
-position every N steps (async); frozen parameters once, in their own directory.
+"""orbax checkpoints of a training run, verified before they are trusted.
 
-    workdir/checkpoints/steps/<step>/{trainable, opt_state, meta}
-    workdir/checkpoints/frozen/
+    workdir/checkpoints/steps/<step>/{trainable, opt_state, meta}   every N steps (async)
+    workdir/checkpoints/frozen/                                     frozen parameters, once
+    workdir/checkpoints/rejected/step_<step>/                       checkpoints that failed verification
+
+Every save records a CRC-32 of each array's bytes (trainable, optimizer state, frozen) in the step's
+`meta`; restoring recomputes them on what was read. Resuming walks back from the newest step to the
+newest one that restores and verifies, saying which it skipped and why, and moves the bad ones to
+`rejected/` (kept on disk, out of the way of later saves). Non-finite parameters are never saved.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import shutil
+import sys
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ktjax.params import Params
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or the run's frozen parameters could not be trusted."""
+
+
+class _Unusable(Exception):
+    """This step's checkpoint cannot be restored or fails verification (the message says why)."""
+
+
+@dataclass
+class Restored:
+    step: int
+    trainable: Params
+    opt_state: Any
+    frozen: Params
+    meta: dict
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in flat]
+
+
+def checksums(tree: Any) -> dict[str, int]:
+    """CRC-32 of every leaf's bytes, keyed by its path in `tree` (e.g. "['layers.0.attn.q_proj']")."""
+    return {
+        name: zlib.crc32(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+        for name, a in _leaves(tree)
+    }
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The path of the first floating-point leaf holding a NaN or an infinity, else None."""
+    for name, a in _leaves(tree):
+        if jax.numpy.issubdtype(a.dtype, jax.numpy.floating) and not np.isfinite(a).all():
+            return name
+    return None
+
+
+def _verify(what: str, tree: Any, expected: dict[str, int]) -> None:
+    got = checksums(tree)
+    for name, crc in expected.items():
+        if got.get(name) != crc:
+            raise _Unusable(f"{what} {name} does not match its checksum")
 
 
 def check_compatible(what: str, saved: dict[str, Any], target: Params) -> None:
@@ -43,15 +99,73 @@ def check_compatible(what: str, saved: dict[str, Any], target: Params) -> None:
             )
 
 
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, short enough for one log line."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(err).__name__}: {first[:240]}"
+
+
+class _OrbaxErrors(logging.Filter):
+    """Keeps what orbax logs about a failed write (one record per array and thread: hundreds of lines
+    for one full disk) off the terminal; the run reports the failure once, as a CheckpointError
+    quoting the first of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or record.name not in ("absl", "asyncio"):
+            return True
+        if self.first is None:
+            exc = record.exc_info[1] if record.exc_info else None
+            self.first = _reason(exc) if exc is not None else record.getMessage()[:240]
+        return False
+
+
+def _orbax_errors() -> _OrbaxErrors:
+    """The process's one _OrbaxErrors filter, installed on the loggers orbax and asyncio use."""
+    for f in logging.getLogger("absl").filters:
+        if isinstance(f, _OrbaxErrors):
+            return f
+    errors = _OrbaxErrors()
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(errors)
+    return errors
+
+
+def _quiet_stragglers() -> None:
+    """After a failed save, orbax's remaining writes finish after their event loop closed and each
+    reports "Event loop is closed" through sys.unraisablehook (dozens of tracebacks as the process
+    exits). Those, and only those, are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "ktjax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.ktjax_quiet = True
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
     """Save and restore one run's state. `max_to_keep` step checkpoints are kept."""
 
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
+        self.errors = _orbax_errors()
+        self.frozen_checksums: dict[str, int] = {}
+        self._saving: int | None = None  # the step of the pending async save
         self.manager = ocp.CheckpointManager(
             self.directory / "steps",
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=async_save
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # the partial saves of a killed run
             ),
             item_handlers={
                 "trainable": ocp.StandardCheckpointHandler(),
@@ -64,50 +178,158 @@ class Checkpoints:
     def frozen_path(self) -> pathlib.Path:
         return self.directory / "frozen"
 
-    def save_frozen(self, frozen: Params) -> None:
-        """Saves the frozen parameters once (they never change during the run)."""
-        if self.frozen_path.exists() or not frozen:
-            return
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(self.frozen_path, frozen)
+    def steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
-    def restore_frozen(self, like: Params) -> Params:
-        if not like:
-            return {}
-        with ocp.StandardCheckpointer() as ckptr:
-            check_compatible("frozen parameters", ckptr.metadata(self.frozen_path).item_metadata.tree, like)
-            return ckptr.restore(self.frozen_path, _abstract(like))
+    def start_fresh(self, frozen: Params) -> None:
+        """Begins a run from step 0: (re)writes the frozen parameters and records their checksums."""
+        if self.steps():
+            raise CheckpointError(
+                f"{self.directory} already holds checkpoints of steps {self.steps()}: resume the run, or "
+                f"train in a new directory"
+            )
+        self.frozen_checksums = checksums(frozen)
+        if self.frozen_path.exists():  # from a run killed before its first step checkpoint
+            shutil.rmtree(self.frozen_path)
+        if frozen:
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(self.frozen_path, frozen)
 
     def save(self, step: int, trainable: Params, opt_state: Any, meta: dict) -> None:
-        """Starts an async save of step `step`; `meta` is JSON (step, seed, data position, ...)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                trainable=ocp.args.StandardSave(trainable),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
+        """Starts an async save of step `step`; `meta` is JSON (step, seed, data position, ...). Raises
+        CheckpointError if an earlier save failed or the state is not finite."""
+        self.wait()
+        bad = first_nonfinite(trainable) or first_nonfinite(opt_state)
+        if bad is not None:
+            raise CheckpointError(f"refusing to save step {step}: {bad} holds NaN or infinity")
+        sums = {
+            "trainable": checksums(trainable),
+            "opt_state": checksums(opt_state),
+            "frozen": self.frozen_checksums,
+        }
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    trainable=ocp.args.StandardSave(trainable),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave({**meta, "checksums": sums}),
+                ),
+            )
+        except Exception as e:
+            raise self._failed(_reason(e)) from e
+
+    def _failed(self, reason: str) -> CheckpointError:
+        _quiet_stragglers()
+        step = f"step {self._saving}" if self._saving is not None else "a checkpoint"
+        self._saving = None
+        return CheckpointError(
+            f"saving {step} to {self.manager.directory} failed: {self.errors.first or reason}"
         )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def check_for_errors(self) -> None:
+        """Raises CheckpointError if the pending async save has failed. (orbax's finalize thread logs
+        some failures rather than raising them: a save that finished without its step directory
+        appearing failed.)"""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(_reason(e)) from e
+        if self._saving is None or self.manager.is_saving_in_progress():
+            return
+        if not (pathlib.Path(self.manager.directory) / str(self._saving)).is_dir():
+            raise self._failed("orbax did not finish writing it")
+        self._saving = None
 
-    def restore(self, step: int, trainable_like: Params, opt_state_like: Any) -> tuple[Params, Any, dict]:
-        """Restores step `step` into the structure of the given (abstract or concrete) targets."""
-        saved = self.manager.item_metadata(step)["trainable"].tree
-        check_compatible(f"checkpoint step {step}", saved, trainable_like)
-        r = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                trainable=ocp.args.StandardRestore(_abstract(trainable_like)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return r["trainable"], r["opt_state"], r["meta"]
+    def restore_latest(self, trainable_like: Params, opt_state_like: Any, frozen: Params) -> Restored | None:
+        """The newest step that restores and verifies, or None when there is none. Steps that fail are
+        reported in one line each and moved to `rejected/`. `frozen` is the model's frozen parameters as
+        built: kept when they match the checkpoint's checksums, else restored from `frozen/`."""
+        for step in reversed(self.steps()):
+            try:
+                restored = self._restore(step, trainable_like, opt_state_like, frozen)
+            except _Unusable as e:
+                moved = self._set_aside(step)
+                print(f"checkpoint step {step} skipped: {e}; moved to {moved}")
+                continue
+            self.frozen_checksums = checksums(restored.frozen)
+            return restored
+        return None
+
+    def _restore(self, step: int, trainable_like: Params, opt_state_like: Any, frozen: Params) -> Restored:
+        try:
+            saved = self.manager.item_metadata(step)["trainable"]
+        except Exception as e:
+            raise _Unusable(f"its metadata cannot be read ({_reason(e)})") from e
+        if saved is None or getattr(saved, "tree", None) is None:
+            raise _Unusable("its trainable parameters have no metadata")
+        check_compatible(f"checkpoint step {step}", saved.tree, trainable_like)
+        try:
+            r = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    trainable=ocp.args.StandardRestore(_abstract(trainable_like)),
+                    opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise _Unusable(f"it cannot be read ({_reason(e)})") from e
+        meta = r["meta"]
+        if not isinstance(meta, dict) or "checksums" not in meta:
+            raise _Unusable("its meta has no checksums")
+        sums = meta["checksums"]
+        _verify("trainable", r["trainable"], sums["trainable"])
+        _verify("opt_state", r["opt_state"], sums["opt_state"])
+        return Restored(step, r["trainable"], r["opt_state"], self._frozen(frozen, sums["frozen"]), meta)
+
+    def _frozen(self, frozen: Params, expected: dict[str, int]) -> Params:
+        """The model's frozen parameters if they are the run's, else those saved in `frozen/`."""
+        if checksums(frozen) == expected:
+            return frozen
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                saved = ckptr.metadata(self.frozen_path).item_metadata
+                if saved is None or saved.tree is None:
+                    raise CheckpointError(f"{self.frozen_path}: the frozen parameters have no metadata")
+                check_compatible("frozen parameters", saved.tree, frozen)
+                restored = ckptr.restore(self.frozen_path, _abstract(frozen))
+        except (CheckpointError, ValueError):
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.frozen_path}: the frozen parameters cannot be read ({_reason(e)})"
+            ) from e
+        try:
+            _verify("frozen", restored, expected)
+        except _Unusable as e:
+            raise CheckpointError(
+                f"{self.frozen_path}: {e}, and the model's own frozen parameters differ from the run's: "
+                f"the run cannot resume"
+            ) from None
+        return restored
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        source = pathlib.Path(self.manager.directory) / str(step)
+        target = self.directory / "rejected" / f"step_{step}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / "rejected" / f"step_{step}.{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the pending async save; raises CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(_reason(e)) from e
+        self.check_for_errors()
 
     def close(self) -> None:
         self.manager.close()

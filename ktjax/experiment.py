@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ktjax.data import SortTask, answer_accuracy
+from ktjax.files import write_atomically
 from ktjax.models import ModelConfig, build_model
 from ktjax.models.hf_config import config_from_hf, read_hf_config
 from ktjax.models.hf_export import export_hf, export_peft
@@ -153,7 +154,7 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     task = make_task(cfg.data, cfg.model.path)
     cfg = resolve(cfg, task)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(to_json(cfg), indent=2))
+    write_atomically(workdir / "config.json", json.dumps(to_json(cfg), indent=2))
     print(f"experiment {cfg.name}: {cfg.mode} mode -> {workdir}")
     print(format_config(cfg))
     print(f"task: {task.describe()}")
@@ -187,7 +188,7 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         "after": after,
         "final_train": result.history[-1] if result.history else None,
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
     if cfg.export_peft and any(is_lora(n) for n in result.params):
         print(
             f"LoRA adapters (PEFT format): {export_peft(result.params, cfg.model, workdir / 'peft_adapter')}"

@@ -17,8 +17,9 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ktjax.checkpoint import Checkpoints
+from ktjax.checkpoint import Checkpoints, Restored
 from ktjax.data import Batch
+from ktjax.files import write_atomically
 from ktjax.optim import (
     HYBRID_RULES,
     GroupConfig,
@@ -49,6 +50,17 @@ class TrainConfig:
         default_factory=lambda: {"full": GroupConfig(lr_peak=3e-3), "lora": GroupConfig(lr_peak=3e-3)}
     )
     progress: bool = True  # show a progress bar
+    # A step whose loss or gradient norm is NaN or infinite: "stop" raises TrainingStopped naming the
+    # step; "skip" leaves the parameters and optimizer state as they were and counts it (skipped_steps).
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped at a step whose loss or gradient norm was not finite."""
 
 
 @dataclass
@@ -96,15 +108,22 @@ def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: Train
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
         init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
         (grads, ce_sum, lb_sum, max_load), _ = jax.lax.scan(accumulate, init, micro)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(ce_sum) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        if cfg.on_nonfinite == "skip":
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            new_trainable = jax.tree.map(keep, new_trainable, trainable)
+            new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         metrics = {
             "loss": ce_sum / n_targets,
             "load_balance_loss": lb_sum / n_micro,
             "max_expert_load": max_load,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "finite": finite,
         }
-        return trainable, opt_state, metrics
+        return new_trainable, new_opt_state, metrics
 
     return step
 
@@ -122,6 +141,19 @@ def _to_float(tree: dict) -> dict:
     return {k: float(v) for k, v in tree.items()}
 
 
+def _nonfinite_message(step: int, metrics: dict, ckpt: Checkpoints) -> str:
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(float(metrics[k]))]
+    what = " and ".join(f"the {k.replace('_', ' ')} is {float(metrics[k])}" for k in bad)
+    steps = ckpt.steps()
+    last = (
+        f"the last checkpoint is step {steps[-1]} in {ckpt.directory}" if steps else "no checkpoint was saved"
+    )
+    return (
+        f"step {step}: {what}; training stopped ({last}). Lower the learning rate, or set "
+        f"train.on_nonfinite=skip to skip such steps"
+    )
+
+
 def train(
     model: nnx.Module,
     data: Any,
@@ -134,9 +166,11 @@ def train(
 ) -> TrainResult:
     """Trains `model` on `data` (an object with ``batch(step, batch_size)`` and
     ``eval_batch(batch_size)``) for cfg.steps steps, logging to workdir/metrics.jsonl and saving
-    checkpoints under workdir/checkpoints. With `resume`, continues from the latest checkpoint.
-    `eval_metrics(logits, batch)` adds task metrics to each eval. `stop_after` ends the run early
-    after that many steps (as if interrupted), after checkpointing."""
+    checkpoints under workdir/checkpoints. With `resume`, continues from the newest checkpoint that
+    verifies (the log is cut back to it). `eval_metrics(logits, batch)` adds task metrics to each eval.
+    `stop_after` ends the run early after that many steps (as if interrupted), after checkpointing.
+    Raises TrainingStopped on a non-finite step (cfg.on_nonfinite="stop") and CheckpointError when a
+    checkpoint cannot be saved."""
     if cfg.batch_size % cfg.micro_batches:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}")
     workdir = pathlib.Path(workdir)
@@ -152,22 +186,67 @@ def train(
     tx = make_optimizer(labels, cfg.groups, cfg.steps, cfg.clip_norm or None)
     opt_state = init_optimizer_state(tx, trainable)
     ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-    start = 0
-    if resume and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        trainable, opt_state, meta = ckpt.restore(start, trainable, opt_state)
-        frozen = ckpt.restore_frozen(frozen)
-        if meta["data_seed"] != cfg.seed:
-            raise ValueError(f"checkpoint was trained with seed {meta['data_seed']}, config says {cfg.seed}")
+    try:
+        return _train(
+            ckpt,
+            defn,
+            labels,
+            trainable,
+            opt_state,
+            frozen,
+            tx,
+            data,
+            cfg,
+            workdir,
+            resume,
+            eval_metrics,
+            stop_after,
+        )
+    except BaseException:
+        try:  # the pending save, if any, must not outlive the error (nor print its own)
+            ckpt.close()
+        except Exception:
+            pass
+        raise
+
+
+def _train(
+    ckpt: Checkpoints,
+    defn: ModelDef,
+    labels: dict[str, str],
+    trainable: Params,
+    opt_state: Any,
+    frozen: Params,
+    tx: optax.GradientTransformation,
+    data: Any,
+    cfg: TrainConfig,
+    workdir: pathlib.Path,
+    resume: bool,
+    eval_metrics: Callable[[np.ndarray, Batch], dict] | None,
+    stop_after: int | None,
+) -> TrainResult:
+    restored: Restored | None = ckpt.restore_latest(trainable, opt_state, frozen) if resume else None
+    start, skipped = 0, 0
+    if restored is not None:
+        if restored.meta["data_seed"] != cfg.seed:
+            raise ValueError(
+                f"checkpoint was trained with seed {restored.meta['data_seed']}, config says {cfg.seed}"
+            )
+        start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
+        trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
         print(f"resumed from step {start} ({ckpt.directory})")
     else:
-        ckpt.save_frozen(frozen)
+        ckpt.start_fresh(frozen)
     history, evals = _load_logs(workdir, start) if start else ([], [])
 
     train_step = jax.jit(make_train_step(defn, tx, cfg), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(defn))
     eval_batch = data.eval_batch(cfg.eval_batch_size)
-    log_file = (workdir / "metrics.jsonl").open("a")
+    log_file = (workdir / "metrics.jsonl").open("a" if start else "w")
+
+    def log(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
 
     def run_eval(step: int) -> None:
         loss, logits = eval_step({**trainable, **frozen}, eval_batch)
@@ -175,11 +254,11 @@ def train(
         if eval_metrics is not None:
             record.update(eval_metrics(np.asarray(logits), eval_batch))
         evals.append(record)
-        log_file.write(json.dumps({"kind": "eval", **record}) + "\n")
-        log_file.flush()
+        log({"kind": "eval", **record})
 
     def save(step: int) -> None:
-        ckpt.save(step, trainable, opt_state, {"step": step, "data_seed": cfg.seed, "data_position": step})
+        meta = {"step": step, "data_seed": cfg.seed, "data_position": step, "skipped_steps": skipped}
+        ckpt.save(step, trainable, opt_state, meta)
 
     if start == 0:
         run_eval(0)
@@ -188,26 +267,32 @@ def train(
         total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", mininterval=1.0
     )
     tick, tokens = time.perf_counter(), 0
-    for step in range(start + 1, end + 1):
-        batch = data.batch(step - 1, cfg.batch_size)
-        tokens += int((batch["segment_ids"] > 0).sum())
-        trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch)
-        if step % cfg.log_every == 0 or step == end:
-            record = {"step": step, **_to_float(metrics)}
-            now = time.perf_counter()
-            record["tokens_per_s"] = tokens / (now - tick)
-            tick, tokens = now, 0
-            history.append(record)
-            log_file.write(json.dumps({"kind": "train", **record}) + "\n")
-            log_file.flush()
-            postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            run_eval(step)
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
-            save(step)
-    bar.close()
+    try:
+        for step in range(start + 1, end + 1):
+            batch = data.batch(step - 1, cfg.batch_size)
+            tokens += int((batch["segment_ids"] > 0).sum())
+            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch)
+            finite = bool(metrics.pop("finite"))
+            skipped += not finite
+            if step % cfg.log_every == 0 or step == end or not finite:
+                record = {"step": step, **_to_float(metrics), "skipped_steps": skipped}
+                now = time.perf_counter()
+                record["tokens_per_s"] = tokens / (now - tick)
+                tick, tokens = now, 0
+                history.append(record)
+                log({"kind": "train", **record})
+                postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+                bar.set_postfix(postfix, refresh=False)
+            if not finite and cfg.on_nonfinite == "stop":
+                raise TrainingStopped(_nonfinite_message(step, metrics, ckpt))
+            ckpt.check_for_errors()
+            bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                run_eval(step)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
+                save(step)
+    finally:
+        bar.close()
     if end == cfg.steps and (not evals or evals[-1]["step"] != cfg.steps):
         run_eval(cfg.steps)
     ckpt.wait()
@@ -218,12 +303,26 @@ def train(
 
 def _load_logs(workdir: pathlib.Path, upto: int) -> tuple[list[dict], list[dict]]:
     """Train and eval records logged up to step `upto`; later ones (from an interrupted run past its
-    last checkpoint) are dropped from the file too, so the log matches the resumed state."""
+    last checkpoint) are dropped from the file too, so the log matches the resumed state. A last line
+    torn by a kill is dropped; any other line that is not a record is an error naming it."""
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return [], []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError as e:
+            if n == len(lines):
+                break  # torn by a kill while it was written
+            raise ValueError(f"{path}:{n}: not a metrics record ({e}): {line[:80]!r}") from None
+        records.append(record)
     kept = [r for r in records if r["step"] <= upto]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     strip = lambda r: {k: v for k, v in r.items() if k != "kind"}  # noqa: E731
     return [strip(r) for r in kept if r["kind"] == "train"], [strip(r) for r in kept if r["kind"] == "eval"]

@@ -123,10 +123,10 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
         ValueError,
         match=r"parameter '.*lora_A' has shape \(4, 4, \d+\) in the checkpoint but \(4, 8, \d+\)",
     ):
-        ckpt.restore(ckpt.latest_step(), trainable, None)
+        ckpt.restore_latest(trainable, None, {})
     smaller = {n: v for n, v in trainable.items() if "layers.1" not in n}
     with pytest.raises(ValueError, match=r"the checkpoint has parameter 'model\.layers\.1\."):
-        ckpt.restore(ckpt.latest_step(), smaller, None)
+        ckpt.restore_latest(smaller, None, {})
     _, params = split_model(build_model(tiny(qk_norm=False, lora_targets=("experts", "v_proj"))))
     with pytest.raises(ValueError, match="is not in the checkpoint"):
         train(

@@ -80,7 +80,8 @@ def resolve(cfg: ExperimentConfig, task: Task | None = None) -> ExperimentConfig
     task = task or make_task(cfg.data, cfg.model.path)
     if cfg.model.path:
         run = {k: getattr(cfg.model, k) for k in RUN_FIELDS}
-        model = config_from_hf(read_hf_config(cfg.model.path), **run)
+        source = str(pathlib.Path(cfg.model.path) / "config.json")
+        model = config_from_hf(read_hf_config(cfg.model.path), source=source, **run)
         if task.vocab_size > model.vocab_size:
             raise ValueError(
                 f"the data uses token ids up to {task.vocab_size - 1}, the model has {model.vocab_size}"

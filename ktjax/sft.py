@@ -24,15 +24,26 @@ import numpy as np
 from ktjax.data import Batch
 
 
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+def read_jsonl(path: str | pathlib.Path) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; ValueError naming the file and line of the first
+    line that is not UTF-8 or not a JSON object."""
     records = []
-    for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
+    for n, raw in enumerate(pathlib.Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            ) from None
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: a record must be a JSON object, got {type(record).__name__}")
+        records.append((n, record))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
@@ -41,9 +52,13 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
 def _chat_pieces(tokenizer, messages: list[dict], where: str) -> list[tuple[str, bool]]:
     """(text, trained) pieces whose concatenation is the rendered chat; assistant turns are trained.
     Each assistant turn's text is what rendering it adds after the generation prompt."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list, got {messages!r}")
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{where}: every message needs 'role' and 'content', got {m!r}")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ValueError(f"{where}: a message's 'role' and 'content' must be strings, got {m!r}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: a chat needs at least one assistant message to train on")
     pieces, done = [], ""
@@ -70,6 +85,9 @@ def tokenize_record(tokenizer, record: dict, where: str = "record") -> tuple[np.
             ids += piece
             trained += [is_trained] * len(piece)
     elif "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {record[key]!r}")
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         prompt = bos + tokenizer.encode(record["prompt"])
         completion = tokenizer.encode(record["completion"])
@@ -131,13 +149,19 @@ class SFTData:
 
     def __post_init__(self) -> None:
         records = read_jsonl(self.path)
-        examples = [tokenize_record(self.tokenizer, r, f"{self.path}:{i + 1}") for i, r in enumerate(records)]
+        examples = [tokenize_record(self.tokenizer, r, f"{self.path}:{n}") for n, r in records]
         order = np.random.default_rng([self.seed, 0]).permutation(len(examples))
         n_eval = min(len(examples) - 1, max(1, round(self.eval_fraction * len(examples))))
         n_eval = n_eval if len(examples) > 1 else 0
         self.rows, self.truncated = pack([examples[i] for i in order[n_eval:]], self.seq_len)
         self.eval_rows = pack([examples[i] for i in order[:n_eval]], self.seq_len)[0] if n_eval else self.rows
         self.n_records, self.n_eval = len(examples), n_eval
+        for what, rows in (("training", self.rows), ("held-out", self.eval_rows)):
+            if not rows["loss_mask"].any():
+                raise ValueError(
+                    f"{self.path}: the {what} rows have no trained targets left after truncating records "
+                    f"to seq_len={self.seq_len} tokens; raise data.seq_len"
+                )
         self._orders: dict[int, np.ndarray] = {}  # epoch -> row order (the current epoch's)
         self.vocab_size = int(max(ids.max() for ids, _ in examples)) + 1  # smallest vocabulary that fits
 

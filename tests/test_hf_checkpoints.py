@@ -181,6 +181,71 @@ def test_bad_checkpoints_fail_naming_the_tensor(tmp_path):
         from_hf(tmp_path / "nowhere", progress=False)
 
 
+def test_bad_model_files_are_one_line_naming_the_file_and_field(tmp_path):
+    cfg = CONFIGS["qwen3_moe"]()
+    _, params = randomised(cfg)
+    export_hf(params, cfg, tmp_path)
+    config_text = (tmp_path / "config.json").read_text()
+    config = json.loads(config_text)
+    bad_configs = {
+        config_text[:-5]: r"config\.json: not valid JSON",
+        "[1, 2]": r"config\.json: expected a JSON object, got list",
+        json.dumps({k: v for k, v in config.items() if k != "hidden_size"}): (
+            r"config\.json: required field 'hidden_size' is missing"
+        ),
+        json.dumps({**config, "num_experts": "8"}): r"config\.json: num_experts must be an integer, got '8'",
+        json.dumps(
+            {**config, "rms_norm_eps": True}
+        ): r"config\.json: rms_norm_eps must be a number, got True",
+    }
+    for text, message in bad_configs.items():
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            from_hf(tmp_path, progress=False)
+    (tmp_path / "config.json").write_text(config_text)
+
+    path = tmp_path / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+
+    def with_header(value) -> None:
+        text = json.dumps(value).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+    name = "model.norm.weight"
+    entry = header[name]
+    bad_headers = {
+        "list": ([1, 2], r"model\.safetensors: corrupt safetensors header \(a JSON list"),
+        "no offsets": (
+            {**header, name: {k: v for k, v in entry.items() if k != "data_offsets"}},
+            r"model\.safetensors: tensor 'model\.norm\.weight': header entry has no 'data_offsets'",
+        ),
+        "float shape": (
+            {**header, name: {**entry, "shape": [32.5]}},
+            r"norm\.weight': shape \[32\.5\] is not",
+        ),
+        "string offsets": (
+            {**header, name: {**entry, "data_offsets": ["0", "64"]}},
+            r"norm\.weight': data_offsets \['0', '64'\] are not two non-negative integers",
+        ),
+        "entry not an object": ({**header, name: 7}, r"norm\.weight': header entry is int"),
+    }
+    for value, message in bad_headers.values():
+        with_header(value)
+        with pytest.raises(ValueError, match=message):
+            from_hf(tmp_path, progress=False)
+    with_header(header)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"index\.json: no 'weight_map'"):
+        from_hf(tmp_path, progress=False)
+    index.write_text("{")
+    with pytest.raises(ValueError, match=r"index\.json: not a JSON object"):
+        from_hf(tmp_path, progress=False)
+
+
 def test_fp8_checkpoints_are_refused_with_advice(tmp_path):
     cfg = CONFIGS["mixtral"]()
     _, params = randomised(cfg)

@@ -114,15 +114,37 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
 
 
 def test_bad_records_name_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "x"}])
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: needs 'messages', or 'prompt' and 'completion'"):
+    path = tmp_path / "d.jsonl"
+    good = '{"prompt": "a", "completion": "b"}'
+    cases = {  # file text -> the error, naming the file line (blank lines count)
+        f'{good}\n\n{{"text": "x"}}\n': r"d\.jsonl:3: needs 'messages', or 'prompt' and 'completion'",
+        f"{good}\n{{oops\n": r"d\.jsonl:2: not valid JSON",
+        f"{good}\n42\n": r"d\.jsonl:2: a record must be a JSON object, got int",
+        f'{good}\n{{"prompt": "a", "completion": 5}}\n': r"d\.jsonl:2: 'completion' must be a string, got 5",
+        '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "x"}]}\n': (
+            r"d\.jsonl:1: a message's 'role' and 'content' must be strings"
+        ),
+        '{"messages": "hi"}\n': r"d\.jsonl:1: 'messages' must be a non-empty list",
+        '{"messages": [{"role": "user", "content": "only a question"}]}\n': (
+            r"d\.jsonl:1: a chat needs at least one assistant message"
+        ),
+        "\n\n": r"d\.jsonl: no records",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            SFTData(str(path), ByteTokenizer())
+    path.write_bytes(good.encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"):
         SFTData(str(path), ByteTokenizer())
-    path.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
-        SFTData(str(path), ByteTokenizer())
-    write_jsonl(path, [{"messages": [{"role": "user", "content": "only a question"}]}])
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: a chat needs at least one assistant message"):
-        SFTData(str(path), ByteTokenizer())
+
+
+def test_data_whose_trained_targets_are_all_truncated_away_is_refused(tmp_path):
+    records = [{"prompt": "a long prompt that fills the row ", "completion": "x"} for _ in range(4)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(ValueError, match=r"training rows have no trained targets.*seq_len=8.*raise data"):
+        SFTData(str(path), ByteTokenizer(), seq_len=8)
+    assert SFTData(str(path), ByteTokenizer(), seq_len=64).rows["loss_mask"].sum() > 0
 
 
 def test_experiment_starts_from_a_model_directory(tmp_path):

@@ -25,7 +25,13 @@ def read_hf_config(path: str | pathlib.Path) -> dict:
     file = pathlib.Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    return json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def style_of(hf: dict) -> str:
@@ -48,12 +54,47 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     return theta, (None if kind == "default" else {**scaling, "rope_type": kind})
 
 
-def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> ModelConfig:
     """ModelConfig for a parsed config.json; `overrides` set non-architecture fields (param_dtype,
-    expert_backend, lora_rank, ...)."""
+    expert_backend, lora_rank, ...). A missing or mistyped field is a ValueError naming `source` and
+    the field."""
+    _check_types(hf, source)
+    try:
+        return _config_from_hf(hf, overrides)
+    except KeyError as e:
+        raise ValueError(f"{source}: required field {e.args[0]!r} is missing") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+# config.json fields read as numbers (when present and not null).
+INT_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "num_experts_per_tok", "num_experts", "num_local_experts", "n_routed_experts",
+    "moe_intermediate_size", "intermediate_size", "decoder_sparse_step", "sliding_window", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "first_k_dense_replace",
+    "n_shared_experts", "n_group", "topk_group",
+)  # fmt: skip
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+
+
+def _check_types(hf: dict, source: str) -> None:
+    """Every number config_from_hf reads has a number's type (bools are not numbers here)."""
+    for key in INT_FIELDS + FLOAT_FIELDS:
+        value = hf.get(key)
+        kinds = (int,) if key in INT_FIELDS else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            want = "an integer" if key in INT_FIELDS else "a number"
+            raise ValueError(f"{source}: {key} must be {want}, got {value!r}")
+    layers = hf.get("mlp_only_layers") or []
+    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"{source}: mlp_only_layers must list layer numbers, got {layers!r}")
+
+
+def _config_from_hf(hf: dict, overrides: dict) -> ModelConfig:
     style = style_of(hf)
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _rope(hf)
     heads = hf["num_attention_heads"]
     common = dict(
@@ -93,7 +134,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         )
     else:
         if hf.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(f"config.json: scoring_func {hf['scoring_func']!r} is not supported (sigmoid)")
+            raise ValueError(f"scoring_func {hf['scoring_func']!r} is not supported (sigmoid)")
         arch = dict(
             attention="mla",
             qk_norm=False,

@@ -64,7 +64,13 @@ def index_checkpoint(path: str | pathlib.Path) -> dict[str, TensorInfo]:
     path = pathlib.Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a JSON object ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' of tensor names to file names")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
@@ -145,7 +151,12 @@ def from_hf(
     ``model(input_ids [B, S] int32) -> logits [B, S, V] f32``; ``model.config`` is the ModelConfig.
     """
     cfg = config_from_hf(
-        read_hf_config(path), param_dtype=dtype, expert_backend=expert_backend, path=str(path), **overrides
+        read_hf_config(path),
+        source=str(pathlib.Path(path) / "config.json"),
+        param_dtype=dtype,
+        expert_backend=expert_backend,
+        path=str(path),
+        **overrides,
     )
     defn, params = load_params(cfg, path, seed=seed, progress=progress)
     return merge_model(defn, params)

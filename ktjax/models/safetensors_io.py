@@ -41,6 +41,7 @@ class TensorInfo:
 
     def __init__(self, path: pathlib.Path, name: str, entry: dict, data_start: int, file_size: int):
         self.path, self.name = path, name
+        _check_entry(path, name, entry)
         self.code, self.shape = entry["dtype"], tuple(entry["shape"])
         begin, end = entry["data_offsets"]
         self.offset, self.nbytes = data_start + begin, end - begin
@@ -64,6 +65,24 @@ class TensorInfo:
                 f"(supported: {sorted(DTYPES)}; dequantize FP8 checkpoints first)"
             )
         return DTYPES[self.code]
+
+
+def _check_entry(path: pathlib.Path, name: str, entry: object) -> None:
+    """A header entry is {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [int, int]}."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: header entry is {type(entry).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise ValueError(f"{where}: header entry has no {key!r}")
+    is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(entry["dtype"], str):
+        raise ValueError(f"{where}: dtype {entry['dtype']!r} is not a string")
+    if not isinstance(entry["shape"], list) or not all(map(is_count, entry["shape"])):
+        raise ValueError(f"{where}: shape {entry['shape']!r} is not a list of non-negative integers")
+    offsets = entry["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)):
+        raise ValueError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
 
 
 # The longest JSON header read, as the safetensors format's reference reader caps it: a corrupt length
@@ -91,6 +110,10 @@ def read_header(path: str | pathlib.Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)"
+        )
     header.pop("__metadata__", None)
     return {name: TensorInfo(path, name, entry, 8 + n, size) for name, entry in header.items()}
 

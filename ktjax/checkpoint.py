@@ -16,6 +16,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -138,7 +139,8 @@ def _orbax_errors() -> _OrbaxErrors:
 def _quiet_stragglers() -> None:
     """After a failed save, orbax's remaining writes finish after their event loop closed and each
     reports "Event loop is closed" through sys.unraisablehook (dozens of tracebacks as the process
-    exits). Those, and only those, are dropped."""
+    exits), and its writes never started warn that they were never awaited. Those, and only those,
+    are dropped."""
     previous = sys.unraisablehook
     if getattr(previous, "ktjax_quiet", False):
         return
@@ -150,6 +152,7 @@ def _quiet_stragglers() -> None:
 
     hook.ktjax_quiet = True
     sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 class Checkpoints:

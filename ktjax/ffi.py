@@ -7,21 +7,40 @@ fails with a confusing "No FFI handler registered", so this module checks the ve
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import pathlib
 import re
+import sys
 
 import jax
 import jaxlib
 import ml_dtypes
 import numpy as np
 
-try:
-    from ktjax import _ktjax_ffi
-except ImportError as err:  # pragma: no cover - depends on the install
-    raise ImportError(
-        "ktjax's compiled kernels (ktjax._ktjax_ffi) are missing: install the package with "
-        "`pip install -e .` (or `pip install .`) from the repository root."
-    ) from err
+
+def _load_module(path: str):
+    """The extension built at `path` (KTJAX_FFI_MODULE: another build of the same sources, such as the
+    sanitizer build of .ci/sanitize) in place of the installed one."""
+    spec = importlib.util.spec_from_file_location("ktjax._ktjax_ffi", path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise ImportError(f"KTJAX_FFI_MODULE={path} is not a built ktjax extension module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ktjax._ktjax_ffi"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if os.environ.get("KTJAX_FFI_MODULE"):
+    _ktjax_ffi = _load_module(os.environ["KTJAX_FFI_MODULE"])
+else:
+    try:
+        from ktjax import _ktjax_ffi
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "ktjax's compiled kernels (ktjax._ktjax_ffi) are missing: install the package with "
+            "`pip install -e .` (or `pip install .`) from the repository root."
+        ) from err
 
 FORWARD_TARGET = "ktjax_moe_forward"
 BACKWARD_TARGET = "ktjax_moe_backward"

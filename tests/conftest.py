@@ -3,13 +3,38 @@ Also the `use_isa` fixture, for tests that run the kernels of one ISA, and a cle
 KTJAX_ISA names an ISA this CPU cannot run (the kernels would refuse every call)."""
 
 import os
+import pathlib
 
 import pytest
 
 os.environ["KTJAX_DEBUG_POISON"] = "1"
+# XLA programs compiled by one test run are kept on disk for the next (and for the runs of
+# experiments.run that tests start): .ci/run runs the kernel tests again on other ISAs and on the
+# sanitizer build, which then compile nothing they compiled before.
+JAX_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(
+        pathlib.Path(__file__).resolve().parents[1] / "build" / "jax-test-cache"
+    ),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+for _key, _value in JAX_CACHE.items():
+    os.environ.setdefault(_key, _value)
 
 
 def pytest_configure(config):
+    import jax
+
+    # In case a plugin imported jax before the variables were set.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
+    jax.config.update(
+        "jax_persistent_cache_min_entry_size_bytes",
+        int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+    )
     forced = os.environ.get("KTJAX_ISA", "")
     if forced:
         from ktjax import ffi

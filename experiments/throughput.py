@@ -5,8 +5,9 @@
     python -m experiments.run throughput --set model.expert_intermediates=f32   # bf16 weights default to bf16
 
 Routed experts: H=2048, I=768, E=32, top-8, bf16 weights, LoRA r=16 on the experts (attention and
-routers full). Reports tokens/s and the expert kernels' work per kind (GFLOP and GFLOP/s, from
-ktjax.ffi.kernel_counters) over the timed steps: a quick look at where a real-width step spends time.
+routers full). Reports tokens/s, the expert kernels' work per kind (GFLOP, from
+ktjax.ffi.kernel_counters) and host memory part by part against the measured peak (ktjax.memory): a
+quick look at where a real-width step spends time and memory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 
 from ktjax import ffi
 from ktjax.experiment import DataConfig, ExperimentConfig, make_task, resolve
+from ktjax.memory import current_rss_bytes, format_memory, training_memory
 from ktjax.models import build_model, qwen3_moe
 from ktjax.optim import GroupConfig
 from ktjax.train import TrainConfig, train
@@ -56,6 +58,7 @@ def get_config() -> ExperimentConfig:
 
 def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> dict:
     cfg = resolve(cfg)
+    runtime = current_rss_bytes()
     model = build_model(cfg.model, seed=cfg.train.seed)
     print(
         f"expert backend {cfg.model.expert_backend}, {cfg.model.param_dtype} weights, "
@@ -64,7 +67,7 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     )
     ffi.reset_kernel_counters()
     start = time.perf_counter()
-    result = train(model, make_task(cfg.data), cfg.train, workdir, resume=resume)
+    result = train(model, make_task(cfg.data), cfg.train, workdir, resume=resume, keep_model=False)
     jax.effects_barrier()
     seconds = time.perf_counter() - start
     counts = ffi.kernel_counters()
@@ -83,4 +86,8 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     print("expert kernel work over the whole run (GFLOP):")
     for kind in ("forward", "recompute", "input_grad", "lora_grad", "base_grad"):
         print(f"  {kind:<12}{counts[kind] / 1e9:>10.2f}")
-    return {"tokens_per_s": tokens_per_s, "counters": counts}
+    batch = make_task(cfg.data).batch(0, cfg.train.batch_size)
+    memory = training_memory(result.defn, result.labels, result.params, cfg.train, batch, runtime)
+    print(f"host memory ({cfg.mode} mode; ktjax.memory):")
+    print(format_memory(memory))
+    return {"tokens_per_s": tokens_per_s, "counters": counts, "memory": memory}

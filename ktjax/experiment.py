@@ -167,6 +167,7 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         workdir,
         resume=resume,
         eval_metrics=answer_accuracy,
+        keep_model=False,
     )
     seconds = time.perf_counter() - start
     plot_run(workdir / "metrics.jsonl", workdir / "curves.png", title=f"{cfg.name} ({cfg.mode})")

@@ -60,6 +60,9 @@ def label_params(names: Iterable[str], rules: Rules) -> dict[str, str]:
     return labels
 
 
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 @dataclass
 class GroupConfig:
     """Optimizer of one label group."""
@@ -71,6 +74,14 @@ class GroupConfig:
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
+    # adam/adamw moments: float32, or bfloat16 (half their memory; each update rounds them to bf16)
+    moment_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(
+                f"moment_dtype must be one of {sorted(MOMENT_DTYPES)}, got {self.moment_dtype!r}"
+            )
 
 
 def learning_rate(group: GroupConfig, total_steps: int) -> optax.Schedule:
@@ -90,13 +101,32 @@ def learning_rate(group: GroupConfig, total_steps: int) -> optax.Schedule:
 
 def group_transform(group: GroupConfig, total_steps: int) -> optax.GradientTransformation:
     lr = learning_rate(group, total_steps)
+    dtype = MOMENT_DTYPES[group.moment_dtype]
     if group.optimizer == "adamw":
-        return optax.adamw(lr, b1=group.b1, b2=group.b2, weight_decay=group.weight_decay)
-    if group.optimizer == "adam":
-        return optax.adam(lr, b1=group.b1, b2=group.b2)
-    if group.optimizer == "sgd":
+        tx = optax.adamw(lr, b1=group.b1, b2=group.b2, weight_decay=group.weight_decay, mu_dtype=dtype)
+    elif group.optimizer == "adam":
+        tx = optax.adam(lr, b1=group.b1, b2=group.b2, mu_dtype=dtype)
+    elif group.optimizer == "sgd":
         return optax.sgd(lr)
-    raise ValueError(f"optimizer must be adamw, adam or sgd, got {group.optimizer!r}")
+    else:
+        raise ValueError(f"optimizer must be adamw, adam or sgd, got {group.optimizer!r}")
+    return _moments_in(tx, dtype)
+
+
+def _moments_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`tx` (adam or adamw) with both moments created in `dtype`. optax creates the second moment in
+    each parameter's dtype and keeps it in its state's dtype, and keeps the first in `mu_dtype`; the
+    update computes in float32 (the trainer's gradients) and stores them back in `dtype`. Fixed types
+    across steps also keep the jitted step from compiling again at step 2."""
+
+    def init(params):
+        def cast(leaf):
+            floating = isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
+            return leaf.astype(dtype) if floating else leaf
+
+        return jax.tree.map(cast, tx.init(params))
+
+    return optax.GradientTransformation(init, tx.update)
 
 
 def make_optimizer(
@@ -120,18 +150,8 @@ def make_optimizer(
 
 
 def init_optimizer_state(tx: optax.GradientTransformation, trainable: Params) -> optax.OptState:
-    """``tx.init(trainable)`` with every float leaf narrower than float32 (bf16 moments) in float32.
-
-    optax creates moments in each parameter's dtype, but the trainer feeds it float32 gradients, so
-    after the first update the moments of bf16 parameters are float32. Starting them in float32 keeps
-    the state's types fixed across steps: the jitted step compiles once instead of again at step 2.
-    """
-
-    def widen(leaf):
-        narrow = isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)
-        return leaf.astype(jnp.float32) if narrow and leaf.dtype.itemsize < 4 else leaf
-
-    return jax.tree.map(widen, tx.init(trainable))
+    """``tx.init(trainable)``: each group's moments in its GroupConfig.moment_dtype (see _moments_in)."""
+    return tx.init(trainable)
 
 
 def split_trainable(params: Params, labels: dict[str, str]) -> tuple[Params, Params]:

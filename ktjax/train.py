@@ -163,6 +163,7 @@ def train(
     resume: bool = False,
     eval_metrics: Callable[[np.ndarray, Batch], dict] | None = None,
     stop_after: int | None = None,
+    keep_model: bool = True,
 ) -> TrainResult:
     """Trains `model` on `data` (an object with ``batch(step, batch_size)`` and
     ``eval_batch(batch_size)``) for cfg.steps steps, logging to workdir/metrics.jsonl and saving
@@ -170,7 +171,9 @@ def train(
     verifies (the log is cut back to it). `eval_metrics(logits, batch)` adds task metrics to each eval.
     `stop_after` ends the run early after that many steps (as if interrupted), after checkpointing.
     Raises TrainingStopped on a non-finite step (cfg.on_nonfinite="stop") and CheckpointError when a
-    checkpoint cannot be saved."""
+    checkpoint cannot be saved. With `keep_model=False` the first step takes over the memory of the
+    model's trainable parameters (in full mode, one copy of the model less) and `model` is unusable
+    afterwards: use the result's params."""
     if cfg.batch_size % cfg.micro_batches:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}")
     workdir = pathlib.Path(workdir)
@@ -178,8 +181,8 @@ def train(
     defn, params = split_model(model)
     labels = label_params(params, cfg.rules)
     trainable, frozen = split_trainable(params, labels)
-    # The step donates its trainable buffers; copy them once so the caller's model stays usable.
-    trainable = jax.tree.map(jnp.copy, trainable)
+    if keep_model:  # the step donates its trainable buffers: copy them once, for the caller's model
+        trainable = jax.tree.map(jnp.copy, trainable)
     if not trainable:
         raise ValueError("no parameter is trainable under the rules: every label is 'frozen'")
     print(parameter_summary(params, labels))

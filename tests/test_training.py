@@ -95,7 +95,7 @@ def test_hybrid_training_keeps_frozen_and_lora_base_weights_bit_identical(tmp_pa
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     cfg = config(steps=12, checkpoint_every=4, rules=HYBRID_RULES)
-    whole = train(build_model(tiny()), TASK, cfg, tmp_path / "whole")
+    whole = train(build_model(tiny()), TASK, cfg, tmp_path / "whole", keep_model=False)  # model donated
     train(build_model(tiny()), TASK, cfg, tmp_path / "split", stop_after=6)  # "crashes" after step 6
     resumed = train(
         build_model(tiny(), seed=99), TASK, cfg, tmp_path / "split", resume=True

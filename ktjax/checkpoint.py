@@ -103,7 +103,7 @@ def check_compatible(what: str, saved: dict[str, Any], target: Params) -> None:
 def _reason(err: BaseException) -> str:
     """The first line of an exception's message, short enough for one log line."""
     text = str(err).strip().splitlines()
-    first = text[0] if text else ""
+    first = (text[0] if text else "").split(" See full TensorStore details")[0]  # a whole spec follows
     return f"{type(err).__name__}: {first[:240]}"
 
 

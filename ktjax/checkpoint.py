@@ -177,6 +177,19 @@ class Checkpoints:
             },
         )
 
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Closes the manager; after an error, quietly (the error is the one to report)."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:
+            pass
+
     @property
     def frozen_path(self) -> pathlib.Path:
         return self.directory / "frozen"
@@ -212,6 +225,7 @@ class Checkpoints:
             "frozen": self.frozen_checksums,
         }
         self._saving = step
+        self.errors.first = None  # orbax's errors from here on are this save's
         try:
             self.manager.save(
                 step,
@@ -257,7 +271,7 @@ class Checkpoints:
                 moved = self._set_aside(step)
                 print(f"checkpoint step {step} skipped: {e}; moved to {moved}")
                 continue
-            self.frozen_checksums = checksums(restored.frozen)
+            self.frozen_checksums = restored.meta["checksums"]["frozen"]  # what restored.frozen matched
             return restored
         return None
 

@@ -188,120 +188,88 @@ def train(
     print(parameter_summary(params, labels))
     tx = make_optimizer(labels, cfg.groups, cfg.steps, cfg.clip_norm or None)
     opt_state = init_optimizer_state(tx, trainable)
-    ckpt = Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-    try:
-        return _train(
-            ckpt,
-            defn,
-            labels,
-            trainable,
-            opt_state,
-            frozen,
-            tx,
-            data,
-            cfg,
-            workdir,
-            resume,
-            eval_metrics,
-            stop_after,
+    # Closing the checkpointer on any error keeps a pending save from outliving it (or printing its own).
+    with Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints) as ckpt:
+        restored: Restored | None = ckpt.restore_latest(trainable, opt_state, frozen) if resume else None
+        start, skipped = 0, 0
+        if restored is not None:
+            if restored.meta["data_seed"] != cfg.seed:
+                raise ValueError(
+                    f"checkpoint was trained with seed {restored.meta['data_seed']}, config says {cfg.seed}"
+                )
+            start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
+            trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
+            print(f"resumed from step {start} ({ckpt.directory})")
+        else:
+            ckpt.start_fresh(frozen)
+        history, evals = _load_logs(workdir, start) if start else ([], [])
+
+        train_step = jax.jit(make_train_step(defn, tx, cfg), donate_argnums=(0, 1))
+        eval_step = jax.jit(make_eval_step(defn))
+        eval_batch = data.eval_batch(cfg.eval_batch_size)
+        log_file = (workdir / "metrics.jsonl").open("a" if start else "w")
+
+        def log(record: dict) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        def run_eval(step: int) -> None:
+            loss, logits = eval_step({**trainable, **frozen}, eval_batch)
+            record = {"step": step, "eval_loss": float(loss)}
+            if eval_metrics is not None:
+                record.update(eval_metrics(np.asarray(logits), eval_batch))
+            evals.append(record)
+            log({"kind": "eval", **record})
+
+        def save(step: int) -> None:
+            meta = {"step": step, "data_seed": cfg.seed, "data_position": step, "skipped_steps": skipped}
+            ckpt.save(step, trainable, opt_state, meta)
+
+        if start == 0:
+            run_eval(0)
+        end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            disable=not cfg.progress,
+            desc="train",
+            unit="step",
+            mininterval=1.0,
         )
-    except BaseException:
-        try:  # the pending save, if any, must not outlive the error (nor print its own)
-            ckpt.close()
-        except Exception:
-            pass
-        raise
-
-
-def _train(
-    ckpt: Checkpoints,
-    defn: ModelDef,
-    labels: dict[str, str],
-    trainable: Params,
-    opt_state: Any,
-    frozen: Params,
-    tx: optax.GradientTransformation,
-    data: Any,
-    cfg: TrainConfig,
-    workdir: pathlib.Path,
-    resume: bool,
-    eval_metrics: Callable[[np.ndarray, Batch], dict] | None,
-    stop_after: int | None,
-) -> TrainResult:
-    restored: Restored | None = ckpt.restore_latest(trainable, opt_state, frozen) if resume else None
-    start, skipped = 0, 0
-    if restored is not None:
-        if restored.meta["data_seed"] != cfg.seed:
-            raise ValueError(
-                f"checkpoint was trained with seed {restored.meta['data_seed']}, config says {cfg.seed}"
-            )
-        start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
-        trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
-        print(f"resumed from step {start} ({ckpt.directory})")
-    else:
-        ckpt.start_fresh(frozen)
-    history, evals = _load_logs(workdir, start) if start else ([], [])
-
-    train_step = jax.jit(make_train_step(defn, tx, cfg), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(defn))
-    eval_batch = data.eval_batch(cfg.eval_batch_size)
-    log_file = (workdir / "metrics.jsonl").open("a" if start else "w")
-
-    def log(record: dict) -> None:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    def run_eval(step: int) -> None:
-        loss, logits = eval_step({**trainable, **frozen}, eval_batch)
-        record = {"step": step, "eval_loss": float(loss)}
-        if eval_metrics is not None:
-            record.update(eval_metrics(np.asarray(logits), eval_batch))
-        evals.append(record)
-        log({"kind": "eval", **record})
-
-    def save(step: int) -> None:
-        meta = {"step": step, "data_seed": cfg.seed, "data_position": step, "skipped_steps": skipped}
-        ckpt.save(step, trainable, opt_state, meta)
-
-    if start == 0:
-        run_eval(0)
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(
-        total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", mininterval=1.0
-    )
-    tick, tokens = time.perf_counter(), 0
-    try:
-        for step in range(start + 1, end + 1):
-            batch = data.batch(step - 1, cfg.batch_size)
-            tokens += int((batch["segment_ids"] > 0).sum())
-            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch)
-            finite = bool(metrics.pop("finite"))
-            skipped += not finite
-            if step % cfg.log_every == 0 or step == end or not finite:
-                record = {"step": step, **_to_float(metrics), "skipped_steps": skipped}
-                now = time.perf_counter()
-                record["tokens_per_s"] = tokens / (now - tick)
-                tick, tokens = now, 0
-                history.append(record)
-                log({"kind": "train", **record})
-                postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
-                bar.set_postfix(postfix, refresh=False)
-            if not finite and cfg.on_nonfinite == "stop":
-                raise TrainingStopped(_nonfinite_message(step, metrics, ckpt))
-            ckpt.check_for_errors()
-            bar.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                run_eval(step)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
-                save(step)
-    finally:
-        bar.close()
-    if end == cfg.steps and (not evals or evals[-1]["step"] != cfg.steps):
-        run_eval(cfg.steps)
-    ckpt.wait()
-    ckpt.close()
-    log_file.close()
-    return TrainResult(params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals)
+        tick, tokens = time.perf_counter(), 0
+        try:
+            for step in range(start + 1, end + 1):
+                batch = data.batch(step - 1, cfg.batch_size)
+                tokens += int((batch["segment_ids"] > 0).sum())
+                trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch)
+                finite = bool(metrics.pop("finite"))
+                skipped += not finite
+                if step % cfg.log_every == 0 or step == end or not finite:
+                    record = {"step": step, **_to_float(metrics), "skipped_steps": skipped}
+                    now = time.perf_counter()
+                    record["tokens_per_s"] = tokens / (now - tick)
+                    tick, tokens = now, 0
+                    history.append(record)
+                    log({"kind": "train", **record})
+                    postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+                    bar.set_postfix(postfix, refresh=False)
+                if not finite and cfg.on_nonfinite == "stop":
+                    raise TrainingStopped(_nonfinite_message(step, metrics, ckpt))
+                ckpt.check_for_errors()
+                bar.update(1)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    run_eval(step)
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
+                    save(step)
+        finally:
+            bar.close()
+        if end == cfg.steps and (not evals or evals[-1]["step"] != cfg.steps):
+            run_eval(cfg.steps)
+        ckpt.wait()
+        log_file.close()
+        return TrainResult(
+            params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals
+        )
 
 
 def _load_logs(workdir: pathlib.Path, upto: int) -> tuple[list[dict], list[dict]]:

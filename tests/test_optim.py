@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from error_bounds import gamma
+from error_bounds import U_BF16, U_F32, Tracked, assert_within, gamma
 
 from ktjax.optim import (
     HYBRID_RULES,
@@ -111,23 +111,70 @@ def test_optimizer_state_of_bf16_params_keeps_its_types_so_the_step_compiles_onc
         assert dtypes == {jnp.dtype(moments)}
 
 
-def test_bf16_moments_follow_the_f32_adam_update_to_bf16_precision():
+def _rounded(v, e, u: float) -> Tracked:
+    """An operation's exact value v, its propagated error e, plus one rounding of unit roundoff u."""
+    return Tracked(v, e + u * (np.abs(v) + e))
+
+
+def _divided(a: Tracked, b: Tracked, u: float) -> Tracked:
+    """a / b: |a/b - a'/b'| <= (e_a + |a/b| e_b) / (|b| - e_b), then one rounding."""
+    q = a.v / b.v
+    return _rounded(q, (a.e + np.abs(q) * b.e) / (np.abs(b.v) - b.e), u)
+
+
+def adam_last_update(
+    grads: list[np.ndarray], lr: float, b1: float, b2: float, eps: float, u: float
+) -> Tracked:
+    """Adam's update at the last of these gradient steps (optax.adam's formulas, its f32 constants,
+    float64 arithmetic) and a bound on any implementation in which every operation, the moments'
+    storage, the constants and the bias corrections round with unit roundoff at most `u` (f32: U_F32;
+    bf16 moments: U_BF16, since XLA may compute an op on bf16 operands in bf16 or in f32). The decays'
+    powers are held to 4 f32 ulps."""
+    c1, c2 = float(np.float32(b1)), float(np.float32(b2))
+    d1, d2 = float(np.float32(1 - b1)), float(np.float32(1 - b2))
+    m = v = Tracked.exact(np.zeros_like(grads[0], np.float64))
+
+    def decayed(t: Tracked, c: float, d: float, x: Tracked) -> Tracked:
+        first = _rounded(d * x.v, d * x.e, u)
+        second = _rounded(c * t.v, c * t.e + u * c * t.mag, u)  # the constant rounded too
+        total = _rounded(first.v + second.v, first.e + second.e, u)
+        return _rounded(total.v, total.e, u)  # stored in the moments' dtype
+
+    for g in grads:
+        g = Tracked.exact(np.asarray(g, np.float64))
+        m = decayed(m, c1, d1, g)
+        v = decayed(v, c2, d2, _rounded(g.v**2, 0.0, U_F32))
+    k = len(grads)
+
+    def correction(c: float) -> Tracked:
+        power = c**k
+        return _rounded(1 - power, 4 * U_F32 * power, u)
+
+    m_hat, v_hat = _divided(m, correction(c1), u), _divided(v, correction(c2), u)
+    root = _rounded(np.sqrt(v_hat.v), v_hat.e / np.sqrt(v_hat.v - v_hat.e), u)
+    den = _rounded(root.v + eps, root.e + u * eps, u)
+    step = _divided(m_hat, den, u)
+    return _rounded(-lr * step.v, lr * step.e + u * lr * step.mag, u)
+
+
+def test_bf16_moments_keep_the_adam_update_within_the_bound_of_bf16_storage():
     params = {"w": jax.random.normal(jax.random.key(0), (64,), jnp.float32)}
     labels = {"w": "full"}
+    grads = [jax.random.normal(jax.random.key(k + 1), (64,), jnp.float32) for k in range(5)]
     updates = {}
     for moments in ("float32", "bfloat16"):
         group = GroupConfig("adam", lr_peak=0.1, schedule="constant", moment_dtype=moments)
         tx = make_optimizer(labels, {"full": group}, total_steps=10, clip_norm=None)
         state, p = init_optimizer_state(tx, params), params
-        for k in range(5):
-            grads = {"w": jax.random.normal(jax.random.key(k + 1), (64,), jnp.float32)}
-            u, state = tx.update(grads, state, p)
+        for g in grads:  # Adam's update depends on the gradients alone, not on the parameters
+            u, state = tx.update({"w": g}, state, p)
             p = optax.apply_updates(p, u)
-        updates[moments] = np.asarray(u["w"])
-    # Adam's step is about lr per element whatever the moments' precision; rounding both moments to
-    # bf16 (8 significant bits) each step moves it by a few parts in a thousand, not more.
-    np.testing.assert_allclose(updates["bfloat16"], updates["float32"], rtol=0.03, atol=1e-3)
-    assert not np.array_equal(updates["bfloat16"], updates["float32"])
+        updates[moments] = np.asarray(u["w"], np.float32)
+    lr = float(np.float32(0.1))
+    for moments, unit in (("float32", U_F32), ("bfloat16", U_BF16)):
+        want = adam_last_update([np.asarray(g) for g in grads], lr, 0.9, 0.999, 1e-8, unit)
+        assert_within(updates[moments], want, f"Adam's update with {moments} moments")
+    assert not np.array_equal(updates["bfloat16"], updates["float32"])  # the option does round
 
 
 def test_an_unknown_moment_dtype_is_refused():

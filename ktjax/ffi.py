@@ -44,6 +44,9 @@ else:
 
 FORWARD_TARGET = "ktjax_moe_forward"
 BACKWARD_TARGET = "ktjax_moe_backward"
+# The expert op's contract (xla_ffi/moe_contract.h): argument, result and gradient names in the
+# handlers' order, and the intermediates modes. ktjax/ops/moe_experts.py builds its calls from it.
+MOE_CONTRACT: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in _ktjax_ffi.moe_contract().items()}
 
 
 def runtime_ffi_api_version() -> tuple[int, int]:

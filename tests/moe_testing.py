@@ -165,7 +165,7 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / scale)
 
 
-def cpu_moe(policy: str = "retain", intermediates: str | None = None):
+def cpu_moe(policy: str = "retain", intermediates: str = "auto"):
     """moe_experts on the CPU kernels, in loss_and_grads' calling convention."""
 
     def fn(x, ids, w, gate, up, down, lora, scale):
@@ -176,14 +176,12 @@ def cpu_moe(policy: str = "retain", intermediates: str | None = None):
     return fn
 
 
-def check_against_reference(
-    p: Problem, policy: str = "retain", seed: int = 1, intermediates: str | None = None
-):
+def check_against_reference(p: Problem, policy: str = "retain", seed: int = 1, intermediates: str = "auto"):
     """Runs the kernels (moe_experts; default intermediates: by dtype) and holds y and every gradient to
     the bounds of tracked_reference. Returns (y, {name: gradient})."""
     cot = representable_cotangent(seed, p.x.shape, p.x.dtype)
     y, grads = loss_and_grads(p, cpu_moe(policy, intermediates), jnp.asarray(cot, jnp.float32))
-    mode = intermediates or default_intermediates(p.x.dtype, p.gate.dtype, "cpu")
+    mode = default_intermediates(p.x.dtype, p.gate.dtype, "cpu") if intermediates == "auto" else intermediates
     want = tracked_reference(p, cot, mode)
     assert y.dtype == p.x.dtype
     assert_output_within(y, want["y"], "forward")

@@ -25,7 +25,7 @@ from moe_testing import (
 
 from ktjax import ffi
 from ktjax.ops import moe_experts
-from ktjax.ops.moe_experts import _forward_call
+from ktjax.ops.moe_experts import _forward_call, _named_inputs
 
 pytestmark = pytest.mark.kernels
 
@@ -41,15 +41,9 @@ SHAPES = {
 def saved_preactivations(p, lora_ranks=()):
     """g and u [T*K, I] f32 as the forward saves them (slots sorted by expert, stable), and the
     float64 reference in the same order."""
-    E = p.gate.shape[0]
-    adapters = []
-    for name in ("gate", "up", "down"):
-        if name in p.lora:
-            adapters.extend(p.lora[name])
-        else:
-            out_dim, in_dim = (p.down.shape[1], p.down.shape[2]) if name == "down" else p.gate.shape[1:]
-            adapters += [jnp.zeros((E, 0, in_dim), p.x.dtype), jnp.zeros((E, out_dim, 0), p.x.dtype)]
-    _, g, u = _forward_call((p.x, p.ids, p.weights, p.gate, p.up, p.down, *adapters), p.scale, True)
+    named = _named_inputs(*p.args(), p.lora)
+    out = _forward_call(named, p.lora, p.scale, "f32", save_preact=True)
+    g, u = out["g_saved"], out["u_saved"]
     K = p.ids.shape[1]
     ids = np.asarray(p.ids).reshape(-1)
     order = np.argsort(ids, kind="stable")

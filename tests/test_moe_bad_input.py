@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,16 +115,58 @@ def test_unknown_isa_request_is_an_error_not_a_crash(monkeypatch):
         call()
 
 
+def kernel_forward(intermediates="f32", save_preact=False, named_lora=None):
+    """The forward kernel called directly, past the Python checks (which stop these inputs first)."""
+    from ktjax.ops.moe_experts import _forward_call, _named_inputs
+
+    lora = dict(P.lora) if named_lora is None else named_lora
+    named = _named_inputs(*P.args(), lora)
+    return jax.block_until_ready(_forward_call(named, lora, 1.0, intermediates, save_preact))
+
+
 @pytest.mark.parametrize("save_preact", [False, True])
 def test_kernels_refuse_bf16_intermediates_with_f32_tokens(save_preact):
-    # The Python checks stop this first; the kernels check it again (a direct call past them).
-    from ktjax.ops.moe_experts import _forward_call
+    with pytest.raises(Exception, match="intermediates='bf16' needs bf16 tokens x"):
+        kernel_forward(intermediates="bf16", save_preact=save_preact)
 
-    adapters = [jnp.zeros((3, 0, 16)), jnp.zeros((3, 8, 0))] * 2
-    adapters += [jnp.zeros((3, 0, 8)), jnp.zeros((3, 16, 0))]
-    with pytest.raises(Exception, match="bf16_intermediates needs bf16 tokens x"):
+
+def test_kernels_refuse_an_unknown_intermediates_mode():
+    with pytest.raises(Exception, match="intermediates must be f32 or bf16, got 'f16'"):
+        kernel_forward(intermediates="f16")
+
+
+@pytest.mark.parametrize(
+    "adapters, pattern",
+    [
+        # Out of order, or not a projection: the attribute that names the adapter arrays is refused.
+        (("up", "gate"), "adapters must list gate, up, down in that order"),
+        (("gate", "mlp"), "got 'mlp'"),
+    ],
+)
+def test_kernels_refuse_a_bad_adapters_attribute(adapters, pattern, monkeypatch):
+    op = importlib.import_module("ktjax.ops.moe_experts")  # the module (ktjax.ops.moe_experts is the op)
+    monkeypatch.setattr(op, "PROJECTIONS", adapters)  # how the call lists the adapters it passes
+    lora = {name: P.lora.get(name, P.lora["gate"]) for name in adapters}
+    with pytest.raises(Exception, match=pattern):
+        kernel_forward(named_lora=lora)
+
+
+def test_kernels_refuse_adapter_arrays_the_attribute_does_not_name():
+    op = importlib.import_module("ktjax.ops.moe_experts")
+    named = op._named_inputs(*P.args(), P.lora)
+    args, _ = op._problem_args(named, P.lora)
+    empty = jax.ShapeDtypeStruct((0,), jnp.float32)
+    call = jax.ffi.ffi_call(op.ffi.FORWARD_TARGET, (jax.ShapeDtypeStruct(P.x.shape, P.x.dtype), empty, empty))
+    with pytest.raises(Exception, match=r"adapters 'gate' needs 2 adapter arrays \(A, B each\), got 4"):
         jax.block_until_ready(
-            _forward_call((P.x, P.ids, P.weights, P.gate, P.up, P.down, *adapters), 1.0, save_preact, True)
+            call(
+                *args,
+                *args[-2:],
+                adapters="gate",
+                lora_scale=np.float32(1),
+                intermediates="f32",
+                save_preact=False,
+            )
         )
 
 

@@ -29,7 +29,7 @@ def problems(draw):
     )
     p.gate, p.up, p.down = (w.astype(w_dtype) for w in (p.gate, p.up, p.down))
     p.lora = {k: (a.astype(w_dtype), b.astype(w_dtype)) for k, (a, b) in p.lora.items()}
-    modes = [None, "f32"] + (["bf16"] if x_dtype == jnp.bfloat16 else [])
+    modes = ["auto", "f32"] + (["bf16"] if x_dtype == jnp.bfloat16 else [])
     return p, draw(st.sampled_from(["retain", "recompute"])), draw(st.sampled_from(modes))
 
 

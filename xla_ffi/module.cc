@@ -1,10 +1,12 @@
-// pybind11 module `ktjax._ktjax_ffi`: FFI handler capsules for jax.ffi.register_ffi_target, plus the
-// FFI API version the kernels were built against, the CPU's ISAs and the work counters.
+// pybind11 module `ktjax._ktjax_ffi`: FFI handler capsules for jax.ffi.register_ffi_target, the op's
+// contract (moe_contract.h) and the FFI API version the kernels were built against; the CPU's ISAs,
+// the work counters, the kernels' elementwise code for the tests, and the machine probes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include "gemm.h"
 #include "moe_backward.h"
+#include "moe_contract.h"
 #include "moe_forward.h"
 #include "peak_probe.h"
 #include "scratch.h"
@@ -29,10 +31,15 @@ const ktjax::Isa& selected_isa_or_throw() {
   return *isa;
 }
 
-}  // namespace
+template <size_t N>
+py::tuple names(const char* const (&list)[N]) {
+  py::tuple t(N);
+  for (size_t i = 0; i < N; ++i) t[i] = list[i];
+  return t;
+}
 
-PYBIND11_MODULE(_ktjax_ffi, m) {
-  m.doc() = "ktjax CPU expert kernels (XLA FFI handlers)";
+// The FFI handlers, the contract Python builds its calls from, and the FFI API version.
+void def_handlers(py::module_& m) {
   m.def("registrations", []() {
     py::dict d;
     d["ktjax_moe_forward"] = encapsulate(KtjaxMoeForward);
@@ -41,6 +48,20 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
   });
   m.def("ffi_api_version", []() { return py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },
         "(major, minor) of the XLA FFI API the extension was compiled against.");
+  m.def("moe_contract", []() {
+    py::dict d;
+    d["projections"] = names(ktjax::kProjNames);
+    d["problem_args"] = names(ktjax::kProblemArgNames);
+    d["backward_lead_args"] = names(ktjax::kBackwardLeadArgNames);
+    d["forward_results"] = names(ktjax::kForwardResultNames);
+    d["grads"] = names(ktjax::kGradNames);  // bit i of `needs` and backward result i
+    d["intermediates"] = names(ktjax::kIntermediatesNames);
+    return d;
+  }, "The expert op's arguments, results, `needs` bits and intermediates modes (moe_contract.h).");
+}
+
+// ISA selection and the kernels' elementwise code, for the tests.
+void def_isa_and_elementwise(py::module_& m) {
   m.def("available_isas", []() { return std::string(ktjax::available_isas()); });
   m.def("selected_isa", []() {
     const ktjax::Isa* isa = ktjax::select_isa();
@@ -68,6 +89,10 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     isa.silu_mul_grad(g.data(), u.data(), dh.data(), w, dg.mutable_data(), du.mutable_data(), g.size());
     return py::make_tuple(dg, du);
   }, "(dg, du) of h = silu(g) * u for the upstream gradient w * dh, as the kernels compute them.");
+}
+
+// Machine probes for the benchmark: peak GEMM rate and memory read bandwidth.
+void def_probes(py::module_& m) {
   m.def("measure_peak_gflops", &ktjax::measure_peak_gflops, py::arg("threads"), py::arg("seconds") = 0.5,
         py::arg("bf16_pairs") = false,
         "GFLOP/s of the selected micro-kernel on L1-resident data, summed over threads: f32, or with "
@@ -80,6 +105,10 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     return ktjax::measure_read_bandwidth_gbs(threads, n_bytes, passes);
   }, py::arg("threads"), py::arg("n_bytes"), py::arg("passes"),
         "GB/s at which `threads` threads together read a buffer of n_bytes from memory (best pass).");
+}
+
+// Work counters and the scratch pool.
+void def_counters(py::module_& m) {
   m.def("counters", []() {
     py::dict d;
     auto& s = ktjax::stats();
@@ -118,4 +147,14 @@ PYBIND11_MODULE(_ktjax_ffi, m) {
     s.bf16_pair_flops.store(0);
     for (auto& f : s.path_flops) f.store(0);
   });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_ktjax_ffi, m) {
+  m.doc() = "ktjax CPU expert kernels (XLA FFI handlers)";
+  def_handlers(m);
+  def_isa_and_elementwise(m);
+  def_probes(m);
+  def_counters(m);
 }

@@ -227,6 +227,26 @@ class TokenAccumulator {
   float* acc_;
 };
 
+// out [T, H] (y, dx; f32 or bf16) = the sum over the busy experts of what add_expert(worker, e, h0, nh,
+// o) accumulates into o: columns [h0, h0 + nh) of the rows of expert e's tokens (an OutView whose rows
+// are the expert's slice of Routing::token). A work item owns a block of columns of every token
+// (token_blocks), so the scatter-add needs no atomics, and the experts are added in one fixed order.
+template <typename AddExpert>
+void accumulate_per_token(KernelContext& ctx, ffi::AnyBuffer& out, DType dtype, int64_t T, int64_t H,
+                          const Routing& r, const std::vector<int32_t>& experts, const AddExpert& add_expert) {
+  TokenAccumulator acc(ctx, out, dtype, T, H);
+  float* sum = acc.data();
+  const auto blocks = ctx.token_blocks(H, T);
+  ctx.run(blocks.count(), [&](int64_t b, int worker) {
+    const int64_t h0 = blocks.start(b), nh = blocks.size(b);
+    for (int64_t t = 0; t < T; ++t) std::fill_n(sum + t * H + h0, nh, 0.0f);
+    for (int32_t e : experts) {
+      add_expert(worker, e, h0, nh, OutView{sum, H, r.token.data() + r.offsets[e]}.skip_cols(h0));
+    }
+  });
+  acc.finish(ctx);
+}
+
 // Writes a [rows, cols] f32 result into a stacked output of either dtype, expert e, starting at row r0.
 void store_expert_rows(const Isa& isa, const float* src, void* dst, DType dtype, int64_t e,
                        int64_t rows_per_expert, int64_t cols, int64_t r0, int64_t rows);

@@ -2,7 +2,7 @@
 //   y[t] = sum_k w[t,k] * Down_e(silu(Gate_e(x[t])) * Up_e(x[t])),  e = topk_ids[t,k]
 // Slots are grouped by expert; each expert's projections are GEMMs over its token group. Optionally
 // saves the gate/up pre-activations [T*K, I] f32 (sorted slot order) for the backward ("retain").
-// With bf16_intermediates (bf16 tokens only), the down projection reads w h rounded to bf16, so that
+// With bf16 intermediates (bf16 tokens only), the down projection reads w h rounded to bf16, so that
 // it runs on the bf16 pair path where the CPU has one (ops/moe_experts.py: `intermediates`).
 #include "moe_forward.h"
 
@@ -13,14 +13,16 @@
 namespace ktjax {
 
 ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
-                       ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::AnyBuffer a_gate,
-                       ffi::AnyBuffer b_gate, ffi::AnyBuffer a_up, ffi::AnyBuffer b_up,
-                       ffi::AnyBuffer a_down, ffi::AnyBuffer b_down, float lora_scale, bool save_preact,
-                       bool bf16_intermediates, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> g_saved,
+                       ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::RemainingArgs adapter_buffers,
+                       float lora_scale, std::string_view adapters, std::string_view intermediates,
+                       bool save_preact, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> g_saved,
                        ffi::Result<ffi::AnyBuffer> u_saved) {
-  const ffi::AnyBuffer lora[6] = {a_gate, b_gate, a_up, b_up, a_down, b_down};
   MoeProblem p;
-  if (auto e = parse_problem(x, ids, weights, gate, up, down, lora, lora_scale, &p); e.failure()) return e;
+  if (auto e = parse_problem(x, ids, weights, gate, up, down, adapter_buffers, lora_scale, adapters,
+                             intermediates, &p);
+      e.failure()) {
+    return e;
+  }
   const int64_t T = p.T, K = p.K, H = p.H, I = p.I, E = p.E;
   if (y->element_type() != x.element_type()) {
     return ffi::Error::InvalidArgument("y must have the dtype of x");
@@ -31,9 +33,6 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
   if (save_preact && (g_saved->element_type() != ffi::DataType::F32 ||
                       u_saved->element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("g_saved and u_saved must be float32");
-  }
-  if (bf16_intermediates && p.x_dtype != DType::kBF16) {
-    return ffi::Error::InvalidArgument("bf16_intermediates needs bf16 tokens x");
   }
   const Isa* isa = nullptr;
   if (auto e = pick_isa(&isa); e.failure()) return e;
@@ -48,7 +47,8 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
 
   const int64_t S = r.kept();
   const Lora& ld = p.lora[kDown];
-  KernelContext ctx(pool, *isa, bf16_intermediates ? 2 * I : 0);
+  const bool bf16 = p.bf16_intermediates();
+  KernelContext ctx(pool, *isa, bf16 ? 2 * I : 0);
   float* g = nullptr;
   float* u = nullptr;
   if (save_preact) {
@@ -63,8 +63,8 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
   }
   // h: the down projection's A, and LoRA's; with bf16 intermediates, hw = bf16(w h) is that A, and h
   // is kept only for LoRA (zd below stays f32).
-  float* h = !bf16_intermediates || ld.rank > 0 ? ctx.alloc(S * I) : nullptr;
-  uint16_t* hw = bf16_intermediates ? ctx.alloc_bf16(S * I) : nullptr;
+  float* h = !bf16 || ld.rank > 0 ? ctx.alloc(S * I) : nullptr;
+  uint16_t* hw = bf16 ? ctx.alloc_bf16(S * I) : nullptr;
   compute_preactivations(ctx, p, r, g, u, h, hw, Work::kForward);
 
   // LoRA A of down: zd = h A^T, [S, r_down].
@@ -78,31 +78,20 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
     });
   }
 
-  // Down projection, weighted and scattered into y. A work item owns a block of columns of
-  // every token, so the scatter-add needs no atomics.
-  TokenAccumulator y_acc(ctx, *y, p.x_dtype, T, H);
-  float* acc = y_acc.data();
-  const auto blocks = ctx.token_blocks(H, T);
-  ctx.run(blocks.count(), [&](int64_t b, int worker) {
-    const int64_t h0 = blocks.start(b), nh = blocks.size(b);
-    for (int64_t t = 0; t < T; ++t) std::fill_n(acc + t * H + h0, nh, 0.0f);
-    for (int32_t e : experts) {
-      const int64_t off = r.offsets[e], n = r.count(e);
-      OutView out{acc, H, r.token.data() + off};
-      out = out.skip_cols(h0);
-      MatView he = hw != nullptr ? bf16_view(hw + off * I, I) : f32_view(h + off * I, I);
-      if (hw == nullptr) he.row_scale = r.weight.data() + off;  // else w is in hw
-      ctx.gemm(worker, n, nh, I, 1.0f, he, p.w[kDown].expert(e).skip_rows(h0).t(), out, true,
+  // Down projection, weighted and scattered into y.
+  accumulate_per_token(ctx, *y, p.x_dtype, T, H, r, experts,
+                       [&](int worker, int64_t e, int64_t h0, int64_t nh, const OutView& out) {
+    const int64_t off = r.offsets[e], n = r.count(e);
+    MatView he = hw != nullptr ? bf16_view(hw + off * I, I) : f32_view(h + off * I, I);
+    if (hw == nullptr) he.row_scale = r.weight.data() + off;  // else w is in hw
+    ctx.gemm(worker, n, nh, I, 1.0f, he, p.w[kDown].expert(e).skip_rows(h0).t(), out, true, Work::kForward);
+    if (ld.rank > 0) {
+      MatView ze = f32_view(zd + off * ld.rank, ld.rank);
+      ze.row_scale = r.weight.data() + off;
+      ctx.gemm(worker, n, nh, ld.rank, p.lora_scale, ze, ld.B.expert(e).skip_rows(h0).t(), out, true,
                Work::kForward);
-      if (ld.rank > 0) {
-        MatView ze = f32_view(zd + off * ld.rank, ld.rank);
-        ze.row_scale = r.weight.data() + off;
-        ctx.gemm(worker, n, nh, ld.rank, p.lora_scale, ze, ld.B.expert(e).skip_rows(h0).t(), out, true,
-                 Work::kForward);
-      }
     }
   });
-  y_acc.finish(ctx);
   return ffi::Error::Success();
 }
 
@@ -110,9 +99,7 @@ ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer id
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KtjaxMoeForward, ktjax::moe_forward,
                               ktjax::bind_problem(xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>())
-                                  .Attr<float>("lora_scale")
                                   .Attr<bool>("save_preact")
-                                  .Attr<bool>("bf16_intermediates")
                                   .Ret<xla::ffi::AnyBuffer>()    // y
                                   .Ret<xla::ffi::AnyBuffer>()    // g_saved
                                   .Ret<xla::ffi::AnyBuffer>());  // u_saved

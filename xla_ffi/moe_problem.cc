@@ -56,9 +56,53 @@ ffi::Error expect_output(const char* name, const ffi::AnyBuffer& b, bool needed,
   return expect_shape(name, b, dims, "(requested gradient)");
 }
 
+namespace {
+
+// The projections named in the `adapters` attribute ("gate,down"): each known, in projection order.
+ffi::Error parse_adapter_names(std::string_view names, bool present[3]) {
+  int next = 0;
+  while (!names.empty()) {
+    const size_t comma = names.find(',');
+    const std::string_view name = names.substr(0, comma);
+    int j = next;
+    while (j < 3 && name != kProjNames[j]) ++j;
+    if (j == 3) {
+      return ffi::Error::InvalidArgument("adapters must list gate, up, down in that order, comma-separated; got '" +
+                                         std::string(name) + "'");
+    }
+    present[j] = true;
+    next = j + 1;
+    names = comma == std::string_view::npos ? std::string_view() : names.substr(comma + 1);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error parse_adapter(const ffi::AnyBuffer& A, const ffi::AnyBuffer& B, int j, int64_t E, int64_t out_dim,
+                         int64_t in_dim, Lora* l) {
+  static const char* a_names[3] = {"lora['gate'] A", "lora['up'] A", "lora['down'] A"};
+  static const char* b_names[3] = {"lora['gate'] B", "lora['up'] B", "lora['down'] B"};
+  if (A.dimensions().size() != 3) {
+    return ffi::Error::InvalidArgument(std::string(a_names[j]) + " must have shape [E, r, in], got " +
+                                       dims_str(A.dimensions()));
+  }
+  const int64_t r = A.dimensions()[1];
+  if (auto e = expect_shape(a_names[j], A, {E, r, in_dim}, "[E, r, in]"); e.failure()) return e;
+  if (auto e = expect_shape(b_names[j], B, {E, out_dim, r}, "[E, out, r]"); e.failure()) return e;
+  DType a_dtype, b_dtype;
+  if (auto e = float_dtype(a_names[j], A, &a_dtype); e.failure()) return e;
+  if (auto e = float_dtype(b_names[j], B, &b_dtype); e.failure()) return e;
+  l->rank = r;
+  l->A = {A.untyped_data(), a_dtype, r, in_dim};
+  l->B = {B.untyped_data(), b_dtype, out_dim, r};
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
 ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& weights,
                          const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up, const ffi::AnyBuffer& down,
-                         const ffi::AnyBuffer* lora_ab, float lora_scale, MoeProblem* p) {
+                         const ffi::RemainingArgs& adapter_buffers, float lora_scale,
+                         std::string_view adapters, std::string_view intermediates, MoeProblem* p) {
   if (x.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("x must have shape [T, H], got " + dims_str(x.dimensions()));
   }
@@ -103,24 +147,26 @@ ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, con
     return ffi::Error::InvalidArgument("lora_scale must be finite");
   }
   p->lora_scale = lora_scale;
-  static const char* a_names[3] = {"lora['gate'] A", "lora['up'] A", "lora['down'] A"};
-  static const char* b_names[3] = {"lora['gate'] B", "lora['up'] B", "lora['down'] B"};
-  for (int j = 0; j < 3; ++j) {
-    const ffi::AnyBuffer& A = lora_ab[2 * j];
-    const ffi::AnyBuffer& B = lora_ab[2 * j + 1];
-    if (A.dimensions().size() != 3) {
-      return ffi::Error::InvalidArgument(std::string(a_names[j]) + " must have shape [E, r, in], got " +
-                                         dims_str(A.dimensions()));
-    }
-    const int64_t r = A.dimensions()[1];
-    if (auto e = expect_shape(a_names[j], A, {E, r, in_dim[j]}, "[E, r, in]"); e.failure()) return e;
-    if (auto e = expect_shape(b_names[j], B, {E, out_dim[j], r}, "[E, out, r]"); e.failure()) return e;
-    Lora& l = p->lora[j];
-    l.rank = r;
-    if (auto e = float_dtype(a_names[j], A, &l.A.dtype); e.failure()) return e;
-    if (auto e = float_dtype(b_names[j], B, &l.B.dtype); e.failure()) return e;
-    l.A = {A.untyped_data(), l.A.dtype, r, in_dim[j]};
-    l.B = {B.untyped_data(), l.B.dtype, out_dim[j], r};
+  if (!parse_intermediates(intermediates, &p->intermediates)) {
+    return ffi::Error::InvalidArgument("intermediates must be f32 or bf16, got '" + std::string(intermediates) + "'");
+  }
+  if (p->bf16_intermediates() && p->x_dtype != DType::kBF16) {
+    return ffi::Error::InvalidArgument("intermediates='bf16' needs bf16 tokens x");
+  }
+  bool present[3] = {false, false, false};
+  if (auto e = parse_adapter_names(adapters, present); e.failure()) return e;
+  const size_t expected = 2 * (present[0] + present[1] + present[2]);
+  if (adapter_buffers.size() != expected) {
+    return ffi::Error::InvalidArgument("adapters '" + std::string(adapters) + "' needs " + std::to_string(expected) +
+                                       " adapter arrays (A, B each), got " + std::to_string(adapter_buffers.size()));
+  }
+  for (int j = 0, next = 0; j < 3; ++j) {
+    if (!present[j]) continue;
+    auto A = adapter_buffers.get<ffi::AnyBuffer>(next++);
+    auto B = adapter_buffers.get<ffi::AnyBuffer>(next++);
+    if (A.has_error()) return A.error();
+    if (B.has_error()) return B.error();
+    if (auto e = parse_adapter(*A, *B, j, E, out_dim[j], in_dim[j], &p->lora[j]); e.failure()) return e;
   }
   p->x = x.untyped_data();
   p->ids = static_cast<const int32_t*>(ids.untyped_data());

@@ -6,17 +6,16 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "gemm.h"
+#include "moe_contract.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ktjax {
 
 namespace ffi = xla::ffi;
-
-enum Proj : int { kGate = 0, kUp = 1, kDown = 2 };
-inline constexpr const char* kProjNames[] = {"gate", "up", "down"};
 
 // Expert weights stacked over experts: expert e's stored [rows, cols] matrix starts at e*rows*cols.
 struct Stacked {
@@ -48,6 +47,9 @@ struct MoeProblem {
   Stacked w[3];  // gate [E, I, H], up [E, I, H], down [E, H, I]
   Lora lora[3];
   float lora_scale = 1.0f;
+  Intermediates intermediates = Intermediates::kF32;
+
+  bool bf16_intermediates() const { return intermediates == Intermediates::kBF16; }
 
   // x rows of the tokens routed to one expert: rows = the expert's slice of Routing::token.
   MatView x_rows(const int32_t* token_rows) const {
@@ -61,6 +63,8 @@ struct MoeProblem {
   int64_t max_rank() const;
 };
 
+// The FFI element type of a DType.
+inline ffi::DataType ffi_dtype(DType d) { return d == DType::kBF16 ? ffi::DataType::BF16 : ffi::DataType::F32; }
 // Float type of a buffer, or an error naming it.
 ffi::Error float_dtype(const char* name, const ffi::AnyBuffer& b, DType* out);
 // Error unless b has exactly the given dimensions; `doc` names them, e.g. "[E, I, H]".
@@ -70,30 +74,31 @@ ffi::Error expect_shape(const char* name, const ffi::AnyBuffer& b, std::initiali
 ffi::Error expect_output(const char* name, const ffi::AnyBuffer& b, bool needed,
                          std::initializer_list<int64_t> dims);
 
-// Adds the 12 buffers parse_problem reads to an FFI binding, in its order: x, topk_ids, topk_weights,
-// gate, up, down, then A and B of the gate, up and down adapters.
+// Adds what parse_problem reads to an FFI binding, in the contract's order (moe_contract.h): the
+// fixed arguments x, topk_ids, topk_weights, gate, up, down, the adapters' A and B, and the attributes
+// lora_scale, adapters and intermediates.
 template <typename Binding>
 auto bind_problem(Binding b) {
   using B = ffi::AnyBuffer;
   return std::move(b).template Arg<B>().template Arg<B>().template Arg<B>()  // x, topk_ids, topk_weights
       .template Arg<B>().template Arg<B>().template Arg<B>()       // gate, up, down
-      .template Arg<B>().template Arg<B>()                         // LoRA gate A, B
-      .template Arg<B>().template Arg<B>()                         // LoRA up A, B
-      .template Arg<B>().template Arg<B>();                        // LoRA down A, B
+      .RemainingArgs()                                             // A, B of each adapter
+      .template Attr<float>("lora_scale")
+      .template Attr<std::string_view>("adapters")
+      .template Attr<std::string_view>("intermediates");
 }
 
+// Checks the arguments bind_problem binds and fills p.
 ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& weights,
                          const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up, const ffi::AnyBuffer& down,
-                         const ffi::AnyBuffer* lora_ab /* 6: A,B of gate, up, down */, float lora_scale,
-                         MoeProblem* p);
+                         const ffi::RemainingArgs& adapter_buffers, float lora_scale,
+                         std::string_view adapters, std::string_view intermediates, MoeProblem* p);
 
 // Readies an output buffer before a kernel writes it:
 // - asks Linux to back its 2 MiB-aligned interior with transparent huge pages (KTJAX_HUGE_PAGES=0
-//   turns this off). XLA hands the custom calls fresh output buffers on every call (glibc maps large
-//   ones anew), so every 4 KiB page faulted on its first write: 147K faults per S1 full-mode step for
-//   its 600 MB of bf16 weight gradients, ~27% of the step's samples in fault handling and zeroing.
-//   With huge pages it takes ~2K faults. Only a hint: where transparent huge pages are off, or the
-//   buffer is small, nothing changes;
+//   turns this off): XLA hands the custom calls fresh output buffers on every call, so without them
+//   every 4 KiB page of a large weight gradient faults on its first write. Only a hint: where
+//   transparent huge pages are off, or the buffer is small, nothing changes;
 // - fills it with NaN when KTJAX_DEBUG_POISON=1, so a test sees any element a kernel forgot to write.
 void prepare_output(ffi::AnyBuffer b);
 

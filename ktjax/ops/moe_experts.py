@@ -19,6 +19,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from ktjax import ffi
 from ktjax.ops.moe_checks import (
+    INTERMEDIATES,
     PROJECTIONS,
     LoraDict,
     check_ids_in_range,
@@ -27,36 +28,16 @@ from ktjax.ops.moe_checks import (
 )
 from ktjax.ops.moe_reference import moe_experts_xla
 
-# Bits of the backward kernel's `needs` attribute, in the order of the differentiable inputs after
-# topk_ids (mirrors `Need` in xla_ffi/moe_backward.h).
-NEED_BITS = {
-    "x": 1 << 0,
-    "topk_weights": 1 << 1,
-    "gate": 1 << 2,
-    "up": 1 << 3,
-    "down": 1 << 4,
-    "lora_gate_a": 1 << 5,
-    "lora_gate_b": 1 << 6,
-    "lora_up_a": 1 << 7,
-    "lora_up_b": 1 << 8,
-    "lora_down_a": 1 << 9,
-    "lora_down_b": 1 << 10,
-}
-# Inputs of _moe_cpu after the two static arguments; index 1 (topk_ids) is not differentiable.
-_INPUT_NAMES = (
-    "x",
-    "topk_ids",
-    "topk_weights",
-    "gate",
-    "up",
-    "down",
-    "lora_gate_a",
-    "lora_gate_b",
-    "lora_up_a",
-    "lora_up_b",
-    "lora_down_a",
-    "lora_down_b",
-)
+# The kernels' contract (xla_ffi/moe_contract.h), read from the extension: argument and result names
+# in the handlers' order, and the differentiable inputs, whose order gives the backward's `needs` bits.
+_CONTRACT = ffi.MOE_CONTRACT
+if tuple(_CONTRACT["projections"]) != PROJECTIONS or tuple(_CONTRACT["intermediates"]) != INTERMEDIATES:
+    raise ImportError(
+        f"ktjax's kernels were built for projections {_CONTRACT['projections']} and intermediates "
+        f"{_CONTRACT['intermediates']}, but ktjax.ops expects {PROJECTIONS} and {INTERMEDIATES}: rebuild "
+        "the extension (`pip install -e .`)"
+    )
+NEED_BITS = {name: 1 << i for i, name in enumerate(_CONTRACT["grads"])}
 
 
 def moe_experts(
@@ -71,7 +52,7 @@ def moe_experts(
     lora_scale: float = 1.0,
     backend: str = "cpu",
     policy: str = "retain",
-    intermediates: str | None = None,
+    intermediates: str = "auto",
 ) -> jax.Array:
     """Routed experts of one MoE layer.
 
@@ -85,7 +66,7 @@ def moe_experts(
       backend: "cpu" (FFI kernels) or "xla" (pure JAX, ``moe_experts_xla``).
       policy: "retain" saves the gate/up pre-activations ([T*K, I] f32 each) for the backward;
         "recompute" recomputes them there. Both give the same gradients.
-      intermediates: None (default) picks by dtype: "bf16" for bf16 x and bf16 weights on backend
+      intermediates: "auto" (default) picks by dtype: "bf16" for bf16 x and bf16 weights on backend
         "cpu", "f32" otherwise (``moe_checks.default_intermediates``). "f32" keeps every intermediate
         of the expert chain in f32. "bf16" (bf16 x, backend "cpu" only) rounds the operands of the
         products that would otherwise mix f32 and bf16 to bf16 — the weighted hidden state w * h (down
@@ -97,7 +78,7 @@ def moe_experts(
     Returns:
       y: [T, H], dtype of x.
     """
-    if intermediates is None:
+    if intermediates == "auto":
         intermediates = default_intermediates(
             getattr(x, "dtype", None), getattr(gate, "dtype", None), backend
         )
@@ -107,37 +88,69 @@ def moe_experts(
     if backend == "xla":
         check_ids_in_range(topk_ids, gate.shape[0])
         return moe_experts_xla(x, topk_ids, topk_weights, gate, up, down, lora, float(lora_scale))
-    adapters = []
-    for name in PROJECTIONS:
-        if lora and name in lora:
-            adapters.extend(lora[name])
-        else:  # rank-0 placeholder: "no adapter" (never differentiated, costs nothing)
-            out_dim, in_dim = (down.shape[1], down.shape[2]) if name == "down" else gate.shape[1:]
-            adapters.append(jnp.zeros((gate.shape[0], 0, in_dim), gate.dtype))
-            adapters.append(jnp.zeros((gate.shape[0], out_dim, 0), gate.dtype))
-    bf16_mid = intermediates == "bf16"
-    return _moe_cpu(float(lora_scale), policy, bf16_mid, x, topk_ids, topk_weights, gate, up, down, *adapters)
+    adapters = {name: tuple(pair) for name, pair in (lora or {}).items()}
+    return _moe_cpu(
+        float(lora_scale), policy, intermediates, x, topk_ids, topk_weights, gate, up, down, adapters
+    )
 
 
-def _forward_call(args: tuple[jax.Array, ...], lora_scale: float, save_preact: bool, bf16_mid: bool = False):
-    x, topk_ids, gate = args[0], args[1], args[3]
+def _named_inputs(x, topk_ids, topk_weights, gate, up, down, adapters: dict) -> dict:
+    """The op's inputs by their names in the contract (adapters as lora_<projection>_a / _b)."""
+    named = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights, gate=gate, up=up, down=down)
+    for name, (a, b) in adapters.items():
+        named[f"lora_{name}_a"], named[f"lora_{name}_b"] = a, b
+    return named
+
+
+def _problem_args(named: dict, adapters: dict) -> tuple[list[jax.Array], dict]:
+    """The arguments both kernels take after their own (the contract's problem_args, then A and B of
+    each adapter in projection order) and the `adapters` attribute naming those projections."""
+    present = [name for name in PROJECTIONS if name in adapters]  # (a dict pytree's keys come sorted)
+    args = [named[name] for name in _CONTRACT["problem_args"]]
+    for name in present:
+        args += [named[f"lora_{name}_a"], named[f"lora_{name}_b"]]
+    return args, {"adapters": ",".join(present)}
+
+
+def _forward_call(named: dict, adapters: dict, lora_scale: float, intermediates: str, save_preact: bool):
+    x, topk_ids, gate = named["x"], named["topk_ids"], named["gate"]
     T, K = topk_ids.shape
     saved = (T * K, gate.shape[1]) if save_preact else (0,)
-    return jax.ffi.ffi_call(
+    results = {
+        "y": jax.ShapeDtypeStruct(x.shape, x.dtype),
+        "g_saved": jax.ShapeDtypeStruct(saved, jnp.float32),
+        "u_saved": jax.ShapeDtypeStruct(saved, jnp.float32),
+    }
+    args, attrs = _problem_args(named, adapters)
+    out = jax.ffi.ffi_call(
         ffi.FORWARD_TARGET,
-        (
-            jax.ShapeDtypeStruct(x.shape, x.dtype),
-            jax.ShapeDtypeStruct(saved, jnp.float32),
-            jax.ShapeDtypeStruct(saved, jnp.float32),
-        ),
+        tuple(results[name] for name in _CONTRACT["forward_results"]),
         vmap_method="sequential",
-    )(*args, lora_scale=np.float32(lora_scale), save_preact=save_preact, bf16_intermediates=bf16_mid)
+    )(
+        *args,
+        **attrs,
+        lora_scale=np.float32(lora_scale),
+        intermediates=intermediates,
+        save_preact=save_preact,
+    )
+    return dict(zip(_CONTRACT["forward_results"], out))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _moe_cpu(lora_scale: float, policy: str, bf16_mid: bool, *args: jax.Array) -> jax.Array:
-    y, _, _ = _forward_call(args, lora_scale, save_preact=False, bf16_mid=bf16_mid)
-    return y
+def _moe_cpu(
+    lora_scale: float,
+    policy: str,
+    intermediates: str,
+    x,
+    topk_ids,
+    topk_weights,
+    gate,
+    up,
+    down,
+    adapters: dict,
+) -> jax.Array:
+    named = _named_inputs(x, topk_ids, topk_weights, gate, up, down, adapters)
+    return _forward_call(named, adapters, lora_scale, intermediates, save_preact=False)["y"]
 
 
 @jax.tree_util.register_static
@@ -145,37 +158,45 @@ class _Needs(int):
     """The `needs` bitmask, carried through the residuals as static (non-array) data."""
 
 
-def _moe_cpu_fwd(lora_scale: float, policy: str, bf16_mid: bool, *primals):
-    args = tuple(p.value for p in primals)
+def _moe_cpu_fwd(lora_scale: float, policy: str, intermediates: str, *primals):
+    named = _named_inputs(*primals)
     needs = 0
-    for name, p in zip(_INPUT_NAMES, primals):
-        if p.perturbed and name in NEED_BITS and p.value.size > 0:  # rank-0 adapters: nothing to do
+    for name, p in named.items():
+        if p.perturbed and name in NEED_BITS:
             needs |= NEED_BITS[name]
-    y, g_saved, u_saved = _forward_call(args, lora_scale, save_preact=policy == "retain", bf16_mid=bf16_mid)
-    return y, (args, g_saved, u_saved, _Needs(needs))
+    values = {name: p.value for name, p in named.items()}
+    adapters = {name: None for name in primals[-1]}  # the projections with an adapter
+    out = _forward_call(values, adapters, lora_scale, intermediates, save_preact=policy == "retain")
+    return out["y"], (values, adapters, out["g_saved"], out["u_saved"], _Needs(needs))
 
 
-def _moe_cpu_bwd(lora_scale: float, policy: str, bf16_mid: bool, res, dy):
-    args, g_saved, u_saved, needs = res
+def _moe_cpu_bwd(lora_scale: float, policy: str, intermediates: str, res, dy):
+    values, adapters, g_saved, u_saved, needs = res
+    no_grads = (None,) * 6 + ({name: (None, None) for name in adapters},)
     if isinstance(dy, SymbolicZero) or needs == 0:
-        return (None,) * len(args)
-    needed = [name for name, bit in NEED_BITS.items() if needs & bit]
-    result_shapes = []
-    for name in NEED_BITS:
-        a = args[_INPUT_NAMES.index(name)]
-        shape = a.shape if name in needed else (0,)
-        result_shapes.append(jax.ShapeDtypeStruct(shape, a.dtype))
-    grads = jax.ffi.ffi_call(ffi.BACKWARD_TARGET, tuple(result_shapes), vmap_method="sequential")(
-        dy,
+        return no_grads
+    needed = {name for name, bit in NEED_BITS.items() if needs & bit}
+    results = []
+    for name in _CONTRACT["grads"]:
+        a = values.get(name)
+        if name in needed:
+            results.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
+        else:  # not asked for (or no such adapter): an empty result
+            results.append(jax.ShapeDtypeStruct((0,), jnp.float32 if a is None else a.dtype))
+    lead = {"dy": dy, "g_saved": g_saved, "u_saved": u_saved}
+    args, attrs = _problem_args(values, adapters)
+    grads = jax.ffi.ffi_call(ffi.BACKWARD_TARGET, tuple(results), vmap_method="sequential")(
+        *(lead[name] for name in _CONTRACT["backward_lead_args"]),
         *args,
-        g_saved,
-        u_saved,
+        **attrs,
         lora_scale=np.float32(lora_scale),
+        intermediates=intermediates,
         needs=np.int64(needs),
-        bf16_intermediates=bf16_mid,
     )
-    by_name = dict(zip(NEED_BITS, grads))
-    return tuple(by_name[name] if name in needed else None for name in _INPUT_NAMES)
+    by_name = {name: g for name, g in zip(_CONTRACT["grads"], grads) if name in needed}
+    lora_grads = {name: (by_name.get(f"lora_{name}_a"), by_name.get(f"lora_{name}_b")) for name in adapters}
+    fixed = ("x", "topk_ids", "topk_weights", "gate", "up", "down")
+    return tuple(by_name.get(name) for name in fixed) + (lora_grads,)
 
 
 _moe_cpu.defvjp(_moe_cpu_fwd, _moe_cpu_bwd, symbolic_zeros=True)

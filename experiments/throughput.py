@@ -20,7 +20,8 @@ import jax
 from ktjax import ffi
 from ktjax.experiment import DataConfig, ExperimentConfig, make_task, resolve
 from ktjax.memory import current_rss_bytes, format_memory, training_memory
-from ktjax.models import build_model, qwen3_moe
+from ktjax.models import ModelConfig, build_model, qwen3_moe
+from ktjax.ops.moe_checks import default_intermediates
 from ktjax.optim import GroupConfig
 from ktjax.train import TrainConfig, train
 
@@ -56,13 +57,21 @@ def get_config() -> ExperimentConfig:
     )
 
 
+def resolved_intermediates(model: ModelConfig) -> str:
+    """The expert chain's intermediates the model runs with ("auto" resolved as moe_experts does: the
+    experts get x in the weights' dtype)."""
+    if model.expert_intermediates != "auto":
+        return model.expert_intermediates
+    return default_intermediates(model.param_dtype, model.param_dtype, model.expert_backend)
+
+
 def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> dict:
     cfg = resolve(cfg)
     runtime = current_rss_bytes()
     model = build_model(cfg.model, seed=cfg.train.seed)
     print(
         f"expert backend {cfg.model.expert_backend}, {cfg.model.param_dtype} weights, "
-        f"{cfg.model.intermediates} intermediates, "
+        f"{resolved_intermediates(cfg.model)} intermediates, "
         f"{cfg.train.batch_size * make_task(cfg.data).seq_len} tokens per step"
     )
     ffi.reset_kernel_counters()

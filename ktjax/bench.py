@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax import ffi
+from ktjax import ffi, machine
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_capacity import dropless_capacity, moe_experts_capacity
 
@@ -49,8 +49,8 @@ SHAPES = {
     "M2": dict(T=128, H=2880, I=2880, K=4, E=32, r=16),  # gpt-oss-20b's expert shape: ~16 tokens per expert
 }
 CASES = ("forward", "full", "lora", "frozen")
-# backend -> moe_experts(intermediates=...): None is the default, by dtype (bf16 here).
-CPU_BACKENDS = {"cpu": None, "cpu_f32": "f32"}
+# backend -> moe_experts(intermediates=...): "auto" is the default, by dtype (bf16 here).
+CPU_BACKENDS = {"cpu": "auto", "cpu_f32": "f32"}
 
 
 def make_inputs(shape: dict, seed: int = 0) -> dict:
@@ -267,10 +267,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag}: no directory {folder!r} to write {path!r} into")
     threads = int(os.environ.get("KTJAX_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
     # The best of several short probes: this VM's hypervisor takes whole time slices away.
-    f32_peak = max(ffi.measure_peak_gflops(threads, seconds=0.1) for _ in range(8))
-    bf16_peak = max(ffi.measure_peak_gflops(threads, seconds=0.1, bf16_pairs=True) for _ in range(8))
+    f32_peak = max(machine.measure_peak_gflops(threads, seconds=0.1) for _ in range(8))
+    bf16_peak = max(machine.measure_peak_gflops(threads, seconds=0.1, bf16_pairs=True) for _ in range(8))
     peak = bf16_peak or f32_peak  # "% peak" is of the bf16 pair kernel's peak where the CPU has one
-    bw = ffi.measure_read_bandwidth_gbs(threads)
+    bw = machine.measure_read_bandwidth_gbs(threads)
     malloc = allocator()
     peaks = f"f32 peak {f32_peak:.0f} GFLOP/s"
     if bf16_peak:

@@ -1,4 +1,5 @@
-"""Loads the compiled kernels once and registers every FFI target with JAX for platform ``cpu``.
+"""Loads the compiled kernels once and registers every FFI target with JAX for platform ``cpu``; the
+ISAs the kernels can run here and their work counters.
 
 The extension ``ktjax._ktjax_ffi`` is built by ``pip install`` against the XLA FFI headers of the
 jaxlib in the build environment. A runtime jaxlib with an older FFI API cannot run those handlers and
@@ -15,8 +16,6 @@ import sys
 
 import jax
 import jaxlib
-import ml_dtypes
-import numpy as np
 
 
 def _load_module(path: str):
@@ -41,6 +40,8 @@ else:
             "ktjax's compiled kernels (ktjax._ktjax_ffi) are missing: install the package with "
             "`pip install -e .` (or `pip install .`) from the repository root."
         ) from err
+
+extension = _ktjax_ffi  # the loaded extension module (its elementwise code and probes: tests, ktjax.machine)
 
 FORWARD_TARGET = "ktjax_moe_forward"
 BACKWARD_TARGET = "ktjax_moe_backward"
@@ -129,49 +130,3 @@ def available_isas() -> list[str]:
 def selected_isa() -> str:
     """The ISA the next kernel call uses ('' when ``KTJAX_ISA`` names one this CPU lacks)."""
     return _ktjax_ffi.selected_isa()
-
-
-def round_to_bf16(x: np.ndarray) -> np.ndarray:
-    """x rounded to bf16 exactly as the kernels round their bf16 outputs (the selected ISA's rounder).
-
-    x: any shape, converted to float32. Returns the same shape as ``ml_dtypes.bfloat16``.
-    """
-    x = np.asarray(x, np.float32)
-    bits = _ktjax_ffi.round_to_bf16(np.ascontiguousarray(x).reshape(-1))
-    return bits.view(ml_dtypes.bfloat16).reshape(x.shape)
-
-
-def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """h = silu(g) * u exactly as the kernels gate the experts' hidden units (the selected ISA's code).
-
-    g, u: the same shape, converted to float32. Returns h: that shape, float32.
-    """
-    g, u = np.asarray(g, np.float32), np.asarray(u, np.float32)
-    return _ktjax_ffi.silu_mul(g.reshape(-1), u.reshape(-1)).reshape(g.shape)
-
-
-def silu_mul_grad(g: np.ndarray, u: np.ndarray, dh: np.ndarray, w: float) -> tuple[np.ndarray, np.ndarray]:
-    """(dg, du) of h = silu(g) * u for the upstream gradient ``w * dh``, exactly as the kernels compute them.
-
-    g, u, dh: the same shape, converted to float32; w: a router weight. Returns two float32 arrays of
-    that shape.
-    """
-    g, u, dh = (np.asarray(a, np.float32) for a in (g, u, dh))
-    dg, du = _ktjax_ffi.silu_mul_grad(g.reshape(-1), u.reshape(-1), dh.reshape(-1), w)
-    return dg.reshape(g.shape), du.reshape(g.shape)
-
-
-def measure_peak_gflops(threads: int, seconds: float = 0.5, bf16_pairs: bool = False) -> float:
-    """GFLOP/s of the selected micro-kernel on cache-resident data, summed over `threads`: the f32
-    kernel, or with ``bf16_pairs`` the bf16 pair kernel (``vdpbf16ps``; 0.0 where the selected ISA has
-    none, i.e. on every ISA but ``avx512_bf16``)."""
-    return _ktjax_ffi.measure_peak_gflops(threads, seconds, bf16_pairs)
-
-
-def measure_read_bandwidth_gbs(threads: int, n_bytes: int = 1 << 30, passes: int = 3) -> float:
-    """GB/s (1e9 bytes) at which `threads` threads together read `n_bytes` of main memory.
-
-    Each thread sums its own contiguous share (written by it first, so its pages are local); the
-    best of `passes` passes, each timed from the common start to the last thread's finish.
-    """
-    return _ktjax_ffi.measure_read_bandwidth_gbs(threads, n_bytes, passes)

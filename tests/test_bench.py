@@ -50,18 +50,18 @@ def test_bench_reports_the_f32_intermediates_mode_beside_the_default():
 
 
 def test_machine_probes_measure_positive_rates_and_reject_bad_input():
-    from ktjax import ffi
+    from ktjax import ffi, machine
 
-    assert ffi.measure_peak_gflops(1, seconds=0.05) > 0
-    bf16 = ffi.measure_peak_gflops(1, seconds=0.05, bf16_pairs=True)
+    assert machine.measure_peak_gflops(1, seconds=0.05) > 0
+    bf16 = machine.measure_peak_gflops(1, seconds=0.05, bf16_pairs=True)
     assert bf16 > 0 if ffi.selected_isa() == "avx512_bf16" else bf16 == 0
     for threads in (1, 2):
-        gbs = ffi.measure_read_bandwidth_gbs(threads, n_bytes=32 << 20, passes=2)
+        gbs = machine.measure_read_bandwidth_gbs(threads, n_bytes=32 << 20, passes=2)
         # finite, and not a pass timed as zero (no memory system reads 10 TB/s: HBM3e does ~8 per chip)
         assert 0 < gbs < 10_000, gbs
     for bad in (dict(threads=0), dict(n_bytes=0), dict(passes=0)):
         with pytest.raises(ValueError, match="must be positive"):
-            ffi.measure_read_bandwidth_gbs(**{"threads": 1, "n_bytes": 1 << 20, "passes": 1, **bad})
+            machine.measure_read_bandwidth_gbs(**{"threads": 1, "n_bytes": 1 << 20, "passes": 1, **bad})
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import kernel_elementwise
 import ml_dtypes
 import numpy as np
 import pytest
-
-from ktjax import ffi
 
 pytestmark = pytest.mark.kernels
 
@@ -33,7 +32,7 @@ def awkward_floats() -> np.ndarray:
 def test_rounding_to_bf16_matches_ml_dtypes(isa, use_isa):
     use_isa(isa)
     x = awkward_floats()
-    got = ffi.round_to_bf16(x).view(np.uint16)
+    got = kernel_elementwise.round_to_bf16(x).view(np.uint16)
     with np.errstate(invalid="ignore"):  # NaN inputs
         want = x.astype(ml_dtypes.bfloat16).view(np.uint16)
     nan = np.isnan(x)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from kernel_elementwise import silu_mul, silu_mul_grad
 import numpy as np
 import pytest
 from error_bounds import U_F32
 from moe_testing import SILU_GRAD_ULPS, SILU_ULPS
-
-from ktjax import ffi
 
 pytestmark = pytest.mark.kernels
 
@@ -66,15 +65,15 @@ def test_silu_gating_and_its_gradients_match_float64(isa, use_isa):
     # sigmoid: 4 + 3. dg = ((w dh) u) sigmoid (1 + g (1 - sigmoid)): 4 + 3 + 1 relative to |d u sigmoid|,
     # and the slope's absolute error |g| (4 u sigmoid + 2 u (1 - sigmoid)) + u |slope| < 7 u (1 + |g|)
     # (1 - sigmoid is exact by Sterbenz where it cancels), so 16 of dg's scale |d u sigmoid| (1 + |g|).
-    assert_close_or_same_special(ffi.silu_mul(g, u), h_ref, "h", ulps=SILU_ULPS)
-    dg, du = ffi.silu_mul_grad(g, u, dh, w)
+    assert_close_or_same_special(silu_mul(g, u), h_ref, "h", ulps=SILU_ULPS)
+    dg, du = silu_mul_grad(g, u, dh, w)
     assert_close_or_same_special(dg, dg_ref, "dg", ulps=SILU_GRAD_ULPS)
     assert_close_or_same_special(du, du_ref, "du", ulps=SILU_ULPS)
 
 
 def test_sizes_must_agree():
     with pytest.raises(ValueError, match="same size"):
-        ffi.silu_mul(np.ones(4), np.ones(5))
+        silu_mul(np.ones(4), np.ones(5))
 
 
 def test_avx2_gating_gives_the_same_bits_as_avx512(monkeypatch, use_isa):
@@ -87,5 +86,7 @@ def test_avx2_gating_gives_the_same_bits_as_avx512(monkeypatch, use_isa):
     outs = {}
     for isa in ("avx512", "avx2"):
         monkeypatch.setenv("KTJAX_ISA", isa)
-        outs[isa] = np.stack([ffi.silu_mul(g, u), *ffi.silu_mul_grad(g, u, dh, 0.37)])
+        outs[isa] = np.stack(
+            [silu_mul(g, u), *silu_mul_grad(g, u, dh, 0.37)]
+        )
     np.testing.assert_array_equal(outs["avx2"].view(np.uint32), outs["avx512"].view(np.uint32))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 
 ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",

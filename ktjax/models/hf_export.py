@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.models.hf_config import hf_config, read_hf_config
 from ktjax.models.hf_load import hf_names
 from ktjax.models.safetensors_io import write_file

@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.models.hf_config import config_from_hf, read_hf_config
 from ktjax.models.safetensors_io import TensorInfo, aligned_empty, read_header, read_into, to_jax
+from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import ModelDef, Params, is_lora, merge_model, split_model
 
 # ktjax's stacked routed-expert parameters, and the per-expert names Hugging Face stores them under.
@@ -83,8 +84,6 @@ def index_checkpoint(path: str | pathlib.Path) -> dict[str, TensorInfo]:
 
 def abstract_model(cfg: ModelConfig, seed: int = 0) -> tuple[ModelDef, dict[str, jax.ShapeDtypeStruct]]:
     """The model's structure and parameter shapes, without allocating any weights."""
-    from ktjax.nn.decoder import MoeForCausalLM
-
     return split_model(nnx.eval_shape(lambda: MoeForCausalLM(cfg, rngs=nnx.Rngs(seed))))
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.nn.linear import Linear
 from ktjax.nn.norm import RMSNorm
 from ktjax.nn.rope import rope, softmax_scale

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.nn.attention import Attention, attention_mask
 from ktjax.nn.linear import Linear
 from ktjax.nn.mla import LatentAttention

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.nn.attention import attend
 from ktjax.nn.linear import Linear
 from ktjax.nn.norm import RMSNorm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.nn.linear import Linear
 
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
 from ktjax.nn.router import Router
@@ -41,7 +41,7 @@ class Experts(nnx.Module):
         self.lora_scale = cfg.lora_scale
         self.backend = cfg.expert_backend
         self.policy = cfg.expert_policy
-        self.intermediates = cfg.intermediates
+        self.intermediates = cfg.expert_intermediates
 
     def __call__(self, x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array) -> jax.Array:
         """x: [T, H] f32 -> [T, H] f32; the experts run in the weights' dtype."""

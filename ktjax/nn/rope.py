@@ -13,14 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED = ("default", "yarn")
-
-
-def rope_type(rope_scaling: dict | None) -> str:
-    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-    if kind not in SUPPORTED:
-        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (supported: {SUPPORTED})")
-    return kind
+from ktjax.config import rope_type
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ktjax.models.config import ModelConfig
+from ktjax.config import ModelConfig
 
 
 class Router(nnx.Module):

@@ -1,4 +1,8 @@
-"""Model configuration: one dataclass covering the Qwen3-MoE, DeepSeek-V3 and Mixtral layouts."""
+"""Model configuration: one dataclass covering the Qwen3-MoE, DeepSeek-V3 and Mixtral layouts.
+
+Depends on nothing else in ktjax: ``ktjax.nn`` builds modules from it, ``ktjax.models`` holds the
+presets (``qwen3_moe``, ``deepseek_v3``, ``mixtral``), Hugging Face I/O and ``build_model``.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,16 @@ LORA_TARGETS = (
     "experts",
 )
 ATTENTIONS = ("gqa", "mla")
+ROPE_TYPES = ("default", "yarn")  # rope_scaling types the models compute (ktjax.nn.rope)
+
+
+def rope_type(rope_scaling: dict | None) -> str:
+    """The scaling type of Hugging Face's ``rope_scaling`` dict (None: "default"); NotImplementedError for
+    a type ktjax cannot compute."""
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (supported: {ROPE_TYPES})")
+    return kind
 
 
 @dataclass
@@ -106,19 +120,9 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
-        from ktjax.nn.rope import rope_type
-
         rope_type(self.rope_scaling)  # refuses scaling types the model cannot compute
         self.lora_targets = tuple(self.lora_targets)
         self.mlp_only_layers = tuple(self.mlp_only_layers)
-
-    @property
-    def intermediates(self) -> str:
-        """The expert chain's intermediates this config runs with: expert_intermediates, with auto
-        resolved as moe_experts resolves it (the experts get x in the weights' dtype)."""
-        if self.expert_intermediates != "auto":
-            return self.expert_intermediates
-        return "bf16" if (self.param_dtype, self.expert_backend) == ("bfloat16", "cpu") else "f32"
 
     @property
     def lora_scale(self) -> float:
@@ -137,31 +141,3 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
-
-def qwen3_moe(**overrides) -> ModelConfig:
-    """Qwen3-MoE: softmax top-k with norm_topk_prob, no shared experts, GQA with q/k RMSNorm, RoPE."""
-    return ModelConfig(style="qwen3_moe", **overrides)
-
-
-def deepseek_v3(**overrides) -> ModelConfig:
-    """DeepSeek-V3 layout: multi-head latent attention, sigmoid scoring with correction bias,
-    group-limited top-k, a shared expert, first layer dense."""
-    defaults = dict(
-        style="deepseek_v3",
-        attention="mla",
-        scoring_func="sigmoid",
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        routed_scaling_factor=2.5,
-        qk_norm=False,
-    )
-    return ModelConfig(**{**defaults, **overrides})
-
-
-def mixtral(**overrides) -> ModelConfig:
-    """Mixtral: softmax top-2 over 8 experts, GQA, no q/k norm."""
-    defaults = dict(style="mixtral", num_experts=8, num_experts_per_tok=2, qk_norm=False)
-    return ModelConfig(**{**defaults, **overrides})

@@ -9,7 +9,7 @@ def test_the_default_backends_are_the_default_mode_the_f32_mode_and_xla(capsys):
     # The default mode for the benchmark's bf16 weights is bf16 intermediates; cpu_f32 asks for f32.
     from ktjax.bench import CPU_BACKENDS
 
-    assert CPU_BACKENDS == {"cpu": None, "cpu_f32": "f32"}
+    assert CPU_BACKENDS == {"cpu": "auto", "cpu_f32": "f32"}
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "cpu (default mode: bf16 intermediates for bf16 weights)" in " ".join(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kernel_elementwise import silu_mul, silu_mul_grad
 import numpy as np
 import pytest
 from error_bounds import U_F32
+from kernel_elementwise import silu_mul, silu_mul_grad
 from moe_testing import SILU_GRAD_ULPS, SILU_ULPS
 
 pytestmark = pytest.mark.kernels

@@ -14,10 +14,9 @@ from moe_testing import rel_err
 from ktjax import ffi
 from ktjax.checkpoint import Checkpoints
 from ktjax.data import SortTask
-from ktjax.export import export_lora, export_merged, load_weights
 from ktjax.models import build_model, qwen3_moe
 from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES, GroupConfig
-from ktjax.params import merge_model, split_model
+from ktjax.params import merge_lora, merge_model, split_model
 from ktjax.train import TrainConfig, train
 
 TASK = SortTask(length=5, num_values=6)
@@ -162,13 +161,10 @@ def test_micro_batches_give_the_same_step_as_one_batch(tmp_path):
                 assert rel_err(step_four, step_one) < network_tolerance(2 * TINY_DEPTH + 1), name
 
 
-def test_exported_merged_weights_give_the_adapted_models_logits(tmp_path):
+def test_trained_adapters_merged_into_the_base_give_the_adapted_models_logits(tmp_path):
     cfg = tiny(lora_targets=("experts", "o_proj"))
     result = train(build_model(cfg), OneBatch(), config(steps=5, rules=LORA_RULES), tmp_path)
-    names = export_lora(result.params, tmp_path / "adapters.safetensors")
-    assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
-    export_merged(result.params, cfg.lora_scale, tmp_path / "merged.safetensors")
-    merged = load_weights(tmp_path / "merged.safetensors")
+    merged = merge_lora(result.params, cfg.lora_scale)
     adapted_def, _ = split_model(build_model(cfg))
     plain_def, plain = split_model(build_model(cfg.replace(lora_rank=0, lora_targets=())))
     assert set(merged) == set(plain)

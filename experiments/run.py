@@ -24,7 +24,8 @@ import sys
 import experiments
 from ktjax.checkpoint import CheckpointError
 from ktjax.experiment import ExperimentConfig, run_experiment
-from ktjax.overrides import apply_overrides, from_json
+from ktjax.files import write_atomically
+from ktjax.overrides import apply_overrides, from_json, to_json
 from ktjax.train import TrainingStopped
 
 # What a run can fail with that is the input's or the machine's fault, not ktjax's: printed as one line.
@@ -90,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     driver = getattr(module, "run", run_experiment)
+    workdir = pathlib.Path(workdir)
+    # Every run directory holds the config it runs with, whichever driver runs it (so --resume finds
+    # it); the default driver rewrites it with the fields it resolves (architecture from model.path).
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_atomically(workdir / "config.json", json.dumps(to_json(cfg), indent=2))
     try:
-        driver(cfg, pathlib.Path(workdir), args.resume)
+        driver(cfg, workdir, args.resume)
     except RUN_ERRORS as err:
         if args.traceback:
             raise

@@ -178,7 +178,7 @@ def test_an_expert_too_large_to_pack_once_still_takes_the_pair_path():
         assert counters["bf16_pair_flops"] == 9 * 2 * 560 * 6208 * 8
 
 
-def test_thread_count_does_not_change_results(monkeypatch):
+def test_thread_count_does_not_change_the_bf16_modes_results(monkeypatch):
     # Work items never share an output element, so 1 and 3 threads give the same bits.
     p = make_problem(39, T=160, K=2, E=3, H=300, I=200, dtype=jnp.bfloat16)
     cot = np.random.default_rng(5).standard_normal(p.x.shape)

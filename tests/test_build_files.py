@@ -1,4 +1,5 @@
-"""The build descriptions agree with the sources, and the FFI version check refuses old runtimes."""
+"""The build descriptions and the README's layout agree with the sources, and the FFI version check
+refuses old runtimes."""
 
 from __future__ import annotations
 
@@ -45,10 +46,6 @@ def test_x86_intrinsics_only_in_the_files_a_portable_build_leaves_out():
     assert 'EXCLUDE REGEX "_avx"' in (src / "CMakeLists.txt").read_text()
 
 
-def test_extension_was_built_for_the_runtime_ffi_api():
-    assert ffi.built_ffi_api_version() <= ffi.runtime_ffi_api_version()
-
-
 @pytest.mark.parametrize("built, runtime", [((0, 4), (0, 3)), ((1, 0), (0, 9)), ((0, 3), (1, 0))])
 def test_older_or_incompatible_runtime_ffi_api_is_refused_with_a_clear_message(built, runtime):
     with pytest.raises(ImportError, match="kernels were built for XLA FFI API"):
@@ -58,3 +55,32 @@ def test_older_or_incompatible_runtime_ffi_api_is_refused_with_a_clear_message(b
 @pytest.mark.parametrize("built, runtime", [((0, 3), (0, 3)), ((0, 3), (0, 4))])
 def test_same_or_newer_runtime_ffi_api_is_accepted(built, runtime):
     ffi.check_ffi_api(built, runtime)
+
+
+def readme_layout() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S)
+    assert block, "README.md has no Layout block"
+    return block.group(1)
+
+
+def test_readme_layout_names_every_source_file_and_nothing_that_is_gone():
+    layout = readme_layout()
+    words = set(re.findall(r"[\w.-]+", layout))
+    tracked = (
+        [pathlib.Path(p) for p in (ROOT / "xla_ffi").iterdir() if p.is_file()]
+        + [p for p in (ROOT / "ktjax").rglob("*.py")]
+        + list((ROOT / "experiments").glob("*.py"))
+    )
+    tracked += list((ROOT / "docs").iterdir()) + [p for p in ROOT.iterdir() if not p.name.startswith(".")]
+    missing = []
+    for path in tracked:
+        if path.name in ("__init__.py", "build", "runs", "__pycache__") or path.suffix == ".so":
+            continue
+        if path.name not in words and path.stem not in words and f"{path.name}/" not in layout:
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"README's layout does not name {missing}"
+    # Each file name the layout gives (a word with an extension) exists somewhere in the tree.
+    named = {w for w in words if re.fullmatch(r"[\w-]+\.(py|h|cc|md|txt|toml|png|jsonl)", w)}
+    on_disk = {p.name for p in ROOT.rglob("*") if "build" not in p.parts and ".git" not in p.parts}
+    assert named <= on_disk, f"README's layout names files that do not exist: {sorted(named - on_disk)}"

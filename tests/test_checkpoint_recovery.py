@@ -19,6 +19,8 @@ from ktjax.models import build_model
 from ktjax.optim import HYBRID_RULES
 from ktjax.train import TrainingStopped, train
 
+pytestmark = pytest.mark.slow
+
 CFG = config(steps=8, checkpoint_every=4, keep_checkpoints=3, rules=HYBRID_RULES)
 
 

@@ -88,6 +88,18 @@ def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def test_a_run_with_its_own_driver_leaves_its_config_and_can_be_resumed(tmp_path, capsys, monkeypatch):
+    import experiments.compare_modes as module
+
+    calls = []
+    monkeypatch.setattr(module, "run", lambda cfg, workdir, resume: calls.append((cfg.train.steps, resume)))
+    workdir = str(tmp_path / "run")
+    assert run_in_process(capsys, "compare_modes", "--workdir", workdir, "--set", "train.steps=7")[0] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 7
+    assert run_in_process(capsys, "compare_modes", "--resume", "--workdir", workdir)[0] == 0
+    assert calls == [(7, False), (7, True)]
+
+
 def test_list_names_every_experiment_with_a_description(capsys):
     code, out, _ = run_in_process(capsys, "--list")
     assert code == 0

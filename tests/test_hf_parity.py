@@ -20,6 +20,8 @@ from model_testing import jit_logits  # noqa: E402
 from ktjax.models import from_hf  # noqa: E402
 from ktjax.params import merge_model, split_model  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=sorted(TINY))
 def hf_model(request, tmp_path_factory):

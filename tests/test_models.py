@@ -39,6 +39,7 @@ def loss_and_grads(cfg, input_ids, targets):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", list(STYLES))
 def test_cpu_and_xla_expert_backends_agree_through_the_whole_model(style):
     rng = np.random.default_rng(0)
@@ -57,6 +58,7 @@ def test_cpu_and_xla_expert_backends_agree_through_the_whole_model(style):
         assert rel_err(g_cpu[name], g_xla[name]) < network_tolerance(2 * TINY_DEPTH), name
 
 
+@pytest.mark.slow
 def test_bf16_expert_intermediates_reach_the_kernels_and_stay_close_to_f32():
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(0, 29, (2, 12)), jnp.int32)

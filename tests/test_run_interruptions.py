@@ -12,7 +12,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_experiments import ROOT
+
+pytestmark = pytest.mark.slow
 
 TINY_RUN = [
     "--set=train.steps=24",

@@ -147,6 +147,7 @@ def test_data_whose_trained_targets_are_all_truncated_away_is_refused(tmp_path):
     assert SFTData(str(path), ByteTokenizer(), seq_len=64).rows["loss_mask"].sum() > 0
 
 
+@pytest.mark.slow
 def test_experiment_starts_from_a_model_directory(tmp_path):
     """model.path + data.path: the architecture comes from config.json, the tokenizer from the directory,
     training runs, and the adapters are exported in PEFT format plus a merged model directory."""

@@ -86,7 +86,5 @@ def test_avx2_gating_gives_the_same_bits_as_avx512(monkeypatch, use_isa):
     outs = {}
     for isa in ("avx512", "avx2"):
         monkeypatch.setenv("KTJAX_ISA", isa)
-        outs[isa] = np.stack(
-            [silu_mul(g, u), *silu_mul_grad(g, u, dh, 0.37)]
-        )
+        outs[isa] = np.stack([silu_mul(g, u), *silu_mul_grad(g, u, dh, 0.37)])
     np.testing.assert_array_equal(outs["avx2"].view(np.uint32), outs["avx512"].view(np.uint32))

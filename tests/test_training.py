@@ -92,6 +92,7 @@ def test_hybrid_training_keeps_frozen_and_lora_base_weights_bit_identical(tmp_pa
     assert counts["base_grad"] == 0  # the expert kernels never computed a base-weight gradient
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     cfg = config(steps=12, checkpoint_every=4, rules=HYBRID_RULES)
     whole = train(build_model(tiny()), TASK, cfg, tmp_path / "whole", keep_model=False)  # model donated
@@ -137,6 +138,7 @@ def test_restoring_into_a_different_model_names_the_parameter(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_same_step_as_one_batch(tmp_path):
     sgd = {g: GroupConfig("sgd", lr_peak=0.5, schedule="constant") for g in ("full", "lora")}
     before = split_model(build_model(tiny()))[1]

@@ -16,8 +16,8 @@ namespace {
 constexpr int64_t kMR = 6;    // every micro-kernel's row count
 constexpr int64_t kMaxNR = 32;
 // Depth of one packed block. The micro-kernel keeps one kc x 32 f32 B micro-panel while it walks the A
-// panels: at kc = 128 (16 KiB) it stays in L1, which pays up to a few hundred rows of A; with more rows,
-// the C tile's extra passes (one per depth block) cost more and kc = 256 measured faster (docs).
+// panels: at kc = 128 (16 KiB) it stays in L1, which pays for up to a few hundred rows of A; with more
+// rows the C tile's extra passes (one per depth block) cost more than L1 misses, so kc = 256.
 constexpr int64_t kKC = 256;
 constexpr int64_t kKCFewRows = 128;
 constexpr int64_t kFewRows = 256;
@@ -27,15 +27,13 @@ constexpr int64_t kNC = 512;  // columns of B packed at once (multiple of every 
 // Products of few rows against bf16 weights read them in place (gemm.h): the dot path (DotKernel, up
 // to kDotMaxRows rows) in blocks of the reduction (dot_depth) whose packed token rows stay in L2
 // while the weight rows stream past; the direct path (DirectKernel, up to kDirectMaxRows rows) in
-// blocks of kDirectKC rows. The limits are where the packed path became as fast in interleaved A/B
-// runs (docs/performance-log.md): the dot path beats it up to ~100 rows, the direct path (since its later
-// row tiles read the weights widened) up to 96-128; at 128 (S2) the two are even.
+// blocks of kDirectKC rows. The limits are the row counts up to which these paths beat the packed path
+// (docs/performance-log.md has the measurements).
 constexpr int64_t kDotMaxRows = 96;
 constexpr int64_t kDirectMaxRows = 96;
 // The dot path's reduction blocks are as deep as keeps the packed token rows within kDotAFloats (256 KiB,
 // a quarter of a 1 MiB L2), between kDotMinKC and kDotMaxKC, and of equal depth: for a few tokens at
-// the usual widths that is whole weight rows, so each group of 4 rows is read as one stretch of memory
-// (docs/performance-log.md: 5-13% off the forward at 16-32 tokens per expert against blocks of 1024).
+// the usual widths that is whole weight rows, so each group of 4 rows is read as one stretch of memory.
 constexpr int64_t kDotAFloats = 64 * 1024;
 constexpr int64_t kDotMinKC = 1024;
 constexpr int64_t kDotMaxKC = 8192;
@@ -130,9 +128,8 @@ bool cpu_has(const Isa& isa) {
 }
 
 // Fetches elements [k0, k0 + kc) of stored rows [r0, r0 + n) of A into L1. The next A panel's token
-// rows are gathered from anywhere in x, so no hardware prefetcher sees them coming: without this the
-// A-side packer stalled on their first loads (12% of the micro-kernel's samples, one expert with
-// 1,024 tokens).
+// rows are gathered from anywhere in x, so no hardware prefetcher sees them coming, and the A-side
+// packer would stall on their first loads.
 template <typename T>
 void prefetch_rows(const MatView& A, int64_t r0, int64_t n, int64_t k0, int64_t kc) {
   const T* d = static_cast<const T*>(A.data);
@@ -337,7 +334,7 @@ void clear_unless_accumulating(int64_t M, int64_t N, const OutView& C, bool accu
 
 // Fetches C[i0:i0+m, j0:j0+n] into L1 for writing. C's rows lie far apart (gathered, or 4 KiB and
 // more apart) and a large C does not stay in cache between depth blocks, so the epilogue of each
-// micro-kernel call missed on them (6% of its samples, on the first load of C).
+// micro-kernel call would miss on them.
 void prefetch_tile(const OutView& C, int64_t i0, int64_t m, int64_t j0, int64_t n) {
   for (int64_t i = i0; i < i0 + m; ++i) {
     const float* row = C.row_ptr(i) + j0;
@@ -347,8 +344,8 @@ void prefetch_tile(const OutView& C, int64_t i0, int64_t m, int64_t j0, int64_t 
 
 // C[0:mc, 0:nc] (+)= alpha * A B for one packed block of A (mc rows, panels of kMR) and of B (nc
 // columns, panels of nr), both of depth kc. With prefetch_c, each micro-kernel call is preceded by a
-// prefetch of the C rows of the next one in its column panel: worth it where C is a large output
-// (gemm), not where it is a worker's L2-resident tile (gemm_packed: 3-5% slower with it, S2 full).
+// prefetch of the C rows of the next one in its column panel: for a large output C (gemm), not for a
+// worker's L2-resident tile (gemm_packed), where the prefetches only wait on fill buffers.
 // `kernel` is the f32 micro-kernel (T = float, steps = kc) or the pair kernel (T = uint32_t, steps =
 // the kc / 2 pairs, rounded up).
 template <typename T, typename Kernel>

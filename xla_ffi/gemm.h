@@ -105,9 +105,7 @@ using DotRowPacker = void (*)(const void* src, DType dtype, float scale, int64_t
 //   (x86: widened to f32, in their even/odd order; generic: widened, in column order). Several row tiles
 //   read the same block one after the other; the first copies it, and the others (kRead: w and ldw
 //   unused) read the contiguous copy, because stored rows 4 KiB apart fall into one L1 set and evict
-//   each other (on hot data the old 32-column kernel ran at 0.4-0.5x the micro-kernel's rate on such
-//   rows; with the copy and 64 columns 0.75x; docs/performance-log.md), and, where the copy is widened,
-//   without widening again.
+//   each other, and, where the copy is widened, they need not widen again.
 // - prefetch != null: the segments at prefetch + k * prefetch_ld (the same columns of the next block of
 //   rows) are fetched into L2 at the steps of k that `slice` selects (each row tile its own phase).
 constexpr int64_t kDirectCols = 64;

@@ -44,8 +44,7 @@ namespace {
 // their sums dropped), 32 values of k per step: one load per weight row and per token row, MB * 4
 // accumulators. The last block of 32 reads the weights with a mask (the token rows are zero-padded).
 // The next 8 weight rows (the driver's next two calls) are prefetched into L2 at the steps of 32 k
-// selected by `slice`: with only the next 4, as the f32 dot kernel does, the S1 forward took 1.05x
-// as long (docs/performance-log.md).
+// selected by `slice`: at the pair kernel's rate the next call's 4 rows arrive too late.
 template <int MB>
 void pair_dot_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* const* w, const uint16_t* next,
                    int64_t ldw, int nw, float* const* c, float alpha, bool acc, PrefetchSlice slice) {

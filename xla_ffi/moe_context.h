@@ -59,11 +59,10 @@ struct KernelContext {
   // The column blocks, one per work item, of a [rows, cols] f32 block that each item accumulates over
   // all experts (the forward's down projection, dx): 4 items per worker, each packing its token rows
   // once for many columns, or wider, down to one item per worker, while an item's block stays within
-  // kTileBlockFloats (half of L2). Few rows (small batches) thus read each weight row in long runs: 2
-  // KiB of every 4 KiB row per visit at S1 instead of 512 bytes. Widths are multiples of 32: with many
-  // workers narrower than kTile (H = 2048 makes 64 items of 32 columns, not 16 of 128, for 16 workers
-  // or more); packing the token rows for each of the narrower items measured no cost
-  // (docs/performance-log.md).
+  // kTileBlockFloats (half of L2). Few rows (small batches) thus read each weight row in long runs,
+  // which the hardware prefetchers follow. Widths are multiples of 32 (the kernels' tile width), so
+  // with many workers narrower than kTile: every worker gets items, at the price of packing the token
+  // rows once per narrower item.
   ColumnBlocks token_blocks(int64_t cols, int64_t rows) const {
     const int64_t balanced = block_width(cols, 4 * static_cast<int64_t>(workers));
     const int64_t fits = kTileBlockFloats / std::max<int64_t>(rows, 1) / 32 * 32;
@@ -198,7 +197,7 @@ inline MatView bf16_view(const uint16_t* data, int64_t ld) {
   return v;
 }
 
-// The bf16 copy of a scaled intermediate (bf16_intermediates: w h): dst[0:n] = bf16(scale * src[0:n]);
+// The bf16 copy of a scaled intermediate (bf16 intermediates: w h): dst[0:n] = bf16(scale * src[0:n]);
 // tmp holds n floats.
 void store_scaled_bf16(const Isa& isa, const float* src, float scale, uint16_t* dst, int64_t n, float* tmp);
 

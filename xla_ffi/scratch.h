@@ -2,7 +2,7 @@
 //
 // A kernel call needs tens of MB of f32 intermediates at real shapes (pre-activations, hidden
 // activations, their gradients, packing panels). Allocating them per call costs page faults and the
-// kernel's page zeroing every time (~9% of a backward in the profile). Instead a call borrows buffers
+// kernel's page zeroing every time. Instead a call borrows buffers
 // from one process-wide pool for its duration (`Scratch`), and the next call reuses them: after the
 // first step of a training loop no kernel call allocates. The pool holds at most what the largest
 // concurrent calls needed; `release_idle()` frees what no call is using (ktjax.ffi.release_scratch).

@@ -60,3 +60,11 @@ def use_isa(monkeypatch):
         monkeypatch.setenv("KTJAX_ISA", isa)
 
     return use
+
+
+def pytest_collection_modifyitems(items):
+    # A test that picks its ISA itself (use_isa) runs the same on any KTJAX_ISA: .ci/run leaves these out
+    # (-m "not isa_forced") when it repeats the kernel tests on the CPU's other ISAs.
+    for item in items:
+        if "use_isa" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.isa_forced)

@@ -11,26 +11,15 @@ from ktjax.nn.linear import Linear
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, intermediate: int, *, rngs: nnx.Rngs, dtype):
-        H, scale = cfg.hidden_size, cfg.lora_scale
-        self.gate_proj = Linear(
-            H,
-            intermediate,
-            rngs=rngs,
-            dtype=dtype,
-            lora_rank=cfg.lora_rank_for("gate_proj"),
-            lora_scale=scale,
-        )
-        self.up_proj = Linear(
-            H, intermediate, rngs=rngs, dtype=dtype, lora_rank=cfg.lora_rank_for("up_proj"), lora_scale=scale
-        )
-        self.down_proj = Linear(
-            intermediate,
-            H,
-            rngs=rngs,
-            dtype=dtype,
-            lora_rank=cfg.lora_rank_for("down_proj"),
-            lora_scale=scale,
-        )
+        H = cfg.hidden_size
+
+        def linear(name: str, in_dim: int, out_dim: int) -> Linear:
+            rank, scale = cfg.lora_rank_for(name), cfg.lora_scale
+            return Linear(in_dim, out_dim, rngs=rngs, dtype=dtype, lora_rank=rank, lora_scale=scale)
+
+        self.gate_proj = linear("gate_proj", H, intermediate)
+        self.up_proj = linear("up_proj", H, intermediate)
+        self.down_proj = linear("down_proj", intermediate, H)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., H] -> [..., H] f32."""

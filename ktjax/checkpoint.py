@@ -155,6 +155,17 @@ def _quiet_stragglers() -> None:
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
+# orbax copies the arrays an async save writes (the step donates their buffers next) and, unthrottled,
+# copies all of them at once: a full-mode checkpoint would briefly double the state in host memory. At
+# most this many GB of one item (trainable parameters, optimizer state, frozen parameters) are in
+# flight at a time.
+SAVE_CONCURRENT_GB = 1
+
+
+def _handler() -> ocp.StandardCheckpointHandler:
+    return ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)
+
+
 class Checkpoints:
     """Save and restore one run's state. `max_to_keep` step checkpoints are kept."""
 
@@ -171,8 +182,8 @@ class Checkpoints:
                 cleanup_tmp_directories=True,  # the partial saves of a killed run
             ),
             item_handlers={
-                "trainable": ocp.StandardCheckpointHandler(),
-                "opt_state": ocp.StandardCheckpointHandler(),
+                "trainable": _handler(),
+                "opt_state": _handler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
@@ -209,8 +220,8 @@ class Checkpoints:
         if self.frozen_path.exists():  # from a run killed before its first step checkpoint
             shutil.rmtree(self.frozen_path)
         if frozen:
-            with ocp.StandardCheckpointer() as ckptr:
-                ckptr.save(self.frozen_path, frozen)
+            with ocp.Checkpointer(_handler()) as ckptr:
+                ckptr.save(self.frozen_path, args=ocp.args.StandardSave(frozen))
 
     def save(self, step: int, trainable: Params, opt_state: Any, meta: dict) -> None:
         """Starts an async save of step `step`; `meta` is JSON (step, seed, data position, ...). Raises

@@ -37,3 +37,12 @@ def silu_mul_grad(g: np.ndarray, u: np.ndarray, dh: np.ndarray, w: float) -> tup
     g, u, dh = (np.asarray(a, np.float32) for a in (g, u, dh))
     dg, du = extension.silu_mul_grad(g.reshape(-1), u.reshape(-1), dh.reshape(-1), w)
     return dg.reshape(g.shape), du.reshape(g.shape)
+
+
+def dequantize(w, expert: int = 0) -> np.ndarray:
+    """Expert `expert` of a QuantizedWeight [E, out, in], dequantized by the kernels' code: [out, in] f32."""
+    E, rows, cols = w.shape
+    data = np.ascontiguousarray(np.asarray(w.data)[expert]).view(np.uint8).reshape(-1)
+    scales = np.ascontiguousarray(np.asarray(w.scales)[expert], np.float32).reshape(-1)
+    group = w.group if w.format == "int4" else w.block[0]
+    return extension.dequantize(w.format, data, scales, rows, cols, group, w.block[1])

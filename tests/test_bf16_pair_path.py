@@ -41,8 +41,8 @@ SHAPES = {
 def saved_preactivations(p, lora_ranks=()):
     """g and u [T*K, I] f32 as the forward saves them (slots sorted by expert, stable), and the
     float64 reference in the same order."""
-    named = _named_inputs(*p.args(), p.lora)
-    out = _forward_call(named, p.lora, p.scale, "f32", save_preact=True)
+    named, quant = _named_inputs(*p.args(), p.lora)
+    out = _forward_call(named, p.lora, quant, p.scale, "f32", save_preact=True)
     g, u = out["g_saved"], out["u_saved"]
     K = p.ids.shape[1]
     ids = np.asarray(p.ids).reshape(-1)

@@ -120,8 +120,8 @@ def kernel_forward(intermediates="f32", save_preact=False, named_lora=None):
     from ktjax.ops.moe_experts import _forward_call, _named_inputs
 
     lora = dict(P.lora) if named_lora is None else named_lora
-    named = _named_inputs(*P.args(), lora)
-    return jax.block_until_ready(_forward_call(named, lora, 1.0, intermediates, save_preact))
+    named, quant = _named_inputs(*P.args(), lora)
+    return jax.block_until_ready(_forward_call(named, lora, quant, 1.0, intermediates, save_preact))
 
 
 @pytest.mark.parametrize("save_preact", [False, True])
@@ -135,39 +135,36 @@ def test_kernels_refuse_an_unknown_intermediates_mode():
         kernel_forward(intermediates="f16")
 
 
+def raw_forward(args: list, **attrs):
+    """The forward kernel on raw arguments (x first) and attributes (what ktjax.ops would never pass)."""
+    op = importlib.import_module("ktjax.ops.moe_experts")  # the module (ktjax.ops.moe_experts is the op)
+    empty = jax.ShapeDtypeStruct((0,), jnp.float32)
+    call = jax.ffi.ffi_call(op.ffi.FORWARD_TARGET, (jax.ShapeDtypeStruct(P.x.shape, P.x.dtype), empty, empty))
+    attrs = (
+        dict(adapters="", quant="", lora_scale=np.float32(1), intermediates="f32", save_preact=False) | attrs
+    )
+    return jax.block_until_ready(call(*args, **attrs))
+
+
 @pytest.mark.parametrize(
     "adapters, pattern",
     [
         # Out of order, or not a projection: the attribute that names the adapter arrays is refused.
-        (("up", "gate"), "adapters must list gate, up, down in that order"),
-        (("gate", "mlp"), "got 'mlp'"),
+        ("up,gate", "adapters must list gate, up, down in that order"),
+        ("gate,mlp", "got 'mlp'"),
     ],
 )
-def test_kernels_refuse_a_bad_adapters_attribute(adapters, pattern, monkeypatch):
-    op = importlib.import_module("ktjax.ops.moe_experts")  # the module (ktjax.ops.moe_experts is the op)
-    monkeypatch.setattr(op, "PROJECTIONS", adapters)  # how the call lists the adapters it passes
-    lora = {name: P.lora.get(name, P.lora["gate"]) for name in adapters}
+def test_kernels_refuse_a_bad_adapters_attribute(adapters, pattern):
+    a, b = P.lora["gate"]
     with pytest.raises(Exception, match=pattern):
-        kernel_forward(named_lora=lora)
+        raw_forward([*P.args(), a, b, a, b], adapters=adapters)
 
 
 def test_kernels_refuse_adapter_arrays_the_attribute_does_not_name():
-    op = importlib.import_module("ktjax.ops.moe_experts")
-    named = op._named_inputs(*P.args(), P.lora)
-    args, _ = op._problem_args(named, P.lora)
-    empty = jax.ShapeDtypeStruct((0,), jnp.float32)
-    call = jax.ffi.ffi_call(op.ffi.FORWARD_TARGET, (jax.ShapeDtypeStruct(P.x.shape, P.x.dtype), empty, empty))
-    with pytest.raises(Exception, match=r"adapters 'gate' needs 2 adapter arrays \(A, B each\), got 4"):
-        jax.block_until_ready(
-            call(
-                *args,
-                *args[-2:],
-                adapters="gate",
-                lora_scale=np.float32(1),
-                intermediates="f32",
-                save_preact=False,
-            )
-        )
+    a, b = P.lora["gate"]
+    pattern = r"adapters 'gate' and quant '' need 2 more arrays \(A, B of each adapter, then scales\), got 4"
+    with pytest.raises(Exception, match=pattern):
+        raw_forward([*P.args(), a, b, a, b], adapters="gate")
 
 
 def test_good_call_still_works_after_errors():

@@ -9,7 +9,8 @@
 
 namespace ktjax {
 
-enum class DType : uint8_t { kF32, kBF16 };
+// kQuant: a quantized weight (quant.h), read only through MatView::quant.
+enum class DType : uint8_t { kF32, kBF16, kQuant };
 
 inline int64_t dtype_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
 

@@ -202,10 +202,44 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
   }
 }
 
+// pack_panels for a quantized weight (no row gather): each stored row's slice is dequantized into
+// `row` (an L1-sized buffer) and written into the panels from there.
+void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
+                       float* buf) {
+  float row[std::max(kKC, kNC)];
+  const int64_t panels = (mc + width - 1) / width;
+  if (!A.trans) {  // stored (i, k): row i0 + i, columns [k0, k0 + kc), written with stride `width`
+    for (int64_t p = 0; p < panels; ++p) {
+      for (int64_t ii = 0; ii < width; ++ii) {
+        const int64_t i = p * width + ii;
+        float* dst = buf + p * kc * width + ii;
+        if (i < mc) A.quant.dequantize_row(i0 + i, k0, kc, A.scale(i0 + i), row);
+        for (int64_t k = 0; k < kc; ++k) dst[k * width] = i < mc ? row[k] : 0.0f;
+      }
+    }
+    return;
+  }
+  // stored (k, i): row k0 + k fills one k-slice of every panel, in runs of whole panels that fit `row`
+  const int64_t run = kNC / width * width;
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int64_t c = 0; c < mc; c += run) {
+      const int64_t n = std::min(run, mc - c);
+      A.quant.dequantize_row(k0 + k, i0 + c, n, A.scale(k0 + k), row);
+      for (int64_t p = c / width; p * width < c + n; ++p) {
+        float* dst = buf + (p * kc + k) * width;
+        const int64_t w = std::min(width, mc - p * width);
+        std::copy_n(row + (p * width - c), w, dst);
+        std::fill(dst + w, dst + width, 0.0f);
+      }
+    }
+  }
+}
+
 // Packs with the ISA's vectorised packers where it has them: width is kMR (A side) or isa.nr (B side).
 void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
               float* buf) {
   const bool a_side = width == kMR;
+  if (A.dtype == DType::kQuant) return pack_quant_panels(A, i0, mc, k0, kc, width, buf);
   if (A.dtype == DType::kF32) {
     pack_panels<float>(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel,
                        isa.pack_row_panels);
@@ -578,7 +612,9 @@ void gemm_transposed(const Isa& isa, int64_t M, int64_t N, int64_t K, float alph
 
 MatView MatView::skip_rows(int64_t r0) const {
   MatView v = *this;
-  if (rows) {
+  if (dtype == DType::kQuant) {
+    v.quant.r0 += r0;
+  } else if (rows) {
     v.rows = rows + r0;
   } else {
     v.data = static_cast<const char*>(data) + r0 * ld * dtype_bytes(dtype);
@@ -589,7 +625,11 @@ MatView MatView::skip_rows(int64_t r0) const {
 
 MatView MatView::skip_cols(int64_t c0) const {
   MatView v = *this;
-  v.data = static_cast<const char*>(data) + c0 * dtype_bytes(dtype);
+  if (dtype == DType::kQuant) {
+    v.quant.c0 += c0;
+  } else {
+    v.data = static_cast<const char*>(data) + c0 * dtype_bytes(dtype);
+  }
   return v;
 }
 

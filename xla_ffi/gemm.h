@@ -13,6 +13,7 @@
 
 #include "activation.h"
 #include "dtype.h"
+#include "quant.h"
 #include "stats.h"
 
 namespace ktjax {
@@ -26,6 +27,7 @@ struct MatView {
   const int32_t* rows = nullptr;     // stored row r lives at buffer row rows[r]
   const float* row_scale = nullptr;  // stored row r is multiplied by row_scale[r]
   bool trans = false;
+  QuantWeight quant;  // dtype kQuant: the stored matrix (data and ld unused), dequantized when packed
 
   int64_t row(int64_t r) const { return rows ? rows[r] : r; }
   float scale(int64_t r) const { return row_scale ? row_scale[r] : 1.0f; }

@@ -56,6 +56,7 @@ void def_handlers(py::module_& m) {
     d["forward_results"] = names(ktjax::kForwardResultNames);
     d["grads"] = names(ktjax::kGradNames);  // bit i of `needs` and backward result i
     d["intermediates"] = names(ktjax::kIntermediatesNames);
+    d["quant_formats"] = names(ktjax::kQuantFormatNames);
     return d;
   }, "The expert op's arguments, results, `needs` bits and intermediates modes (moe_contract.h).");
 }
@@ -89,6 +90,35 @@ void def_isa_and_elementwise(py::module_& m) {
     isa.silu_mul_grad(g.data(), u.data(), dh.data(), w, dg.mutable_data(), du.mutable_data(), g.size());
     return py::make_tuple(dg, du);
   }, "(dg, du) of h = silu(g) * u for the upstream gradient w * dh, as the kernels compute them.");
+  m.def("dequantize", [](const std::string& format, py::array_t<uint8_t, py::array::c_style> data,
+                         F32Array scales, int64_t rows, int64_t cols, int64_t group, int64_t block_cols) {
+    ktjax::QuantWeight q;
+    if (format == "int8") {
+      q.format = ktjax::QuantFormat::kInt8;
+    } else if (format == "int4") {
+      q.format = ktjax::QuantFormat::kInt4;
+    } else if (format == "fp8") {
+      q.format = ktjax::QuantFormat::kFp8;
+    } else {
+      throw std::invalid_argument("format must be int8, int4 or fp8");
+    }
+    q.data = data.data();
+    q.scales = scales.data();
+    q.rows = rows;
+    q.cols = cols;
+    q.group = group;
+    q.block_cols = block_cols;
+    const int64_t scale_count = format == "int8"   ? rows
+                                : format == "int4" ? rows * ((cols + group - 1) / group) * 2
+                                                   : ((rows + group - 1) / group) * ((cols + block_cols - 1) / block_cols);
+    if (rows < 1 || cols < 1 || group < 0 || block_cols < 0 || data.size() != rows * q.data_ld() ||
+        scales.size() != scale_count || (format != "int8" && group < 1) || (format == "fp8" && block_cols < 1)) {
+      throw std::invalid_argument("data, scales, rows, cols, group and block_cols do not fit the format");
+    }
+    F32Array out({rows, cols});
+    for (int64_t r = 0; r < rows; ++r) q.dequantize_row(r, 0, cols, 1.0f, out.mutable_data() + r * cols);
+    return out;
+  }, "A quantized weight [rows, cols] (one expert, layouts in quant.h) dequantized as the kernels' packing does.");
 }
 
 // Machine probes for the benchmark: peak GEMM rate and memory read bandwidth.

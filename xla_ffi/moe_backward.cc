@@ -91,6 +91,10 @@ ffi::Error check_outputs(const MoeProblem& p, const BackwardPlan& plan, const Gr
         e.failure()) {
       return e;
     }
+    if (plan.base[j] && p.quantized(j)) {
+      return ffi::Error::InvalidArgument(std::string("needs asks for the gradient of ") + kProjNames[j] +
+                                         ", which is quantized: a quantized base is frozen");
+    }
     if (plan.base[j] && out.base[j]->element_type() != base_in[j]->element_type()) {
       return ffi::Error::InvalidArgument(std::string(base_names[j]) + " must have the dtype of " + kProjNames[j]);
     }
@@ -403,8 +407,9 @@ ffi::Error check_saved(const MoeProblem& p, const ffi::AnyBuffer& g_saved, const
 
 ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer g_saved, ffi::AnyBuffer u_saved,
                         ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights, ffi::AnyBuffer gate,
-                        ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::RemainingArgs adapter_buffers,
-                        float lora_scale, std::string_view adapters, std::string_view intermediates,
+                        ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::RemainingArgs more,
+                        float lora_scale, std::string_view adapters, std::string_view quant,
+                        std::string_view intermediates,
                         int64_t needs, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dweights,
                         ffi::Result<ffi::AnyBuffer> dgate, ffi::Result<ffi::AnyBuffer> dup,
                         ffi::Result<ffi::AnyBuffer> ddown, ffi::Result<ffi::AnyBuffer> da_gate,
@@ -412,8 +417,8 @@ ffi::Error moe_backward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
                         ffi::Result<ffi::AnyBuffer> db_up, ffi::Result<ffi::AnyBuffer> da_down,
                         ffi::Result<ffi::AnyBuffer> db_down) {
   MoeProblem p;
-  if (auto e = parse_problem(x, ids, weights, gate, up, down, adapter_buffers, lora_scale, adapters,
-                             intermediates, &p);
+  if (auto e = parse_problem(x, ids, weights, gate, up, down, more, lora_scale, adapters, quant, intermediates,
+                             &p);
       e.failure()) {
     return e;
   }

@@ -2,15 +2,18 @@
 // mirror it: it reads these lists from the extension (module.cc: moe_contract()) and builds its calls
 // from them by name, so a change here that Python does not follow fails at the first call.
 //
-//   ktjax_moe_forward(x, topk_ids, topk_weights, gate, up, down, adapters...)
-//       attributes lora_scale: f32, adapters: str, intermediates: str, save_preact: bool
+//   ktjax_moe_forward(x, topk_ids, topk_weights, gate, up, down, adapters..., scales...)
+//       attributes lora_scale: f32, adapters: str, quant: str, intermediates: str, save_preact: bool
 //       results    y, g_saved, u_saved
-//   ktjax_moe_backward(dy, g_saved, u_saved, x, topk_ids, topk_weights, gate, up, down, adapters...)
-//       attributes lora_scale: f32, adapters: str, intermediates: str, needs: s64
+//   ktjax_moe_backward(dy, g_saved, u_saved, x, topk_ids, topk_weights, gate, up, down, adapters...,
+//                      scales...)
+//       attributes lora_scale: f32, adapters: str, quant: str, intermediates: str, needs: s64
 //       results    the gradients of kGradNames, in that order (empty where not needed)
 //
 // `adapters` names the projections that carry a LoRA adapter, comma-separated in projection order
-// (e.g. "gate,down", or ""); their A and B follow the fixed arguments in that order.
+// (e.g. "gate,down", or ""); their A and B follow the fixed arguments in that order. `quant` names the
+// projections whose base is quantized (quant.h), in projection order: "gate:int8", "up:int4:G",
+// "down:fp8:B0:B1"; such a projection's argument is its data, and its scales follow the adapters.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +49,7 @@ inline constexpr int64_t need_lora(int proj, int b) { return int64_t{kNeedLoraGa
 // The precision of the intermediates of the expert chain (ops/moe_experts.py, `intermediates`).
 enum class Intermediates { kF32, kBF16 };
 inline constexpr const char* kIntermediatesNames[] = {"f32", "bf16"};
+inline constexpr const char* kQuantFormatNames[] = {"int8", "int4", "fp8"};
 
 // Parses the `intermediates` attribute; false for an unknown name.
 inline bool parse_intermediates(std::string_view name, Intermediates* out) {

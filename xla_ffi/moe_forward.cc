@@ -13,13 +13,14 @@
 namespace ktjax {
 
 ffi::Error moe_forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ids, ffi::AnyBuffer weights,
-                       ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::RemainingArgs adapter_buffers,
-                       float lora_scale, std::string_view adapters, std::string_view intermediates,
+                       ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down, ffi::RemainingArgs more,
+                       float lora_scale, std::string_view adapters, std::string_view quant,
+                       std::string_view intermediates,
                        bool save_preact, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> g_saved,
                        ffi::Result<ffi::AnyBuffer> u_saved) {
   MoeProblem p;
-  if (auto e = parse_problem(x, ids, weights, gate, up, down, adapter_buffers, lora_scale, adapters,
-                             intermediates, &p);
+  if (auto e = parse_problem(x, ids, weights, gate, up, down, more, lora_scale, adapters, quant, intermediates,
+                             &p);
       e.failure()) {
     return e;
   }

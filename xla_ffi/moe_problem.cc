@@ -1,10 +1,12 @@
 #include "moe_problem.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include <sys/mman.h>
 
@@ -77,6 +79,135 @@ ffi::Error parse_adapter_names(std::string_view names, bool present[3]) {
   return ffi::Error::Success();
 }
 
+// One projection's entry of the `quant` attribute.
+struct QuantSpec {
+  bool present = false;
+  QuantFormat format = QuantFormat::kInt8;
+  int64_t group = 0, block_cols = 0;  // int4: G; fp8: B0, B1
+};
+
+// Splits `s` at the first `sep`: returns the part before, leaves the rest in s.
+std::string_view take(std::string_view& s, char sep) {
+  const size_t at = s.find(sep);
+  const std::string_view head = s.substr(0, at);
+  s = at == std::string_view::npos ? std::string_view() : s.substr(at + 1);
+  return head;
+}
+
+bool positive_int(std::string_view s, int64_t* out) {
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && end == s.data() + s.size() && *out > 0;
+}
+
+// The `quant` attribute: comma-separated entries in projection order, "gate:int8", "up:int4:G" or
+// "down:fp8:B0:B1" (G columns per int4 group; B0 x B1 blocks of fp8 scales).
+ffi::Error parse_quant_specs(std::string_view attr, QuantSpec specs[3]) {
+  int next = 0;
+  while (!attr.empty()) {
+    std::string_view entry = take(attr, ',');
+    const std::string whole(entry);
+    const std::string_view proj = take(entry, ':'), format = take(entry, ':');
+    int j = next;
+    while (j < 3 && proj != kProjNames[j]) ++j;
+    QuantSpec& q = specs[j < 3 ? j : 0];
+    bool ok = j < 3;
+    if (ok && format == "int8") {
+      q.format = QuantFormat::kInt8;
+      ok = entry.empty();
+    } else if (ok && format == "int4") {
+      q.format = QuantFormat::kInt4;
+      ok = positive_int(take(entry, ':'), &q.group) && entry.empty();
+    } else if (ok && format == "fp8") {
+      q.format = QuantFormat::kFp8;
+      ok = positive_int(take(entry, ':'), &q.group) && positive_int(take(entry, ':'), &q.block_cols) &&
+           entry.empty();
+    } else {
+      ok = false;
+    }
+    if (!ok) {
+      return ffi::Error::InvalidArgument("quant must list gate, up, down in that order as proj:int8, proj:int4:G "
+                                         "or proj:fp8:B0:B1; got '" + whole + "'");
+    }
+    q.present = true;
+    next = j + 1;
+  }
+  return ffi::Error::Success();
+}
+
+// Checks a quantized projection's data and scales against its spec and fills w.
+ffi::Error parse_quantized(const QuantSpec& q, int j, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scales,
+                           int64_t E, int64_t rows, int64_t cols, Stacked* w) {
+  const std::string name = kProjNames[j];
+  const std::string scales_name = name + " scales";
+  QuantWeight& qw = w->quant;
+  qw = QuantWeight{q.format, static_cast<const uint8_t*>(data.untyped_data()),
+                   static_cast<const float*>(scales.untyped_data()), rows, cols, q.group, q.block_cols};
+  w->dtype = DType::kQuant;
+  w->rows = rows;
+  w->cols = cols;
+  w->quant_data_stride = rows * qw.data_ld();
+  if (scales.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(scales_name + " must be float32");
+  }
+  switch (q.format) {
+    case QuantFormat::kInt8:
+      if (data.element_type() != ffi::DataType::S8) return ffi::Error::InvalidArgument(name + " must be int8");
+      if (auto e = expect_shape(name.c_str(), data, {E, rows, cols}, "[E, out, in]"); e.failure()) return e;
+      w->quant_scales_stride = rows;
+      return expect_shape(scales_name.c_str(), scales, {E, rows}, "[E, out]");
+    case QuantFormat::kInt4: {
+      if (data.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument(name + " must be uint8");
+      if (auto e = expect_shape(name.c_str(), data, {E, rows, (cols + 1) / 2}, "[E, out, ceil(in / 2)]");
+          e.failure()) {
+        return e;
+      }
+      const int64_t groups = (cols + q.group - 1) / q.group;
+      w->quant_scales_stride = rows * groups * 2;
+      return expect_shape(scales_name.c_str(), scales, {E, rows, groups, 2}, "[E, out, ceil(in / G), 2]");
+    }
+    case QuantFormat::kFp8: {
+      if (data.element_type() != ffi::DataType::F8E4M3FN) {
+        return ffi::Error::InvalidArgument(name + " must be float8_e4m3fn");
+      }
+      if (auto e = expect_shape(name.c_str(), data, {E, rows, cols}, "[E, out, in]"); e.failure()) return e;
+      const int64_t br = (rows + q.group - 1) / q.group, bc = (cols + q.block_cols - 1) / q.block_cols;
+      w->quant_scales_stride = br * bc;
+      return expect_shape(scales_name.c_str(), scales, {E, br, bc}, "[E, ceil(out / B0), ceil(in / B1)]");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// The base weights gate, up, down: each a float weight (all of one dtype) or quantized as its spec says,
+// its scales read from `more` from index `next_scales` on.
+ffi::Error parse_weights(const ffi::AnyBuffer* const w[3], const QuantSpec specs[3], const ffi::RemainingArgs& more,
+                         size_t next_scales, MoeProblem* p) {
+  const int64_t E = p->E, H = p->H, I = p->I;
+  const int64_t out_dim[3] = {I, I, H}, in_dim[3] = {H, H, I};
+  static const char* docs[3] = {"[E, I, H]", "[E, I, H]", "[E, H, I]"};
+  std::optional<DType> float_weights;  // the one dtype of the projections that are not quantized
+  for (int j = 0; j < 3; ++j) {
+    if (specs[j].present) {
+      auto scales = more.get<ffi::AnyBuffer>(next_scales++);
+      if (scales.has_error()) return scales.error();
+      if (auto e = parse_quantized(specs[j], j, *w[j], *scales, E, out_dim[j], in_dim[j], &p->w[j]); e.failure()) {
+        return e;
+      }
+      continue;
+    }
+    if (auto e = expect_shape(kProjNames[j], *w[j], {E, out_dim[j], in_dim[j]}, docs[j]); e.failure()) return e;
+    if (auto e = float_dtype(kProjNames[j], *w[j], &p->w[j].dtype); e.failure()) return e;
+    if (float_weights && *float_weights != p->w[j].dtype) {
+      return ffi::Error::InvalidArgument("gate, up and down must share one dtype (quantized ones aside)");
+    }
+    float_weights = p->w[j].dtype;
+    p->w[j].data = w[j]->untyped_data();
+    p->w[j].rows = out_dim[j];
+    p->w[j].cols = in_dim[j];
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error parse_adapter(const ffi::AnyBuffer& A, const ffi::AnyBuffer& B, int j, int64_t E, int64_t out_dim,
                          int64_t in_dim, Lora* l) {
   static const char* a_names[3] = {"lora['gate'] A", "lora['up'] A", "lora['down'] A"};
@@ -101,8 +232,8 @@ ffi::Error parse_adapter(const ffi::AnyBuffer& A, const ffi::AnyBuffer& B, int j
 
 ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& weights,
                          const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up, const ffi::AnyBuffer& down,
-                         const ffi::RemainingArgs& adapter_buffers, float lora_scale,
-                         std::string_view adapters, std::string_view intermediates, MoeProblem* p) {
+                         const ffi::RemainingArgs& more, float lora_scale, std::string_view adapters,
+                         std::string_view quant, std::string_view intermediates, MoeProblem* p) {
   if (x.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("x must have shape [T, H], got " + dims_str(x.dimensions()));
   }
@@ -129,41 +260,35 @@ ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, con
   }
   if (auto e = expect_shape("topk_ids", ids, {T, K}, "[T, K]"); e.failure()) return e;
   if (auto e = expect_shape("topk_weights", weights, {T, K}, "[T, K]"); e.failure()) return e;
-  if (auto e = expect_shape("gate", gate, {E, I, H}, "[E, I, H]"); e.failure()) return e;
-  if (auto e = expect_shape("up", up, {E, I, H}, "[E, I, H]"); e.failure()) return e;
-  if (auto e = expect_shape("down", down, {E, H, I}, "[E, H, I]"); e.failure()) return e;
+  if (!parse_intermediates(intermediates, &p->intermediates)) {
+    return ffi::Error::InvalidArgument("intermediates must be f32 or bf16, got '" + std::string(intermediates) + "'");
+  }
+  QuantSpec specs[3];
+  if (auto e = parse_quant_specs(quant, specs); e.failure()) return e;
+  bool adapted[3] = {false, false, false};
+  if (auto e = parse_adapter_names(adapters, adapted); e.failure()) return e;
+  const size_t n_adapters = adapted[0] + adapted[1] + adapted[2];
+  const size_t expected = 2 * n_adapters + specs[0].present + specs[1].present + specs[2].present;
+  if (more.size() != expected) {
+    return ffi::Error::InvalidArgument("adapters '" + std::string(adapters) + "' and quant '" + std::string(quant) +
+                                       "' need " + std::to_string(expected) +
+                                       " more arrays (A, B of each adapter, then scales), got " +
+                                       std::to_string(more.size()));
+  }
   const ffi::AnyBuffer* w[3] = {&gate, &up, &down};
-  const int64_t out_dim[3] = {I, I, H}, in_dim[3] = {H, H, I};
-  for (int j = 0; j < 3; ++j) {
-    if (auto e = float_dtype(kProjNames[j], *w[j], &p->w[j].dtype); e.failure()) return e;
-    p->w[j].data = w[j]->untyped_data();
-    p->w[j].rows = out_dim[j];
-    p->w[j].cols = in_dim[j];
-  }
-  if (p->w[1].dtype != p->w[0].dtype || p->w[2].dtype != p->w[0].dtype) {
-    return ffi::Error::InvalidArgument("gate, up and down must share one dtype");
-  }
+  if (auto e = parse_weights(w, specs, more, 2 * n_adapters, p); e.failure()) return e;
   if (!std::isfinite(lora_scale)) {
     return ffi::Error::InvalidArgument("lora_scale must be finite");
   }
   p->lora_scale = lora_scale;
-  if (!parse_intermediates(intermediates, &p->intermediates)) {
-    return ffi::Error::InvalidArgument("intermediates must be f32 or bf16, got '" + std::string(intermediates) + "'");
-  }
   if (p->bf16_intermediates() && p->x_dtype != DType::kBF16) {
     return ffi::Error::InvalidArgument("intermediates='bf16' needs bf16 tokens x");
   }
-  bool present[3] = {false, false, false};
-  if (auto e = parse_adapter_names(adapters, present); e.failure()) return e;
-  const size_t expected = 2 * (present[0] + present[1] + present[2]);
-  if (adapter_buffers.size() != expected) {
-    return ffi::Error::InvalidArgument("adapters '" + std::string(adapters) + "' needs " + std::to_string(expected) +
-                                       " adapter arrays (A, B each), got " + std::to_string(adapter_buffers.size()));
-  }
+  const int64_t out_dim[3] = {I, I, H}, in_dim[3] = {H, H, I};
   for (int j = 0, next = 0; j < 3; ++j) {
-    if (!present[j]) continue;
-    auto A = adapter_buffers.get<ffi::AnyBuffer>(next++);
-    auto B = adapter_buffers.get<ffi::AnyBuffer>(next++);
+    if (!adapted[j]) continue;
+    auto A = more.get<ffi::AnyBuffer>(next++);
+    auto B = more.get<ffi::AnyBuffer>(next++);
     if (A.has_error()) return A.error();
     if (B.has_error()) return B.error();
     if (auto e = parse_adapter(*A, *B, j, E, out_dim[j], in_dim[j], &p->lora[j]); e.failure()) return e;

@@ -17,17 +17,26 @@ namespace ktjax {
 
 namespace ffi = xla::ffi;
 
-// Expert weights stacked over experts: expert e's stored [rows, cols] matrix starts at e*rows*cols.
+// Expert weights stacked over experts: expert e's stored [rows, cols] matrix starts at e*rows*cols;
+// a quantized one (dtype kQuant) is `quant` for expert 0, its data and scales `quant_stride` apart.
 struct Stacked {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0, cols = 0;
+  QuantWeight quant;
+  int64_t quant_data_stride = 0, quant_scales_stride = 0;
 
   MatView expert(int64_t e) const {
     MatView v;
-    v.data = static_cast<const char*>(data) + e * rows * cols * dtype_bytes(dtype);
     v.dtype = dtype;
     v.ld = cols;
+    if (dtype == DType::kQuant) {
+      v.quant = quant;
+      v.quant.data += e * quant_data_stride;
+      v.quant.scales += e * quant_scales_stride;
+      return v;
+    }
+    v.data = static_cast<const char*>(data) + e * rows * cols * dtype_bytes(dtype);
     return v;
   }
 };
@@ -50,6 +59,7 @@ struct MoeProblem {
   Intermediates intermediates = Intermediates::kF32;
 
   bool bf16_intermediates() const { return intermediates == Intermediates::kBF16; }
+  bool quantized(int proj) const { return w[proj].dtype == DType::kQuant; }
 
   // x rows of the tokens routed to one expert: rows = the expert's slice of Routing::token.
   MatView x_rows(const int32_t* token_rows) const {
@@ -75,8 +85,8 @@ ffi::Error expect_output(const char* name, const ffi::AnyBuffer& b, bool needed,
                          std::initializer_list<int64_t> dims);
 
 // Adds what parse_problem reads to an FFI binding, in the contract's order (moe_contract.h): the
-// fixed arguments x, topk_ids, topk_weights, gate, up, down, the adapters' A and B, and the attributes
-// lora_scale, adapters and intermediates.
+// fixed arguments x, topk_ids, topk_weights, gate, up, down, the adapters' A and B, the scales of the
+// quantized weights, and the attributes lora_scale, adapters, quant and intermediates.
 template <typename Binding>
 auto bind_problem(Binding b) {
   using B = ffi::AnyBuffer;
@@ -85,14 +95,15 @@ auto bind_problem(Binding b) {
       .RemainingArgs()                                             // A, B of each adapter
       .template Attr<float>("lora_scale")
       .template Attr<std::string_view>("adapters")
+      .template Attr<std::string_view>("quant")
       .template Attr<std::string_view>("intermediates");
 }
 
 // Checks the arguments bind_problem binds and fills p.
 ffi::Error parse_problem(const ffi::AnyBuffer& x, const ffi::AnyBuffer& ids, const ffi::AnyBuffer& weights,
                          const ffi::AnyBuffer& gate, const ffi::AnyBuffer& up, const ffi::AnyBuffer& down,
-                         const ffi::RemainingArgs& adapter_buffers, float lora_scale,
-                         std::string_view adapters, std::string_view intermediates, MoeProblem* p);
+                         const ffi::RemainingArgs& more, float lora_scale, std::string_view adapters,
+                         std::string_view quant, std::string_view intermediates, MoeProblem* p);
 
 // Readies an output buffer before a kernel writes it:
 // - asks Linux to back its 2 MiB-aligned interior with transparent huge pages (KTJAX_HUGE_PAGES=0

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax.quant.formats import is_quantized
+
 PROJECTIONS = ("gate", "up", "down")
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 BACKENDS = ("cpu", "xla")
@@ -52,6 +54,14 @@ def check_ids_in_range(topk_ids: Any, num_experts: int) -> None:
             f"topk_ids[{t}, {k}] = {ids[t, k]} is out of range: ids must be in [-1, {num_experts}) for "
             f"{num_experts} experts (-1 drops the slot)"
         )
+
+
+def float_weight_dtype(gate: Any, up: Any, down: Any) -> Any:
+    """The dtype of the expert weights that are not quantized (None when all three are)."""
+    for w in (gate, up, down):
+        if not is_quantized(w):
+            return getattr(w, "dtype", None)
+    return None
 
 
 def default_intermediates(x_dtype: Any, weight_dtype: Any, backend: str) -> str:
@@ -108,10 +118,16 @@ def check_moe_args(
     _shape("gate", gate, (E, I, H), "[E, I, H]")
     _shape("up", up, (E, I, H), "[E, I, H]")
     _shape("down", down, (E, H, I), "[E, H, I]")
+    floats = {}
     for name, w in (("gate", gate), ("up", up), ("down", down)):
-        _float(name, w)
-    if not (gate.dtype == up.dtype == down.dtype):
-        raise TypeError(f"gate, up and down must share one dtype, got {gate.dtype}, {up.dtype}, {down.dtype}")
+        if is_quantized(w):
+            w.check(name)
+        else:
+            _float(name, w)
+            floats[name] = jnp.dtype(w.dtype)
+    if len(set(floats.values())) > 1:
+        got = ", ".join(f"{n} {d.name}" for n, d in floats.items())
+        raise TypeError(f"gate, up and down must share one dtype (quantized ones aside), got {got}")
     if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite Python number, got {lora_scale!r}")
     if lora is None:

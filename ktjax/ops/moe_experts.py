@@ -25,8 +25,10 @@ from ktjax.ops.moe_checks import (
     check_ids_in_range,
     check_moe_args,
     default_intermediates,
+    float_weight_dtype,
 )
 from ktjax.ops.moe_reference import moe_experts_xla
+from ktjax.quant.formats import QuantizedWeight, is_quantized
 
 # The kernels' contract (xla_ffi/moe_contract.h), read from the extension: argument and result names
 # in the handlers' order, and the differentiable inputs, whose order gives the backward's `needs` bits.
@@ -80,13 +82,14 @@ def moe_experts(
     """
     if intermediates == "auto":
         intermediates = default_intermediates(
-            getattr(x, "dtype", None), getattr(gate, "dtype", None), backend
+            getattr(x, "dtype", None), float_weight_dtype(gate, up, down), backend
         )
     check_moe_args(
         x, topk_ids, topk_weights, gate, up, down, lora, lora_scale, backend, policy, intermediates
     )
     if backend == "xla":
         check_ids_in_range(topk_ids, gate.shape[0])
+        gate, up, down = (w.dequantize() if is_quantized(w) else w for w in (gate, up, down))
         return moe_experts_xla(x, topk_ids, topk_weights, gate, up, down, lora, float(lora_scale))
     adapters = {name: tuple(pair) for name, pair in (lora or {}).items()}
     return _moe_cpu(
@@ -94,25 +97,39 @@ def moe_experts(
     )
 
 
-def _named_inputs(x, topk_ids, topk_weights, gate, up, down, adapters: dict) -> dict:
-    """The op's inputs by their names in the contract (adapters as lora_<projection>_a / _b)."""
-    named = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights, gate=gate, up=up, down=down)
+def _named_inputs(x, topk_ids, topk_weights, gate, up, down, adapters: dict) -> tuple[dict, dict]:
+    """The op's inputs by their names in the contract (adapters as lora_<projection>_a / _b; a quantized
+    projection's data under its own name, its scales as <projection>_scales), and the quantized
+    projections {name: QuantizedWeight} (for their formats)."""
+    named = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
+    quant = {}
+    for name, w in zip(PROJECTIONS, (gate, up, down)):
+        if isinstance(w, QuantizedWeight):
+            named[name], named[f"{name}_scales"], quant[name] = w.data, w.scales, w
+        else:
+            named[name] = w
     for name, (a, b) in adapters.items():
         named[f"lora_{name}_a"], named[f"lora_{name}_b"] = a, b
-    return named
+    return named, quant
 
 
-def _problem_args(named: dict, adapters: dict) -> tuple[list[jax.Array], dict]:
-    """The arguments both kernels take after their own (the contract's problem_args, then A and B of
-    each adapter in projection order) and the `adapters` attribute naming those projections."""
+def _problem_args(named: dict, adapters: dict, quant: dict) -> tuple[list[jax.Array], dict]:
+    """The arguments both kernels take after their own (the contract's problem_args, A and B of each
+    adapter, the scales of each quantized projection, in projection order) and the `adapters` and
+    `quant` attributes that name them."""
     present = [name for name in PROJECTIONS if name in adapters]  # (a dict pytree's keys come sorted)
+    quantized = [name for name in PROJECTIONS if name in quant]
     args = [named[name] for name in _CONTRACT["problem_args"]]
     for name in present:
         args += [named[f"lora_{name}_a"], named[f"lora_{name}_b"]]
-    return args, {"adapters": ",".join(present)}
+    args += [named[f"{name}_scales"] for name in quantized]
+    spec = ",".join(quant[name].kernel_spec(name) for name in quantized)
+    return args, {"adapters": ",".join(present), "quant": spec}
 
 
-def _forward_call(named: dict, adapters: dict, lora_scale: float, intermediates: str, save_preact: bool):
+def _forward_call(
+    named: dict, adapters: dict, quant: dict, lora_scale: float, intermediates: str, save_preact: bool
+):
     x, topk_ids, gate = named["x"], named["topk_ids"], named["gate"]
     T, K = topk_ids.shape
     saved = (T * K, gate.shape[1]) if save_preact else (0,)
@@ -121,7 +138,7 @@ def _forward_call(named: dict, adapters: dict, lora_scale: float, intermediates:
         "g_saved": jax.ShapeDtypeStruct(saved, jnp.float32),
         "u_saved": jax.ShapeDtypeStruct(saved, jnp.float32),
     }
-    args, attrs = _problem_args(named, adapters)
+    args, attrs = _problem_args(named, adapters, quant)
     out = jax.ffi.ffi_call(
         ffi.FORWARD_TARGET,
         tuple(results[name] for name in _CONTRACT["forward_results"]),
@@ -149,8 +166,8 @@ def _moe_cpu(
     down,
     adapters: dict,
 ) -> jax.Array:
-    named = _named_inputs(x, topk_ids, topk_weights, gate, up, down, adapters)
-    return _forward_call(named, adapters, lora_scale, intermediates, save_preact=False)["y"]
+    named, quant = _named_inputs(x, topk_ids, topk_weights, gate, up, down, adapters)
+    return _forward_call(named, adapters, quant, lora_scale, intermediates, save_preact=False)["y"]
 
 
 @jax.tree_util.register_static
@@ -159,32 +176,41 @@ class _Needs(int):
 
 
 def _moe_cpu_fwd(lora_scale: float, policy: str, intermediates: str, *primals):
-    named = _named_inputs(*primals)
+    named, quant = _named_inputs(*primals)
     needs = 0
     for name, p in named.items():
+        frozen = name.removesuffix("_scales") in quant
+        if p.perturbed and frozen:
+            raise ValueError(
+                f"{name.removesuffix('_scales')} is quantized: a quantized base is frozen, so it "
+                "cannot be differentiated (label it frozen)"
+            )
         if p.perturbed and name in NEED_BITS:
             needs |= NEED_BITS[name]
     values = {name: p.value for name, p in named.items()}
     adapters = {name: None for name in primals[-1]}  # the projections with an adapter
-    out = _forward_call(values, adapters, lora_scale, intermediates, save_preact=policy == "retain")
-    return out["y"], (values, adapters, out["g_saved"], out["u_saved"], _Needs(needs))
+    quant = {
+        name: jax.tree.map(lambda p: None, w, is_leaf=lambda p: hasattr(p, "perturbed"))
+        for name, w in quant.items()
+    }  # the formats alone
+    out = _forward_call(values, adapters, quant, lora_scale, intermediates, save_preact=policy == "retain")
+    return out["y"], (values, adapters, quant, out["g_saved"], out["u_saved"], _Needs(needs))
 
 
 def _moe_cpu_bwd(lora_scale: float, policy: str, intermediates: str, res, dy):
-    values, adapters, g_saved, u_saved, needs = res
+    values, adapters, quant, g_saved, u_saved, needs = res
     no_grads = (None,) * 6 + ({name: (None, None) for name in adapters},)
     if isinstance(dy, SymbolicZero) or needs == 0:
         return no_grads
     needed = {name for name, bit in NEED_BITS.items() if needs & bit}
     results = []
     for name in _CONTRACT["grads"]:
-        a = values.get(name)
         if name in needed:
-            results.append(jax.ShapeDtypeStruct(a.shape, a.dtype))
+            results.append(jax.ShapeDtypeStruct(values[name].shape, values[name].dtype))
         else:  # not asked for (or no such adapter): an empty result
-            results.append(jax.ShapeDtypeStruct((0,), jnp.float32 if a is None else a.dtype))
+            results.append(jax.ShapeDtypeStruct((0,), jnp.float32))
     lead = {"dy": dy, "g_saved": g_saved, "u_saved": u_saved}
-    args, attrs = _problem_args(values, adapters)
+    args, attrs = _problem_args(values, adapters, quant)
     grads = jax.ffi.ffi_call(ffi.BACKWARD_TARGET, tuple(results), vmap_method="sequential")(
         *(lead[name] for name in _CONTRACT["backward_lead_args"]),
         *args,

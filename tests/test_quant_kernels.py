@@ -1,0 +1,144 @@
+"""moe_experts with quantized frozen bases (int8, int4, fp8; each projection independently): the forward,
+dx, router-weight and LoRA gradients of the CPU kernels against the float64 reference on exactly the
+dequantized weights, on every ISA; and what a quantized base refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from error_bounds import assert_output_within
+from moe_testing import make_problem, representable_cotangent, tracked_reference
+from test_moe_bad_input import raw_forward
+from test_quant_formats import dequantize_numpy
+
+from ktjax.ops import moe_experts
+from ktjax.ops.moe_checks import default_intermediates, float_weight_dtype
+from ktjax.quant import quantize_fp8, quantize_int4, quantize_int8
+
+pytestmark = pytest.mark.kernels
+
+FORMATS = {
+    "int8": quantize_int8,
+    "int4": lambda w: quantize_int4(w, 32),
+    # blocks smaller than the weights, so that every expert has several blocks and ragged last ones
+    "fp8": lambda w: quantize_fp8(w, (16, 24)),
+}
+# Odd widths: H = 75 gives int4 rows an odd column count (a half-filled last byte) and a ragged last
+# group of 11; I = 40 ragged fp8 blocks both ways. 37 tokens on 5 experts: the packed path, not the
+# small-batch ones (which read bf16 weights in place and never take a quantized one).
+SHAPE = dict(T=37, K=2, E=5, H=75, I=40)
+
+
+def quantized_problem(fmt: str, which: tuple[str, ...], dtype, ranks, seed: int = 0):
+    """A random problem whose projections in `which` are quantized: (problem for the kernels, the same
+    problem with those weights replaced by their exact dequantized values, for the reference)."""
+    p = make_problem(seed, **SHAPE, dtype=dtype, ranks=ranks)
+    ids = np.array(p.ids)
+    ids[::7, 1] = -1  # dropped slots
+    p = dataclasses.replace(p, ids=jnp.asarray(ids))
+    quant, exact = {}, {}
+    for name in which:
+        w = np.asarray(getattr(p, name).astype(jnp.float32))
+        quant[name] = FORMATS[fmt](w)
+        exact[name] = jnp.asarray(dequantize_numpy(quant[name]))  # f32: every value exact in the reference
+    return dataclasses.replace(p, **quant), dataclasses.replace(p, **exact)
+
+
+def kernel_loss_and_grads(p, cotangent, policy="retain"):
+    """y and the gradients of sum(y * cotangent) w.r.t. x, topk_weights and every adapter, on the kernels."""
+
+    def loss(x, w, lora):
+        y = moe_experts(
+            x, p.ids, w, p.gate, p.up, p.down, lora=lora or None, lora_scale=p.scale, policy=policy
+        )
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    (dx, dw, dlora), y = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(p.x, p.weights, p.lora)
+    grads = {"x": dx, "weights": dw}
+    for name, (da, db) in dlora.items():
+        grads[f"{name}_a"], grads[f"{name}_b"] = da, db
+    return y, grads
+
+
+def check(p, exact, policy="retain"):
+    cot = representable_cotangent(1, p.x.shape, p.x.dtype)
+    y, grads = kernel_loss_and_grads(p, jnp.asarray(cot, jnp.float32), policy)
+    # "auto": bf16 intermediates for bf16 tokens and bf16 float weights beside the quantized ones (the
+    # rounding then applies to the quantized projections' products too), f32 when all are quantized.
+    mode = default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, p.down), "cpu")
+    want = tracked_reference(exact, cot, mode)
+    assert y.dtype == p.x.dtype
+    assert_output_within(y, want["y"], "forward")
+    for name, g in grads.items():
+        assert_output_within(g, want[name], f"gradient of {name}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("which", [("gate",), ("up",), ("down",), ("gate", "up", "down")], ids="+".join)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_quantized_bases_with_lora_match_the_reference_on_their_dequantized_weights(fmt, which, dtype):
+    p, exact = quantized_problem(fmt, which, dtype, ranks={"gate": 3, "down": 2})
+    check(p, exact)
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_isa_reads_quantized_bases(fmt, isa, use_isa):
+    use_isa(isa)
+    p, exact = quantized_problem(fmt, ("gate", "up", "down"), jnp.bfloat16, ranks={"up": 4}, seed=1)
+    check(p, exact, policy="recompute")
+
+
+def test_a_frozen_quantized_base_without_adapters_still_passes_gradients_to_x_and_the_router():
+    p, exact = quantized_problem("int4", ("gate", "up", "down"), jnp.float32, ranks={}, seed=2)
+    check(p, exact)
+
+
+def test_the_xla_backend_computes_on_the_dequantized_weights():
+    p, exact = quantized_problem("fp8", ("gate", "down"), jnp.float32, ranks={"up": 2}, seed=3)
+    args = (p.x, p.ids, p.weights)
+    got = moe_experts(*args, p.gate, p.up, p.down, lora=p.lora, lora_scale=p.scale, backend="xla")
+    want = moe_experts(
+        *args, exact.gate, exact.up, exact.down, lora=p.lora, lora_scale=p.scale, backend="xla"
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_differentiating_a_quantized_base_is_refused_with_its_name():
+    # fp8 data and every format's scales are floating point, so jax.grad can be asked for them.
+    p, _ = quantized_problem("fp8", ("up",), jnp.float32, ranks={})
+
+    def loss(up):
+        return moe_experts(p.x, p.ids, p.weights, p.gate, up, p.down).sum()
+
+    with pytest.raises(ValueError, match="up is quantized: a quantized base is frozen"):
+        jax.grad(loss)(p.up)
+    with pytest.raises(ValueError, match="up is quantized"):
+        jax.grad(lambda s: loss(dataclasses.replace(p.up, scales=s)))(p.up.scales)
+
+
+def test_auto_intermediates_are_f32_when_every_base_is_quantized():
+    p, _ = quantized_problem("int8", ("gate", "up", "down"), jnp.bfloat16, ranks={})
+    assert default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, p.down), "cpu") == "f32"
+    assert (
+        default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, jnp.ones(1, jnp.bfloat16)), "cpu")
+        == "bf16"
+    )
+
+
+def test_the_kernels_check_quantized_data_against_the_quant_attribute():
+    p, _ = quantized_problem("int4", ("gate",), jnp.float32, ranks={})
+    args = [p.x, p.ids, p.weights, p.gate.data, p.up, p.down, p.gate.scales]
+    for spec, pattern in [
+        ("gate:int4:64", r"gate scales must have shape \[E, out, ceil\(in / G\), 2\]"),
+        ("gate:int8", "gate must be int8"),
+        ("gate:int5", "quant must list gate, up, down in that order"),
+        ("up:int4:32", r"gate must have shape \[E, I, H\]"),  # gate's data read as a float weight
+        ("", "need 0 more arrays"),
+    ]:
+        with pytest.raises(Exception, match=pattern):
+            raw_forward(args, quant=spec)

@@ -1,0 +1,89 @@
+// Quantized frozen expert weights (ktjax/quant): how one expert's [rows, cols] weight (layout [out, in],
+// as Hugging Face stores it) is stored, and its values dequantized to f32 where the GEMM driver reads
+// them (packing), so that no dequantized copy of a weight exists outside a packed panel.
+//
+//   int8  data [rows, cols] int8; scales [rows] f32:                   w[r, c] = q * scale[r]
+//   int4  data [rows, ceil(cols / 2)] uint8, column 2j in the low nibble, 2j + 1 in the high one;
+//         scales [rows, ceil(cols / G), 2] f32 (scale, min) per group of G columns:
+//                                                                     w[r, c] = q * scale + min, q in 0..15
+//   fp8   data [rows, cols] float8_e4m3fn; scales [ceil(rows / B0), ceil(cols / B1)] f32 per block of
+//         B0 x B1 (the last blocks ragged), as DeepSeek-V3's checkpoints store weight_scale_inv:
+//                                                                     w[r, c] = e4m3(q) * scale[r / B0, c / B1]
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace ktjax {
+
+enum class QuantFormat : uint8_t { kInt8, kInt4, kFp8 };
+
+// f32 value of an e4m3fn byte (sign, 4 exponent bits with bias 7, 3 mantissa bits; no infinities,
+// 0x7f and 0xff are NaN), exact.
+inline float fp8_e4m3_to_f32(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80) << 24;
+  const uint32_t exp = (b >> 3) & 0xf, man = b & 0x7;
+  uint32_t bits;
+  if (exp == 0xf && man == 0x7) {
+    bits = sign | 0x7fc00000u;  // NaN
+  } else if (exp != 0) {
+    bits = sign | (exp + 120) << 23 | man << 20;  // bias 7 -> 127
+  } else if (man == 0) {
+    bits = sign;  // +-0
+  } else {  // subnormal: man * 2^-9
+    float f = static_cast<float>(man) * (1.0f / 512.0f);
+    return sign ? -f : f;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// One expert's quantized weight, seen from stored row r0 and column c0 on (views skip rows and columns
+// by moving r0 / c0: an int4 row cannot be cut at an odd column by moving a pointer).
+struct QuantWeight {
+  QuantFormat format = QuantFormat::kInt8;
+  const uint8_t* data = nullptr;  // this expert's data
+  const float* scales = nullptr;  // this expert's scales
+  int64_t rows = 0, cols = 0;     // the whole expert weight
+  int64_t group = 0;              // int4: G columns per scale; fp8: B0 rows per block
+  int64_t block_cols = 0;         // fp8: B1 columns per block
+  int64_t r0 = 0, c0 = 0;
+
+  int64_t data_ld() const { return format == QuantFormat::kInt4 ? (cols + 1) / 2 : cols; }
+
+  // dst[0:n] = w[r, c .. c + n) (view coordinates: stored row r0 + r, column c0 + c) times `mul`.
+  void dequantize_row(int64_t r, int64_t c, int64_t n, float mul, float* dst) const {
+    r += r0;
+    c += c0;
+    const uint8_t* row = data + r * data_ld();
+    switch (format) {
+      case QuantFormat::kInt8: {
+        const float s = scales[r] * mul;
+        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(row[c + j])) * s;
+        return;
+      }
+      case QuantFormat::kInt4: {
+        const int64_t groups = (cols + group - 1) / group;
+        const float* sm = scales + r * groups * 2;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t col = c + j, g = col / group;
+          const int q = (row[col / 2] >> (4 * (col & 1))) & 0xf;
+          dst[j] = (static_cast<float>(q) * sm[2 * g] + sm[2 * g + 1]) * mul;
+        }
+        return;
+      }
+      case QuantFormat::kFp8: {
+        const int64_t blocks = (cols + block_cols - 1) / block_cols;
+        const float* s = scales + r / group * blocks;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t col = c + j;
+          dst[j] = fp8_e4m3_to_f32(row[col]) * (s[col / block_cols] * mul);
+        }
+        return;
+      }
+    }
+  }
+};
+
+}  // namespace ktjax

@@ -88,16 +88,24 @@ def check_compatible(what: str, saved: dict[str, Any], target: Params) -> None:
     if extra:
         raise ValueError(f"{what}: the checkpoint has parameter {extra[0]!r}, which the model does not")
     for name, value in target.items():
-        meta = saved[name]
-        if tuple(meta.shape) != tuple(value.shape):
+        # A quantized weight (ktjax.quant) is two arrays, data and scales: compared one by one.
+        metas, values = jax.tree.leaves(saved[name]), jax.tree.leaves(value)
+        if len(metas) != len(values):
             raise ValueError(
-                f"{what}: parameter {name!r} has shape {tuple(meta.shape)} in the checkpoint but "
-                f"{tuple(value.shape)} in the model"
+                f"{what}: parameter {name!r} is {len(metas)} arrays in the checkpoint but {len(values)} in "
+                "the model (a quantized weight is two)"
             )
-        if jax.numpy.dtype(meta.dtype) != jax.numpy.dtype(value.dtype):
-            raise ValueError(
-                f"{what}: parameter {name!r} is {meta.dtype} in the checkpoint but {value.dtype} in the model"
-            )
+        for meta, leaf in zip(metas, values):
+            if tuple(meta.shape) != tuple(leaf.shape):
+                raise ValueError(
+                    f"{what}: parameter {name!r} has shape {tuple(meta.shape)} in the checkpoint but "
+                    f"{tuple(leaf.shape)} in the model"
+                )
+            if jax.numpy.dtype(meta.dtype) != jax.numpy.dtype(leaf.dtype):
+                raise ValueError(
+                    f"{what}: parameter {name!r} is {meta.dtype} in the checkpoint but {leaf.dtype} "
+                    "in the model"
+                )
 
 
 def _reason(err: BaseException) -> str:

@@ -7,6 +7,7 @@ presets (``qwen3_moe``, ``deepseek_v3``, ``mixtral``), Hugging Face I/O and ``bu
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 STYLES = ("qwen3_moe", "deepseek_v3", "mixtral")
@@ -27,6 +28,8 @@ LORA_TARGETS = (
 )
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "yarn")  # rope_scaling types the models compute (ktjax.nn.rope)
+# expert_quant values (ktjax.quant.formats.parse_spec reads them)
+EXPERT_QUANT = re.compile(r"none|int8|int4(:(32|64|128))?|fp8(:[1-9]\d*x[1-9]\d*)?")
 
 
 def rope_type(rope_scaling: dict | None) -> str:
@@ -83,6 +86,9 @@ class ModelConfig:
     # auto | f32 | bf16: the expert chain's intermediates (moe_experts(intermediates=...)). auto: bf16
     # for bf16 weights on the cpu backend, f32 otherwise; bf16 needs bf16 weights and the cpu backend.
     expert_intermediates: str = "auto"
+    # none | int8 | int4[:G] | fp8[:B0xB1]: routed experts' frozen base weights kept quantized
+    # (ktjax.quant; G in 32, 64, 128, default 128; fp8 blocks default 128x128). Never trained.
+    expert_quant: str = "none"
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()  # subset of LORA_TARGETS
@@ -115,6 +121,11 @@ class ModelConfig:
             raise ValueError(
                 "expert_intermediates='bf16' needs param_dtype='bfloat16' and expert_backend='cpu', got "
                 f"{self.param_dtype!r} and {self.expert_backend!r}"
+            )
+        if not EXPERT_QUANT.fullmatch(self.expert_quant):
+            raise ValueError(
+                "expert_quant must be none, int8, int4, int4:G (G in 32, 64, 128), fp8 or fp8:B0xB1, "
+                f"got {self.expert_quant!r}"
             )
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")

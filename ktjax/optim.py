@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from ktjax.params import Params
+from ktjax.quant.formats import is_quantized
 
 LABELS = ("full", "lora", "frozen")
 Rules = Sequence[tuple[str, str]]
@@ -155,28 +156,40 @@ def init_optimizer_state(tx: optax.GradientTransformation, trainable: Params) ->
 
 
 def split_trainable(params: Params, labels: dict[str, str]) -> tuple[Params, Params]:
-    """(trainable, frozen) halves of a flat parameter dict."""
+    """(trainable, frozen) halves of a flat parameter dict. Raises ValueError naming a quantized
+    parameter (ktjax.quant) that a rule labels anything but frozen: quantized bases are never trained."""
+    for name, value in params.items():
+        if is_quantized(value) and labels[name] != "frozen":
+            raise ValueError(
+                f"parameter {name!r} is a quantized ({value.format}) base weight and cannot be trained, but "
+                f"a rule labels it {labels[name]!r}; label it 'frozen' (train it through LoRA adapters)"
+            )
     trainable = {n: v for n, v in params.items() if labels[n] != "frozen"}
     frozen = {n: v for n, v in params.items() if labels[n] == "frozen"}
     return trainable, frozen
 
 
 def parameter_summary(params: Params, labels: dict[str, str]) -> str:
-    """A table of tensors, parameters and bytes per group; routed-expert LoRA gets its own row."""
+    """A table of tensors, parameters and bytes per group; routed-expert LoRA and quantized frozen bases
+    get their own rows."""
     rows: dict[str, list[int]] = {}
     for name, value in params.items():
         group = labels[name]
         if group == "lora" and ".experts." in name:
             group = "lora (routed experts)"
+        if is_quantized(value):
+            group = f"frozen ({value.format})"
         row = rows.setdefault(group, [0, 0, 0])
         row[0] += 1
         row[1] += int(np.prod(value.shape))
-        row[2] += int(np.prod(value.shape)) * jax.numpy.dtype(value.dtype).itemsize
+        row[2] += sum(
+            int(np.prod(a.shape)) * jax.numpy.dtype(a.dtype).itemsize for a in jax.tree.leaves(value)
+        )
     total = sum(r[1] for r in rows.values())
     lines = [f"{'group':<24}{'tensors':>8}{'params':>14}{'share':>8}{'MiB':>10}"]
     for group in sorted(rows):
         t, n, b = rows[group]
         lines.append(f"{group:<24}{t:>8}{n:>14,}{n / total:>8.1%}{b / 2**20:>10.2f}")
-    trainable = sum(r[1] for g, r in rows.items() if g != "frozen")
+    trainable = sum(r[1] for g, r in rows.items() if not g.startswith("frozen"))
     lines.append(f"{'trainable':<24}{'':>8}{trainable:>14,}{trainable / total:>8.1%}")
     return "\n".join(lines)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ktjax.quant.formats import is_quantized
+
 Params = dict[str, jax.Array]
 
 
@@ -51,20 +53,34 @@ def is_lora(name: str) -> bool:
     return name.endswith(".lora_A") or name.endswith(".lora_B")
 
 
-def merged_weight(params: Params, name: str, lora_scale: float) -> jax.Array:
+def merged_weight(
+    params: Params, name: str, lora_scale: float, *, expert: int | None = None, float_dtype=jnp.bfloat16
+) -> jax.Array:
     """Base parameter `name` with its adapter folded in (W + scale * B A, per expert for stacked
-    weights), in the parameter's dtype; the parameter itself when it has no adapter."""
+    weights), in the parameter's dtype; the parameter itself when it has neither an adapter nor a
+    quantized format. A quantized base (ktjax.quant) is dequantized, and the result is `float_dtype`.
+    `expert`: only that expert of a stacked weight ([out, in]: exports go expert by expert)."""
     w = params[name]
     base = name[: -len(".weight")]
-    if not name.endswith(".weight") or base + ".lora_A" not in params:
-        return w
-    a = params[base + ".lora_A"].astype(jnp.float32)
-    b = params[base + ".lora_B"].astype(jnp.float32)
+    adapted = name.endswith(".weight") and base + ".lora_A" in params
+    pick = (lambda v: v[expert]) if expert is not None else (lambda v: v)
+    if is_quantized(w):
+        dense = (w.expert(expert).dequantize()[0] if expert is not None else w.dequantize()).astype(
+            float_dtype
+        )
+    else:
+        dense = pick(w)
+    if not adapted:
+        return dense
+    a = pick(params[base + ".lora_A"]).astype(jnp.float32)
+    b = pick(params[base + ".lora_B"]).astype(jnp.float32)
     delta = jnp.einsum("...or,...ri->...oi", b, a) * lora_scale
-    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+    return (dense.astype(jnp.float32) + delta).astype(dense.dtype)
 
 
-def merge_lora(params: Params, lora_scale: float) -> Params:
+def merge_lora(params: Params, lora_scale: float, float_dtype=jnp.bfloat16) -> Params:
     """Folds every adapter into its base weight and drops the adapters. Returns a new dict with the
-    parameter names of the base model."""
-    return {n: merged_weight(params, n, lora_scale) for n in params if not is_lora(n)}
+    parameter names of the base model; quantized bases come back dequantized, in `float_dtype`."""
+    return {
+        n: merged_weight(params, n, lora_scale, float_dtype=float_dtype) for n in params if not is_lora(n)
+    }

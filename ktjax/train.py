@@ -42,7 +42,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0: only at the start and the end
     eval_batch_size: int = 256
-    checkpoint_every: int = 100  # 0: only at the end
+    checkpoint_every: int = 100  # 0: only at the end; -1: never (a run too large to save, no resume)
     keep_checkpoints: int = 2
     seed: int = 0
     rules: tuple[tuple[str, str], ...] = HYBRID_RULES  # parameter name pattern -> full | lora | frozen
@@ -55,6 +55,11 @@ class TrainConfig:
     on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < -1:
+            raise ValueError(
+                "checkpoint_every must be -1 (never), 0 (at the end) or a step count, "
+                f"got {self.checkpoint_every}"
+            )
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
@@ -200,7 +205,7 @@ def train(
             start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
             trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
             print(f"resumed from step {start} ({ckpt.directory})")
-        else:
+        elif cfg.checkpoint_every >= 0:  # frozen parameters are saved once, when a run starts
             ckpt.start_fresh(frozen)
         history, evals = _load_logs(workdir, start) if start else ([], [])
 
@@ -259,7 +264,8 @@ def train(
                 bar.update(1)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     run_eval(step)
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
+                due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end
+                if due and cfg.checkpoint_every >= 0:
                     save(step)
         finally:
             bar.close()

@@ -177,3 +177,11 @@ def test_trained_adapters_merged_into_the_base_give_the_adapted_models_logits(tm
     # separate products: two f32 forwards of the same model, a few roundings apart.
     tolerance = network_tolerance(TINY_DEPTH + cfg.lora_rank + 2)
     np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * float(np.abs(want).max()))
+
+
+def test_a_run_told_never_to_checkpoint_writes_no_checkpoint_files(tmp_path):
+    result = train(build_model(tiny()), OneBatch(), config(steps=3, checkpoint_every=-1), tmp_path)
+    assert len(result.history) == 3
+    assert not any(p.is_file() for p in (tmp_path / "checkpoints").rglob("*"))
+    with pytest.raises(ValueError, match="checkpoint_every must be -1"):
+        config(checkpoint_every=-2)

@@ -202,17 +202,32 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
   }
 }
 
-// pack_panels for a quantized weight (no row gather): each stored row's slice is dequantized into
-// `row` (an L1-sized buffer) and written into the panels from there.
+// pack_panels for a quantized weight (no row gather): each stored row's slice is dequantized into an
+// L1-sized buffer and written into the panels from there; full panels of stored (i, k) rows go through
+// the ISA's transposing f32 packer (`fast`, may be null) from `width` dequantized rows.
 void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
-                       float* buf) {
+                       float* buf, F32PanelPacker fast) {
   float row[std::max(kKC, kNC)];
   const int64_t panels = (mc + width - 1) / width;
   if (!A.trans) {  // stored (i, k): row i0 + i, columns [k0, k0 + kc), written with stride `width`
+    alignas(64) float tile[kMaxNR * kKC];
+    const float* rows[kMaxNR];
+    float ones[kMaxNR];
+    std::fill_n(ones, kMaxNR, 1.0f);
     for (int64_t p = 0; p < panels; ++p) {
+      float* panel = buf + p * kc * width;
+      if (fast != nullptr && (p + 1) * width <= mc && kc <= kKC) {
+        for (int64_t ii = 0; ii < width; ++ii) {
+          const int64_t i = p * width + ii;
+          A.quant.dequantize_row(i0 + i, k0, kc, A.scale(i0 + i), tile + ii * kKC);
+          rows[ii] = tile + ii * kKC;
+        }
+        fast(rows, ones, kc, panel);
+        continue;
+      }
       for (int64_t ii = 0; ii < width; ++ii) {
         const int64_t i = p * width + ii;
-        float* dst = buf + p * kc * width + ii;
+        float* dst = panel + ii;
         if (i < mc) A.quant.dequantize_row(i0 + i, k0, kc, A.scale(i0 + i), row);
         for (int64_t k = 0; k < kc; ++k) dst[k * width] = i < mc ? row[k] : 0.0f;
       }
@@ -239,7 +254,9 @@ void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int
 void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
               float* buf) {
   const bool a_side = width == kMR;
-  if (A.dtype == DType::kQuant) return pack_quant_panels(A, i0, mc, k0, kc, width, buf);
+  if (A.dtype == DType::kQuant) {
+    return pack_quant_panels(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel);
+  }
   if (A.dtype == DType::kF32) {
     pack_panels<float>(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel,
                        isa.pack_row_panels);

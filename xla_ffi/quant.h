@@ -11,6 +11,7 @@
 //                                                                     w[r, c] = e4m3(q) * scale[r / B0, c / B1]
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -39,6 +40,14 @@ inline float fp8_e4m3_to_f32(uint8_t b) {
   return f;
 }
 
+// The 256 e4m3fn values, indexed by byte (built once, read-only).
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) value[b] = fp8_e4m3_to_f32(static_cast<uint8_t>(b));
+  }
+};
+
 // One expert's quantized weight, seen from stored row r0 and column c0 on (views skip rows and columns
 // by moving r0 / c0: an int4 row cannot be cut at an odd column by moving a pointer).
 struct QuantWeight {
@@ -63,22 +72,40 @@ struct QuantWeight {
         for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(row[c + j])) * s;
         return;
       }
-      case QuantFormat::kInt4: {
+      case QuantFormat::kInt4: {  // group by group: one (scale, min) pair, then bytes two columns at a time
         const int64_t groups = (cols + group - 1) / group;
         const float* sm = scales + r * groups * 2;
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = 0; j < n;) {
           const int64_t col = c + j, g = col / group;
-          const int q = (row[col / 2] >> (4 * (col & 1))) & 0xf;
-          dst[j] = (static_cast<float>(q) * sm[2 * g] + sm[2 * g + 1]) * mul;
+          const int64_t len = std::min(n - j, (g + 1) * group - col);
+          const float s = sm[2 * g], m = sm[2 * g + 1];
+          float* out = dst + j;
+          int64_t k = 0;
+          if (col & 1) {  // an odd first column: its high nibble alone
+            out[0] = (static_cast<float>(row[col / 2] >> 4) * s + m) * mul;
+            k = 1;
+          }
+          const uint8_t* bytes = row + (col + k) / 2;
+          const int64_t pairs = (len - k) / 2;
+          for (int64_t b = 0; b < pairs; ++b) {
+            out[k + 2 * b] = (static_cast<float>(bytes[b] & 0xf) * s + m) * mul;
+            out[k + 2 * b + 1] = (static_cast<float>(bytes[b] >> 4) * s + m) * mul;
+          }
+          if (k + 2 * pairs < len) out[len - 1] = (static_cast<float>(bytes[pairs] & 0xf) * s + m) * mul;
+          j += len;
         }
         return;
       }
-      case QuantFormat::kFp8: {
+      case QuantFormat::kFp8: {  // block by block, each byte through a table of the 256 e4m3 values
+        static const Fp8Table table;
         const int64_t blocks = (cols + block_cols - 1) / block_cols;
         const float* s = scales + r / group * blocks;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t col = c + j;
-          dst[j] = fp8_e4m3_to_f32(row[col]) * (s[col / block_cols] * mul);
+        for (int64_t j = 0; j < n;) {
+          const int64_t col = c + j, b = col / block_cols;
+          const int64_t len = std::min(n - j, (b + 1) * block_cols - col);
+          const float scale = s[b] * mul;
+          for (int64_t k = 0; k < len; ++k) dst[j + k] = table.value[row[col + k]] * scale;
+          j += len;
         }
         return;
       }

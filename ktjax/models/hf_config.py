@@ -91,8 +91,28 @@ def _check_types(hf: dict, source: str) -> None:
         raise ValueError(f"{source}: mlp_only_layers must list layer numbers, got {layers!r}")
 
 
+def fp8_block(hf: dict) -> tuple[int, int] | None:
+    """(B0, B1) of a block-FP8 checkpoint's ``quantization_config`` (quant_method fp8,
+    weight_block_size), None for an unquantized one. Raises ValueError for another quantization."""
+    q = hf.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise ValueError(
+            f"quantization_config: quant_method {method!r} is not supported (fp8 with block scales)"
+        )
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(
+            f"quantization_config: weight_block_size must be two positive integers, got {block!r}"
+        )
+    return block[0], block[1]
+
+
 def _config_from_hf(hf: dict, overrides: dict) -> ModelConfig:
     style = style_of(hf)
+    block = fp8_block(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _rope(hf)
@@ -111,6 +131,8 @@ def _config_from_hf(hf: dict, overrides: dict) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         num_experts_per_tok=hf["num_experts_per_tok"],
+        # an FP8 checkpoint's experts stay FP8 (as stored) unless the caller asks for another format
+        expert_quant=f"fp8:{block[0]}x{block[1]}" if block else "none",
     )
     if style == "qwen3_moe":
         arch = dict(
@@ -190,6 +212,7 @@ def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
         torch_dtype=cfg.param_dtype,
     )
     out.pop("rope_scaling", None)
+    out.pop("quantization_config", None)  # exports are dequantized (ktjax.models.hf_export)
     if cfg.style == "qwen3_moe":
         out.update(
             head_dim=cfg.head_dim,

@@ -2,7 +2,8 @@
 
 - ``export_hf``: a model directory (config.json + safetensors, sharded with an index when large) with the
   LoRA adapters folded into the base weights and routed experts split back into per-expert tensors, as
-  transformers and ``from_hf`` read it.
+  transformers and ``from_hf`` read it. Quantized expert bases are written dequantized, in the model's
+  param_dtype (bf16 by default), one expert at a time.
 - ``export_peft``: the adapters alone as a PEFT LoRA adapter (adapter_config.json +
   adapter_model.safetensors), each routed expert's adapter under that expert's module name.
 
@@ -17,6 +18,7 @@ import re
 import shutil
 from collections.abc import Iterator
 
+import jax.numpy as jnp
 import numpy as np
 
 from ktjax.config import ModelConfig
@@ -24,6 +26,7 @@ from ktjax.models.hf_config import hf_config, read_hf_config
 from ktjax.models.hf_load import hf_names
 from ktjax.models.safetensors_io import write_file
 from ktjax.params import Params, is_lora, merged_weight
+from ktjax.quant.formats import is_quantized
 
 # Files of a model directory that travel with the weights (tokenizer, chat template, generation).
 SIDECARS = (
@@ -36,14 +39,16 @@ SIDECARS = (
 
 
 def _hf_tensors(params: Params, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face name, array) for every merged base weight, experts split per expert."""
+    """(Hugging Face name, array) for every merged base weight, experts split per expert (and merged,
+    or dequantized, one expert at a time)."""
+    dtype = jnp.dtype(cfg.param_dtype)
     for name in sorted(n for n in params if not is_lora(n)):
-        merged = np.asarray(merged_weight(params, name, cfg.lora_scale))
         targets = hf_names(cfg, name)
         if len(targets) == 1:
-            yield targets[0], merged
-        else:
-            yield from zip(targets, merged)
+            yield targets[0], np.asarray(merged_weight(params, name, cfg.lora_scale, float_dtype=dtype))
+            continue
+        for e, target in enumerate(targets):
+            yield target, np.asarray(merged_weight(params, name, cfg.lora_scale, expert=e, float_dtype=dtype))
 
 
 def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -76,8 +81,9 @@ def export_hf(
         w = params[name]
         targets = hf_names(cfg, name)
         shape = w.shape if len(targets) == 1 else w.shape[1:]
+        dtype = np.dtype(cfg.param_dtype) if is_quantized(w) else np.dtype(w.dtype)
         for target in targets:
-            layout[target] = (np.dtype(w.dtype), tuple(shape))
+            layout[target] = (dtype, tuple(shape))
     sizes = {n: int(np.prod(s)) * d.itemsize for n, (d, s) in layout.items()}
     shards = _shards(sizes, max_shard_bytes)
     files = (

@@ -5,6 +5,12 @@ Weights stream tensor by tensor into their final arrays: per-expert tensors
 stacked [E, I, H] array the kernels use, and the arrays are handed to JAX without a copy, so peak memory
 stays close to one copy of the weights. LoRA adapters, which a base checkpoint does not hold, are
 initialised (A random, B zero).
+
+Quantized experts (``expert_quant``): each expert's tensor is quantized as it is read, into its slot of
+the quantized stack, so no float copy of more than one expert exists. Block-FP8 checkpoints
+(``quantization_config``: quant_method fp8, weight_block_size; each FP8 ``...weight`` with its f32
+``...weight_scale_inv``) keep their routed experts in FP8 as stored, bytes and scales copied; their other
+FP8 weights (attention, dense MLPs, shared experts) are dequantized to the model's dtype at load.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from ktjax.config import ModelConfig
-from ktjax.models.hf_config import config_from_hf, read_hf_config
+from ktjax.models.hf_config import config_from_hf, fp8_block, read_hf_config
 from ktjax.models.safetensors_io import TensorInfo, aligned_empty, read_header, read_into, to_jax
 from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import ModelDef, Params, is_lora, merge_model, split_model
+from ktjax.quant.formats import QuantizedWeight, is_quantized
+from ktjax.quant.quantize import quantize_fp8, quantize_int4, quantize_int8
 
 # ktjax's stacked routed-expert parameters, and the per-expert names Hugging Face stores them under.
 EXPERT_PARAM = re.compile(
@@ -94,6 +102,75 @@ def _init_lora(name: str, shape: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
     return (jax.random.normal(key, shape.shape) * shape.shape[-1] ** -0.5).astype(shape.dtype)
 
 
+def scale_name(name: str) -> str:
+    """The block-scale tensor that goes with FP8 weight `name` (``...weight`` -> ``...weight_scale_inv``)."""
+    return name + "_scale_inv"
+
+
+def read_scales(tensors: dict[str, TensorInfo], info: TensorInfo, block) -> np.ndarray:
+    """The f32 block scales [ceil(out / B0), ceil(in / B1)] of FP8 tensor `info`."""
+    scale = tensors.get(scale_name(info.name))
+    if scale is None or block is None or len(info.shape) != 2:
+        raise ValueError(
+            f"{info.path}: FP8 tensor {info.name!r} needs a 2-d shape, a tensor {scale_name(info.name)!r} "
+            "and a quantization_config with weight_block_size in config.json"
+        )
+    (out_dim, in_dim), (b0, b1) = info.shape, block
+    want = (-(-out_dim // b0), -(-in_dim // b1))
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"{scale.path}: {scale.name!r} has shape {list(scale.shape)}, blocks of {b0}x{b1} over "
+            f"{list(info.shape)} need {list(want)}"
+        )
+    scales = np.empty(want, np.float32)
+    read_into(scale, scales)
+    return scales
+
+
+def read_float(tensors: dict[str, TensorInfo], info: TensorInfo, out: np.ndarray, block) -> None:
+    """Reads `info` into float array `out`; an FP8 tensor is dequantized with its block scales."""
+    if info.code != "F8_E4M3":
+        read_into(info, out)
+        return
+    raw = np.empty(info.shape, info.dtype)
+    read_into(info, raw)
+    scales = read_scales(tensors, info, block)
+    (out_dim, in_dim), (b0, b1) = info.shape, block
+    full = np.repeat(np.repeat(scales, b0, axis=0)[:out_dim], b1, axis=1)[:, :in_dim]
+    out[...] = (raw.astype(np.float32) * full).astype(out.dtype)
+
+
+def _quantize_one(fmt: str, w: np.ndarray, group: int, block: tuple[int, int]) -> QuantizedWeight:
+    if fmt == "int8":
+        return quantize_int8(w[None])
+    if fmt == "int4":
+        return quantize_int4(w[None], group)
+    return quantize_fp8(w[None], block)
+
+
+def load_quantized(
+    tensors: dict[str, TensorInfo], sources: list[str], target: QuantizedWeight, block
+) -> QuantizedWeight:
+    """The stacked quantized weight shaped like `target` (a QuantizedWeight of shapes), one expert per
+    source tensor: FP8 bytes and scales copied when `target` is FP8 with the checkpoint's blocks, else
+    each expert read in f32 and quantized into its slot."""
+    data = aligned_empty(target.data.shape, np.dtype(target.data.dtype))
+    scales = aligned_empty(target.scales.shape, np.dtype(np.float32))
+    for e, source in enumerate(sources):
+        info = tensors[source]
+        if target.format == "fp8" and info.code == "F8_E4M3" and tuple(target.block) == tuple(block or ()):
+            read_into(info, data[e])
+            scales[e] = read_scales(tensors, info, block)
+            continue
+        w = np.empty(info.shape, np.float32)
+        read_float(tensors, info, w, block)
+        q = _quantize_one(target.format, w, target.group, target.block)
+        data[e], scales[e] = q.data[0], q.scales[0]
+    return QuantizedWeight(
+        to_jax(data), to_jax(scales), target.format, target.shape, target.group, target.block
+    )
+
+
 def load_params(
     cfg: ModelConfig, path: str | pathlib.Path, *, seed: int = 0, progress: bool = True
 ) -> tuple[ModelDef, Params]:
@@ -101,6 +178,7 @@ def load_params(
     the tensor when one is missing, has the wrong shape, or is not used by the model."""
     defn, shapes = abstract_model(cfg, seed)
     tensors = index_checkpoint(path)
+    block = fp8_block(read_hf_config(path))
     # Check names before reading anything, so a mismatched config fails at once, not after the load.
     sources = {name: hf_names(cfg, name) for name in sorted(shapes) if not is_lora(name)}
     for name, names in sources.items():
@@ -117,6 +195,7 @@ def load_params(
                     f"the config implies {list(want)}"
                 )
     used = {s for names in sources.values() for s in names}
+    used |= {scale_name(s) for s in used if tensors[s].code == "F8_E4M3"}
     unexpected = sorted(n for n in tensors if n not in used and not _ignorable(n, cfg))
     if unexpected:
         raise ValueError(
@@ -126,10 +205,13 @@ def load_params(
     params: Params = {n: _init_lora(n, shapes[n], seed) for n in shapes if is_lora(n)}
     for name in tqdm(sources, desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0):
         target = shapes[name]
+        if is_quantized(target):
+            params[name] = load_quantized(tensors, sources[name], target, block)
+            continue
         array = aligned_empty(target.shape, np.dtype(target.dtype))
         slots = [array] if len(sources[name]) == 1 else list(array)  # expert e -> array[e]
         for source, slot in zip(sources[name], slots):
-            read_into(tensors[source], slot)
+            read_float(tensors, tensors[source], slot, block)
         params[name] = to_jax(array)
     return defn, params
 
@@ -139,13 +221,17 @@ def from_hf(
     *,
     dtype: str = "bfloat16",
     expert_backend: str = "cpu",
+    expert_quant: str | None = None,
     seed: int = 0,
     progress: bool = True,
     **overrides,
 ):
     """A MoeForCausalLM with the weights of the Hugging Face model directory `path` (Qwen3-MoE, Mixtral
-    or DeepSeek-V3). `dtype`: float32 | bfloat16 for every weight (routers stay f32). `overrides` set
-    other ModelConfig fields, e.g. ``lora_rank=8, lora_targets=("experts",)``.
+    or DeepSeek-V3). `dtype`: float32 | bfloat16 for every weight (routers stay f32). `expert_quant`:
+    keep the routed experts quantized ("int8", "int4", "int4:G", "fp8", "fp8:B0xB1": ktjax.quant), each
+    expert quantized as it is read; None keeps them as stored (FP8 in a block-FP8 checkpoint, else
+    `dtype`), "none" loads them in `dtype`. `overrides` set other ModelConfig fields, e.g.
+    ``lora_rank=8, lora_targets=("experts",)``.
 
     ``model(input_ids [B, S] int32) -> logits [B, S, V] f32``; ``model.config`` is the ModelConfig.
     """
@@ -155,6 +241,7 @@ def from_hf(
         param_dtype=dtype,
         expert_backend=expert_backend,
         path=str(path),
+        **({} if expert_quant is None else {"expert_quant": expert_quant}),
         **overrides,
     )
     defn, params = load_params(cfg, path, seed=seed, progress=progress)

@@ -32,6 +32,7 @@ DTYPES = {
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),  # block-FP8 checkpoints (with their scales)
 }
 CODES = {v: k for k, v in DTYPES.items()}
 
@@ -62,7 +63,7 @@ class TensorInfo:
         if self.code not in DTYPES:
             raise ValueError(
                 f"{self.path}: tensor {self.name!r} has dtype {self.code}, which ktjax cannot load "
-                f"(supported: {sorted(DTYPES)}; dequantize FP8 checkpoints first)"
+                f"(supported: {sorted(DTYPES)})"
             )
         return DTYPES[self.code]
 
@@ -123,6 +124,10 @@ def read_into(info: TensorInfo, out: np.ndarray) -> None:
     if they differ (through a temporary the size of this one tensor)."""
     if out.size != int(np.prod(info.shape)):
         raise ValueError(f"tensor {info.name!r} has shape {list(info.shape)}, expected {list(out.shape)}")
+    if info.code == "F8_E4M3" and out.dtype != info.dtype:
+        raise ValueError(
+            f"{info.path}: FP8 tensor {info.name!r} cannot be converted without its block scales"
+        )
     direct = out.dtype == info.dtype
     buf = out if direct else np.empty(info.shape, info.dtype)
     with info.path.open("rb") as f:

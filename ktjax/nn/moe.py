@@ -12,14 +12,23 @@ from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
 from ktjax.nn.router import Router
 from ktjax.ops import moe_experts
+from ktjax.quant.init import random_quantized
 
 
 class ExpertProjection(nnx.Module):
-    """One projection of every routed expert: weight [E, out, in], LoRA A [E, r, in], B [E, out, r]."""
+    """One projection of every routed expert: weight [E, out, in] (`dtype`, or a QuantizedWeight when
+    `quant` is not "none"), LoRA A [E, r, in], B [E, out, r] (`dtype`)."""
 
-    def __init__(self, E: int, out_dim: int, in_dim: int, *, rngs: nnx.Rngs, dtype, lora_rank: int):
-        w = jax.random.normal(rngs.params(), (E, out_dim, in_dim)) * in_dim**-0.5
-        self.weight = nnx.Param(w.astype(dtype))
+    def __init__(
+        self, E: int, out_dim: int, in_dim: int, *, rngs: nnx.Rngs, dtype, lora_rank: int, quant: str = "none"
+    ):
+        if quant == "none":
+            w = jax.random.normal(rngs.params(), (E, out_dim, in_dim)) * in_dim**-0.5
+            self.weight = nnx.Param(w.astype(dtype))
+        else:
+            self.weight = nnx.Param(
+                random_quantized(rngs.params(), quant, (E, out_dim, in_dim), in_dim**-0.5)
+            )
         if lora_rank:
             a = jax.random.normal(rngs.params(), (E, lora_rank, in_dim)) * in_dim**-0.5
             self.lora_A = LoRAParam(a.astype(dtype))
@@ -35,29 +44,30 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype):
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         r = cfg.lora_rank_for("experts")
-        self.gate_proj = ExpertProjection(E, I, H, rngs=rngs, dtype=dtype, lora_rank=r)
-        self.up_proj = ExpertProjection(E, I, H, rngs=rngs, dtype=dtype, lora_rank=r)
-        self.down_proj = ExpertProjection(E, H, I, rngs=rngs, dtype=dtype, lora_rank=r)
+        q = cfg.expert_quant
+        self.gate_proj = ExpertProjection(E, I, H, rngs=rngs, dtype=dtype, lora_rank=r, quant=q)
+        self.up_proj = ExpertProjection(E, I, H, rngs=rngs, dtype=dtype, lora_rank=r, quant=q)
+        self.down_proj = ExpertProjection(E, H, I, rngs=rngs, dtype=dtype, lora_rank=r, quant=q)
+        self.dtype = dtype
         self.lora_scale = cfg.lora_scale
         self.backend = cfg.expert_backend
         self.policy = cfg.expert_policy
         self.intermediates = cfg.expert_intermediates
 
     def __call__(self, x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array) -> jax.Array:
-        """x: [T, H] f32 -> [T, H] f32; the experts run in the weights' dtype."""
+        """x: [T, H] f32 -> [T, H] f32; the experts run in the model's parameter dtype."""
         lora = {
             name: proj.adapter()
             for name, proj in (("gate", self.gate_proj), ("up", self.up_proj), ("down", self.down_proj))
             if proj.lora_A is not None
         }
-        gate = self.gate_proj.weight[...]
         y = moe_experts(
-            x.astype(gate.dtype),
+            x.astype(self.dtype),
             topk_ids,
             topk_weights,
-            gate,
-            self.up_proj.weight[...],
-            self.down_proj.weight[...],
+            self.gate_proj.weight.get_value(),
+            self.up_proj.weight.get_value(),
+            self.down_proj.weight.get_value(),
             lora=lora or None,
             lora_scale=self.lora_scale,
             backend=self.backend,

@@ -98,6 +98,13 @@ class QuantizedWeight:
             return f"{projection}:int4:{self.group}"
         return f"{projection}:fp8:{self.block[0]}:{self.block[1]}"
 
+    def expert(self, e: int) -> QuantizedWeight:
+        """Expert e alone, as a [1, out, in] weight of the same format."""
+        _, out, in_ = self.shape
+        return dataclasses.replace(
+            self, data=self.data[e : e + 1], scales=self.scales[e : e + 1], shape=(1, out, in_)
+        )
+
     def dequantize(self) -> jax.Array:
         """The weight [E, out, in] f32, with the kernels' arithmetic (one f32 product per value; int4
         adds its min after)."""
@@ -123,3 +130,36 @@ jax.tree_util.register_dataclass(
 
 def is_quantized(w: Any) -> bool:
     return isinstance(w, QuantizedWeight)
+
+
+def parse_spec(spec: str) -> tuple[str, int, tuple[int, int]] | None:
+    """A model's ``expert_quant`` text -> (format, group, block), or None for "none".
+
+    "int8"; "int4" (G = 128) or "int4:G" (G in 32, 64, 128); "fp8" (128 x 128 blocks) or "fp8:B0xB1".
+    Raises ValueError on anything else."""
+    fmt, _, arg = spec.partition(":")
+    try:
+        if spec == "none":
+            return None
+        if fmt == "int8" and not arg:
+            return "int8", 0, (0, 0)
+        if fmt == "int4" and int(arg or 128) in INT4_GROUPS:
+            return "int4", int(arg or 128), (0, 0)
+        if fmt == "fp8":
+            b0, b1 = (int(b) for b in (arg or "128x128").split("x"))
+            if b0 >= 1 and b1 >= 1:
+                return "fp8", 0, (b0, b1)
+    except ValueError:
+        pass
+    raise ValueError(
+        f"expert_quant must be none, int8, int4, int4:G (G in {INT4_GROUPS}), fp8 or fp8:B0xB1, got {spec!r}"
+    )
+
+
+def spec_of(w: QuantizedWeight) -> str:
+    """The ``expert_quant`` text of a quantized weight's format (parse_spec's inverse)."""
+    if w.format == "int4":
+        return f"int4:{w.group}"
+    if w.format == "fp8":
+        return f"fp8:{w.block[0]}x{w.block[1]}"
+    return w.format

@@ -186,10 +186,10 @@ def parameter_summary(params: Params, labels: dict[str, str]) -> str:
             int(np.prod(a.shape)) * jax.numpy.dtype(a.dtype).itemsize for a in jax.tree.leaves(value)
         )
     total = sum(r[1] for r in rows.values())
-    lines = [f"{'group':<24}{'tensors':>8}{'params':>14}{'share':>8}{'MiB':>10}"]
+    lines = [f"{'group':<24}{'tensors':>8}{'params':>16}{'share':>8}{'MiB':>10}"]
     for group in sorted(rows):
         t, n, b = rows[group]
-        lines.append(f"{group:<24}{t:>8}{n:>14,}{n / total:>8.1%}{b / 2**20:>10.2f}")
+        lines.append(f"{group:<24}{t:>8}{n:>16,}{n / total:>8.1%}{b / 2**20:>10.2f}")
     trainable = sum(r[1] for g, r in rows.items() if not g.startswith("frozen"))
-    lines.append(f"{'trainable':<24}{'':>8}{trainable:>14,}{trainable / total:>8.1%}")
+    lines.append(f"{'trainable':<24}{'':>8}{trainable:>16,}{trainable / total:>8.1%}")
     return "\n".join(lines)

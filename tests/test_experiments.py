@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -169,3 +170,18 @@ def test_optional_fields_accept_none_and_values():
 
     assert apply_overrides(Cfg(), ["clip=none"]).clip is None
     assert apply_overrides(Cfg(), ["clip=0.5"]).clip == 0.5
+
+
+@pytest.mark.slow
+def test_the_quantized_30b_showcase_runs_at_two_layers(tmp_path):
+    """experiments/qlora_30b with 2 of its 48 layers: int4 routed experts at Qwen3-30B-A3B's widths,
+    generated quantized, LoRA adapters trained on them (the full run is measured by hand: README)."""
+    steps = ("--set", "train.steps=2", "--set", "model.num_hidden_layers=2")
+    result = run_cli("qlora_30b", *steps, "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "frozen (int4)" in result.stdout and "peak RSS" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["layers"] == 2 and summary["expert_quant"] == "int4"
+    assert len(summary["losses"]) == 2 and all(math.isfinite(x) for x in summary["losses"])
+    assert summary["tokens_per_s"] > 0 and len(summary["eval_loss"]) == 2
+    assert not (tmp_path / "run" / "checkpoints" / "frozen").exists()  # 19 GB of frozen weights unsaved

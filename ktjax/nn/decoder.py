@@ -10,6 +10,7 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.nn.attention import Attention, attention_mask
+from ktjax.nn.init import normal
 from ktjax.nn.linear import Linear
 from ktjax.nn.mla import LatentAttention
 from ktjax.nn.mlp import MLP
@@ -48,7 +49,7 @@ class Embedding(nnx.Module):
     """Token embedding table weight [V, H]."""
 
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype):
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim)).astype(dtype))
+        self.weight = nnx.Param(normal(rngs.params(), (vocab, dim), 1.0, dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return self.weight[...][ids].astype(jnp.float32)

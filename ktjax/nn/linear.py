@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ktjax.nn.init import normal
+
 
 @jax.custom_vjp
 def bf16_dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -49,9 +51,7 @@ class Linear(nnx.Module):
         lora_rank: int = 0,
         lora_scale: float = 1.0,
     ):
-        self.weight = nnx.Param(
-            (jax.random.normal(rngs.params(), (out_dim, in_dim)) * in_dim**-0.5).astype(dtype)
-        )
+        self.weight = nnx.Param(normal(rngs.params(), (out_dim, in_dim), in_dim**-0.5, dtype))
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype)) if bias else None
         self.lora_scale = lora_scale
         if lora_rank:

@@ -2,7 +2,7 @@
 
     python -m experiments.run qlora_30b                                    # 48 layers: ~19 GB of weights
     python -m experiments.run qlora_30b --set model.num_hidden_layers=2    # the same code, 2 layers (CI)
-    python -m experiments.run qlora_30b --set model.expert_quant=int8      # 1.9x the expert bytes
+    python -m experiments.run qlora_30b --set model.expert_quant=int8      # 1.9x the bytes: 2 layers only
 
 The model: 48 layers, 128 routed experts (top-8), H=2048, moe I=768, 32 query / 4 key-value heads of
 128, vocab 151936, random weights. The routed experts are generated directly in int4 (G=128), expert
@@ -10,10 +10,10 @@ stack by expert stack (ktjax.quant.init): 0.5625 bytes a parameter, 16.3 GB for 
 parameters, where bf16 would need 58 GB. Attention, embeddings and the head stay bf16 and frozen.
 
 Trained: LoRA adapters of rank 1 on every routed expert's gate/up/down (52M parameters: at rank r the
-expert adapters, their gradients and Adam moments cost about 0.4 GB x r, and rank 1 is what leaves room
-under 21 GB) and rank 8 on attention's q/k/v/o, for a few steps of the arithmetic SFT set with the byte
-tokenizer. No checkpoints (saving 19 GB of frozen weights is not the point here). Prints the build
-time, peak RSS and tokens/s; writes them to <run dir>/summary.json.
+expert adapters, their gradients and bf16 Adam moments cost about 0.4 GB x r: rank 1 leaves the most
+room; the run peaks at 23 GB, docs/performance.md) and rank 8 on attention's q/k/v/o, for a few steps
+of the arithmetic SFT set with the byte tokenizer. No checkpoints (saving 19 GB of frozen weights is
+not the point here). Prints the build time, peak RSS and tokens/s; writes them to summary.json.
 """
 
 from __future__ import annotations

@@ -165,6 +165,7 @@ def test_the_mode_works_under_jit_and_vmap():
         np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(f(xs[i])))
 
 
+@pytest.mark.slow
 def test_an_expert_too_large_to_pack_once_still_takes_the_pair_path():
     # Expert 0's 520 token rows of H = 6208 do not fit the reuse buffer: its d gate and d up read x
     # through the gathered view (the pair path packs it per product), the rest pack once as pairs.

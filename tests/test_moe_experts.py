@@ -329,6 +329,7 @@ def test_base_weight_gradients_pack_each_experts_token_rows_once(dtype):
     assert counters["packed_once_flops"] == counters["base_grad"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_an_expert_too_large_to_pack_once_takes_the_unpacked_path(dtype):
     # Expert 0's 520 token rows of H = 6208 need more than the 12 MiB reuse buffer per worker, so its

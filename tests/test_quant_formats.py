@@ -14,6 +14,8 @@ from kernel_elementwise import dequantize as kernel_dequantize
 
 from ktjax.quant import QuantizedWeight, fp8_weight, quantize_fp8, quantize_int4, quantize_int8
 
+pytestmark = pytest.mark.kernels
+
 
 def weights(seed: int, E: int = 2, out: int = 7, in_: int = 301) -> np.ndarray:
     """Random weights with heavy tails and a few rows / groups of equal values (scale edge cases)."""

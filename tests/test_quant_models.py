@@ -82,6 +82,7 @@ class Tokens:
         return self.fixed
 
 
+@pytest.mark.slow
 def test_lora_on_a_quantized_base_trains_resumes_exactly_and_exports_merged(tmp_path):
     cfg = small(expert_quant="int4:32", lora_rank=4, lora_alpha=8.0, lora_targets=("experts",))
     tc = train_config(checkpoint_every=2, rules=HYBRID_RULES)

@@ -63,6 +63,7 @@ def config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rules", [FULL_RULES, LORA_RULES, HYBRID_RULES], ids=["full", "lora", "hybrid"])
 def test_tiny_model_overfits_a_small_batch_in_every_mode(rules, tmp_path):
     result = train(build_model(tiny()), OneBatch(), config(steps=60, rules=rules), tmp_path)
@@ -163,6 +164,7 @@ def test_micro_batches_give_the_same_step_as_one_batch(tmp_path):
                 assert rel_err(step_four, step_one) < network_tolerance(2 * TINY_DEPTH + 1), name
 
 
+@pytest.mark.slow
 def test_trained_adapters_merged_into_the_base_give_the_adapted_models_logits(tmp_path):
     cfg = tiny(lora_targets=("experts", "o_proj"))
     result = train(build_model(cfg), OneBatch(), config(steps=5, rules=LORA_RULES), tmp_path)

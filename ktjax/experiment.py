@@ -80,6 +80,8 @@ def resolve(cfg: ExperimentConfig, task: Task | None = None) -> ExperimentConfig
     task = task or make_task(cfg.data, cfg.model.path)
     if cfg.model.path:
         run = {k: getattr(cfg.model, k) for k in RUN_FIELDS}
+        if cfg.model.expert_quant != "none":  # "none" leaves the experts as stored (FP8 stays FP8)
+            run["expert_quant"] = cfg.model.expert_quant
         source = str(pathlib.Path(cfg.model.path) / "config.json")
         model = config_from_hf(read_hf_config(cfg.model.path), source=source, **run)
         if task.vocab_size > model.vocab_size:

@@ -3,6 +3,7 @@ model directory (`model.path`) on SFT data (`data.path`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -169,6 +170,9 @@ def test_experiment_starts_from_a_model_directory(tmp_path):
     resolved = resolve(cfg)
     assert resolved.model.hidden_size == 32 and resolved.model.vocab_size == 300
     assert resolved.model.lora_rank == 2 and resolved.model.path == str(model_dir)
+    assert resolved.model.expert_quant == "none"  # a bf16 checkpoint's experts stay as stored
+    quantized = dataclasses.replace(cfg, model=cfg.model.replace(expert_quant="int4"))
+    assert resolve(quantized).model.expert_quant == "int4"  # --set model.expert_quant reaches from_hf
     result = run_experiment(cfg, tmp_path / "run")
     assert result.evals[-1]["step"] == 3
     adapter = json.loads((tmp_path / "run" / "peft_adapter" / "adapter_config.json").read_text())

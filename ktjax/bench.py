@@ -3,6 +3,7 @@
     python -m ktjax.bench --quick                      # small shapes, under a minute
     python -m ktjax.bench --shapes S1,S2 --reps 3 --json bench.json --png bench.png
     python -m ktjax.bench --shapes S2 --backends cpu,xla            # the default mode only
+    python -m ktjax.bench --quant --shapes D1,S1,S2                 # quantized bases against bf16
 
 For each shape it times (interleaving backends and cases, min and median over --reps) the forward and
 forward+backward in three training modes: ``full`` (grads of x, router weights, gate/up/down),
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax import ffi, machine
+from ktjax.bench_quant import bench_quant_shape, report_quant
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_capacity import dropless_capacity, moe_experts_capacity
 
@@ -41,6 +43,7 @@ LAYER = dict(H=2048, I=768, K=8, r=16)
 SHAPES = {
     "Q1": dict(T=256, H=512, I=256, K=4, E=16, r=8),  # --quick
     "Q2": dict(T=512, H=1024, I=384, K=8, E=32, r=8),  # --quick
+    "D1": dict(T=32, E=64, **LAYER),  # decode and small micro-batches: ~4 tokens per expert
     "S1": dict(T=128, E=64, **LAYER),
     "S2": dict(T=1024, E=64, **LAYER),
     "S3": dict(T=4096, E=32, **LAYER),
@@ -248,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated, of cpu (default mode: bf16 intermediates for bf16 weights), "
         "cpu_f32 (intermediates='f32'), xla (baseline)",
     )
+    parser.add_argument(
+        "--quant",
+        action="store_true",
+        help="quantized bases (int8, int4, fp8) against bf16 (ktjax.bench_quant)",
+    )
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (>= 1); min and median over them")
     parser.add_argument("--json", help="write the raw timings here")
     parser.add_argument("--png", help="write a bar chart here")
@@ -281,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = {}
     for name in names:
+        if args.quant:
+            results[name] = bench_quant_shape(name, make_inputs(SHAPES[name]), args.reps, _timed)
+            print(report_quant(name, SHAPES[name], results[name], f32_peak, bw), flush=True)
+            continue
         results[name] = bench_shape(name, SHAPES[name], backends, args.reps)
         print(report(name, results[name], peak, bw), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                 "results": results,
             }
             json.dump(record, f, indent=1)
-    if args.png:
+    if args.png and not args.quant:
         plot(results, args.png)
 
 

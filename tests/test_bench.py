@@ -2,7 +2,8 @@
 
 import pytest
 
-from ktjax.bench import CASES, bench_shape, main, report
+from ktjax.bench import CASES, _timed, bench_shape, main, make_inputs, report
+from ktjax.bench_quant import BASES, bench_quant_shape, report_quant
 
 
 def test_the_default_backends_are_the_default_mode_the_f32_mode_and_xla(capsys):
@@ -81,3 +82,16 @@ def test_bench_refuses_bad_arguments_before_it_measures_anything(argv, message, 
     captured = capsys.readouterr()
     assert message in captured.err
     assert "ktjax.bench:" not in captured.out  # no probe ran
+
+
+def test_the_quant_bench_times_every_base_against_bf16_and_counts_their_bytes(capsys):
+    shape = dict(T=16, H=256, I=128, K=2, E=4, r=2)
+    result = bench_quant_shape("tiny", make_inputs(shape), reps=2, timed=_timed)
+    assert set(result["times"]) == {f"{b}/{c}" for b in BASES for c in ("forward", "lora")}
+    assert all(len(v) == 2 and min(v) > 0 for v in result["times"].values())
+    per_expert = result["bytes_per_expert"]  # 3 projections of 256 x 128 weights
+    assert per_expert["bf16"] == 3 * 256 * 128 * 2
+    assert per_expert["int8"] == 3 * 256 * 128 + (2 * 128 + 256) * 4  # + a scale per row
+    assert per_expert["int4"] == 3 * 256 * 64 + (2 * 128 * 2 + 256 * 1) * 2 * 4  # + (scale, min) per group
+    text = report_quant("tiny", shape, result, peak_gflops=100.0, bandwidth_gbs=10.0)
+    assert all(f"\n{b} " in text for b in BASES) and "x bf16" in text

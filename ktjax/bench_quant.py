@@ -19,14 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.ops import moe_experts
-from ktjax.quant import quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant import quantize
 
-BASES: dict[str, Callable | None] = {
-    "bf16": None,
-    "int8": quantize_int8,
-    "int4": lambda w: quantize_int4(w, 128),
-    "fp8": lambda w: quantize_fp8(w, (128, 128)),
-}
+BASES = {"bf16": None, "int8": "int8", "int4": "int4:128", "fp8": "fp8:128x128"}  # base -> expert_quant
 CASES = ("forward", "lora")
 
 
@@ -37,10 +32,10 @@ def weight_bytes(w) -> int:
 def bench_quant_shape(name: str, inp: dict, reps: int, timed: Callable) -> dict:
     """`inp`: ktjax.bench.make_inputs' arrays; `timed(fn, *args)`: seconds of one call."""
     bases = {}
-    for base, quantize in BASES.items():
+    for base, spec in BASES.items():
         ws = tuple(inp[p] for p in ("gate", "up", "down"))
-        if quantize is not None:
-            ws = tuple(quantize(np.asarray(w, np.float32)) for w in ws)
+        if spec is not None:
+            ws = tuple(quantize(np.asarray(w, np.float32), spec) for w in ws)
         bases[base] = ws
 
     def moe(x, w, gate, up, down, ids, lora):

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from kernel_elementwise import dequantize as kernel_dequantize
 
-from ktjax.quant import QuantizedWeight, fp8_weight, quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant import QuantizedWeight, fp8_weight, quantize, quantize_fp8, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.kernels
 
@@ -148,3 +148,24 @@ def test_quantizers_refuse_what_they_cannot_quantize():
         quantize_int4(weights(6), 100)
     with pytest.raises(ValueError, match=r"must have shape \[E, out, in\]"):
         quantize_int8(np.ones((3, 4)))
+
+
+def test_quantize_by_spec_picks_the_format_group_and_block_the_spec_names():
+    w = weights(5)
+    cases = {
+        "int8": quantize_int8(w),
+        "int4": quantize_int4(w, 128),
+        "int4:32": quantize_int4(w, 32),
+        "fp8": quantize_fp8(w, (128, 128)),
+        "fp8:8x12": quantize_fp8(w, (8, 12)),
+    }
+    for spec, want in cases.items():
+        got = quantize(w, spec)
+        assert (got.format, got.group, got.block) == (want.format, want.group, want.block), spec
+        bytes_of = lambda q: np.asarray(q.data).view(np.uint8)  # noqa: E731 (fp8 compares as bytes)
+        np.testing.assert_array_equal(bytes_of(got), bytes_of(want))
+        np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
+    with pytest.raises(ValueError, match="names no format"):
+        quantize(w, "none")
+    with pytest.raises(ValueError, match="expert_quant must be"):
+        quantize(w, "int4:48")

@@ -21,7 +21,7 @@ from ktjax.models.hf_export import export_hf
 from ktjax.models.safetensors_io import read_header, read_into, write_file
 from ktjax.optim import FULL_RULES, HYBRID_RULES, GroupConfig
 from ktjax.params import merge_model, split_model
-from ktjax.quant import QuantizedWeight, is_quantized, quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant import QuantizedWeight, is_quantized, quantize, quantize_fp8, quantize_int4
 from ktjax.train import TrainConfig, train
 
 SMALL = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_experts=4, moe_intermediate_size=16)
@@ -126,13 +126,6 @@ def test_bad_expert_quant_values_are_refused():
             small(expert_quant=bad)
 
 
-QUANTIZERS = {
-    "int8": quantize_int8,
-    "int4:32": lambda w: quantize_int4(w, 32),
-    "fp8:8x12": lambda w: quantize_fp8(w, (8, 12)),
-}
-
-
 @pytest.mark.parametrize("spec", SPECS)
 def test_from_hf_quantizes_each_expert_as_the_quantizer_does_the_stack(spec, tmp_path):
     cfg = small(param_dtype="bfloat16")
@@ -142,7 +135,7 @@ def test_from_hf_quantizes_each_expert_as_the_quantizer_does_the_stack(spec, tmp
     for name, value in params.items():
         if ".experts." in name:
             assert loaded[name].format == spec.split(":")[0]
-            assert_same_leaves(loaded[name], QUANTIZERS[spec](np.asarray(value, np.float32)), name)
+            assert_same_leaves(loaded[name], quantize(np.asarray(value, np.float32), spec), name)
         else:
             np.testing.assert_array_equal(np.asarray(loaded[name]), np.asarray(value), err_msg=name)
 

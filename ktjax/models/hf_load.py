@@ -31,8 +31,8 @@ from ktjax.models.hf_config import config_from_hf, fp8_block, read_hf_config
 from ktjax.models.safetensors_io import TensorInfo, aligned_empty, read_header, read_into, to_jax
 from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import ModelDef, Params, is_lora, merge_model, split_model
-from ktjax.quant.formats import QuantizedWeight, is_quantized
-from ktjax.quant.quantize import quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant.formats import QuantizedWeight, is_quantized, spec_of
+from ktjax.quant.quantize import quantize
 
 # ktjax's stacked routed-expert parameters, and the per-expert names Hugging Face stores them under.
 EXPERT_PARAM = re.compile(
@@ -140,14 +140,6 @@ def read_float(tensors: dict[str, TensorInfo], info: TensorInfo, out: np.ndarray
     out[...] = (raw.astype(np.float32) * full).astype(out.dtype)
 
 
-def _quantize_one(fmt: str, w: np.ndarray, group: int, block: tuple[int, int]) -> QuantizedWeight:
-    if fmt == "int8":
-        return quantize_int8(w[None])
-    if fmt == "int4":
-        return quantize_int4(w[None], group)
-    return quantize_fp8(w[None], block)
-
-
 def load_quantized(
     tensors: dict[str, TensorInfo], sources: list[str], target: QuantizedWeight, block
 ) -> QuantizedWeight:
@@ -164,7 +156,7 @@ def load_quantized(
             continue
         w = np.empty(info.shape, np.float32)
         read_float(tensors, info, w, block)
-        q = _quantize_one(target.format, w, target.group, target.block)
+        q = quantize(w[None], spec_of(target))
         data[e], scales[e] = q.data[0], q.scales[0]
     return QuantizedWeight(
         to_jax(data), to_jax(scales), target.format, target.shape, target.group, target.block

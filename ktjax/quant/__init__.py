@@ -2,7 +2,7 @@
 their quantizers (quantize.py). The CPU kernels dequantize them where they read them."""
 
 from ktjax.quant.formats import FORMATS, INT4_GROUPS, QuantizedWeight, is_quantized
-from ktjax.quant.quantize import fp8_weight, quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant.quantize import fp8_weight, quantize, quantize_fp8, quantize_int4, quantize_int8
 
 __all__ = [
     "FORMATS",
@@ -10,6 +10,7 @@ __all__ = [
     "QuantizedWeight",
     "fp8_weight",
     "is_quantized",
+    "quantize",
     "quantize_fp8",
     "quantize_int4",
     "quantize_int8",

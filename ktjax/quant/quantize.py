@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from ktjax.quant.formats import INT4_GROUPS, QuantizedWeight
+from ktjax.quant.formats import INT4_GROUPS, QuantizedWeight, parse_spec
 
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 
@@ -75,3 +75,17 @@ def quantize_fp8(w, block: tuple[int, int] = (128, 128)) -> QuantizedWeight:
     full = np.repeat(np.repeat(scales, b0, axis=1), b1, axis=2)[:, :out, :in_]
     data = (w / full).astype(ml_dtypes.float8_e4m3fn)
     return QuantizedWeight(data, scales, "fp8", (E, out, in_), block=(b0, b1))
+
+
+def quantize(w, spec: str) -> QuantizedWeight:
+    """`w` [E, out, in] in the format an ``expert_quant`` text names ("int8", "int4:64", "fp8:128x128";
+    formats.parse_spec)."""
+    parsed = parse_spec(spec)
+    if parsed is None:
+        raise ValueError("quantize: spec 'none' names no format")
+    fmt, group, block = parsed
+    if fmt == "int8":
+        return quantize_int8(w)
+    if fmt == "int4":
+        return quantize_int4(w, group)
+    return quantize_fp8(w, block)

@@ -55,8 +55,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype)) if bias else None
         self.lora_scale = lora_scale
         if lora_rank:
-            a = jax.random.normal(rngs.params(), (lora_rank, in_dim)) * in_dim**-0.5
-            self.lora_A = LoRAParam(a.astype(dtype))
+            self.lora_A = LoRAParam(normal(rngs.params(), (lora_rank, in_dim), in_dim**-0.5, dtype))
             self.lora_B = LoRAParam(jnp.zeros((out_dim, lora_rank), dtype))
         else:
             self.lora_A = self.lora_B = None

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
+from ktjax.nn.init import normal
 from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
 from ktjax.nn.router import Router
@@ -23,15 +24,13 @@ class ExpertProjection(nnx.Module):
         self, E: int, out_dim: int, in_dim: int, *, rngs: nnx.Rngs, dtype, lora_rank: int, quant: str = "none"
     ):
         if quant == "none":
-            w = jax.random.normal(rngs.params(), (E, out_dim, in_dim)) * in_dim**-0.5
-            self.weight = nnx.Param(w.astype(dtype))
+            self.weight = nnx.Param(normal(rngs.params(), (E, out_dim, in_dim), in_dim**-0.5, dtype))
         else:
             self.weight = nnx.Param(
                 random_quantized(rngs.params(), quant, (E, out_dim, in_dim), in_dim**-0.5)
             )
         if lora_rank:
-            a = jax.random.normal(rngs.params(), (E, lora_rank, in_dim)) * in_dim**-0.5
-            self.lora_A = LoRAParam(a.astype(dtype))
+            self.lora_A = LoRAParam(normal(rngs.params(), (E, lora_rank, in_dim), in_dim**-0.5, dtype))
             self.lora_B = LoRAParam(jnp.zeros((E, out_dim, lora_rank), dtype))
         else:
             self.lora_A = self.lora_B = None

@@ -35,7 +35,8 @@ def bench_quant_shape(name: str, inp: dict, reps: int, timed: Callable) -> dict:
     for base, spec in BASES.items():
         ws = tuple(inp[p] for p in ("gate", "up", "down"))
         if spec is not None:
-            ws = tuple(quantize(np.asarray(w, np.float32), spec) for w in ws)
+            # on the device: numpy leaves would be copied into XLA's buffers on every call
+            ws = tuple(jax.device_put(quantize(np.asarray(w, np.float32), spec)) for w in ws)
         bases[base] = ws
 
     def moe(x, w, gate, up, down, ids, lora):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 from moe_testing import check_against_reference, make_problem
+from test_quant_kernels import check as check_quantized
+from test_quant_kernels import quantized_problem
 
 from ktjax import ffi
 
@@ -44,11 +46,20 @@ PATH_CASES = {
     "transposed": "narrow_products",
     "packed_once": "f32_tokens",
     "packed_once_pairs": "bf16_many_tokens",
+    "quant_dot": "quantized_few_tokens",
 }
+# A quantized base (int4, every projection; tests/test_quant_kernels.py builds it), ~15 tokens per expert:
+# the forward's products dequantize the weights into L1 (the quantized dot path).
+QUANTIZED_CASE = "quantized_few_tokens"
 
 
 def run_case(name: str) -> dict[str, int]:
     """Runs the case's forward and every gradient against the reference; returns its path_flops."""
+    if name == QUANTIZED_CASE:
+        p, exact = quantized_problem("int4", ("gate", "up", "down"), jnp.float32, ranks={"up": 4})
+        ffi.reset_kernel_counters()
+        check_quantized(p, exact)
+        return ffi.path_flops()
     args = dict(CASES[name])
     x_dtype, w_dtype = args.pop("dtype", (jnp.float32, jnp.float32))
     p = make_problem(50, **args, dtype=x_dtype)
@@ -60,14 +71,14 @@ def run_case(name: str) -> dict[str, int]:
 
 def test_every_path_of_the_gemm_driver_has_a_case():
     assert list(ffi.path_flops()) == list(PATH_CASES)
-    assert set(PATH_CASES.values()) == set(CASES)
+    assert set(PATH_CASES.values()) == set(CASES) | {QUANTIZED_CASE}
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_path_runs_on_every_isa_within_the_reference_bounds(isa, use_isa):
     use_isa(isa)
     assert ffi.selected_isa() == isa
-    flops = {name: run_case(name) for name in CASES}
+    flops = {name: run_case(name) for name in [*CASES, QUANTIZED_CASE]}
     for path, case in PATH_CASES.items():
         if isa != "avx512_bf16" and path in PAIR_PATHS:
             assert all(f[path] == 0 for f in flops.values()), f"{isa} has no {path} path"

@@ -15,6 +15,7 @@ from moe_testing import make_problem, representable_cotangent, tracked_reference
 from test_moe_bad_input import raw_forward
 from test_quant_formats import dequantize_numpy
 
+from ktjax import ffi
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_checks import default_intermediates, float_weight_dtype
 from ktjax.quant import quantize_fp8, quantize_int4, quantize_int8
@@ -28,15 +29,17 @@ FORMATS = {
     "fp8": lambda w: quantize_fp8(w, (16, 24)),
 }
 # Odd widths: H = 75 gives int4 rows an odd column count (a half-filled last byte) and a ragged last
-# group of 11; I = 40 ragged fp8 blocks both ways. 37 tokens on 5 experts: the packed path, not the
-# small-batch ones (which read bf16 weights in place and never take a quantized one).
+# group of 11; I = 40 ragged fp8 blocks both ways. 37 tokens on 5 experts (about 15 an expert): the
+# forward's products on the quantized dot path (rows dequantized into L1), the backward's packed.
 SHAPE = dict(T=37, K=2, E=5, H=75, I=40)
+# About 140 tokens an expert: past the dot path's 96 rows, every product packed.
+MANY_TOKENS = dict(T=150, K=2, E=2, H=75, I=40)
 
 
-def quantized_problem(fmt: str, which: tuple[str, ...], dtype, ranks, seed: int = 0):
+def quantized_problem(fmt: str, which: tuple[str, ...], dtype, ranks, seed: int = 0, shape=SHAPE):
     """A random problem whose projections in `which` are quantized: (problem for the kernels, the same
     problem with those weights replaced by their exact dequantized values, for the reference)."""
-    p = make_problem(seed, **SHAPE, dtype=dtype, ranks=ranks)
+    p = make_problem(seed, **shape, dtype=dtype, ranks=ranks)
     ids = np.array(p.ids)
     ids[::7, 1] = -1  # dropped slots
     p = dataclasses.replace(p, ids=jnp.asarray(ids))
@@ -85,12 +88,17 @@ def test_quantized_bases_with_lora_match_the_reference_on_their_dequantized_weig
     check(p, exact)
 
 
+@pytest.mark.parametrize("shape", [SHAPE, MANY_TOKENS], ids=["few_tokens", "many_tokens"])
 @pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "generic"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_every_isa_reads_quantized_bases(fmt, isa, use_isa):
+def test_every_isa_reads_quantized_bases(fmt, isa, shape, use_isa):
     use_isa(isa)
-    p, exact = quantized_problem(fmt, ("gate", "up", "down"), jnp.bfloat16, ranks={"up": 4}, seed=1)
+    which = ("gate", "up", "down")
+    p, exact = quantized_problem(fmt, which, jnp.bfloat16, ranks={"up": 4}, seed=1, shape=shape)
+    ffi.reset_kernel_counters()
     check(p, exact, policy="recompute")
+    paths = ffi.path_flops()
+    assert (paths["quant_dot"] > 0) == (shape is SHAPE), paths
 
 
 def test_a_frozen_quantized_base_without_adapters_still_passes_gradients_to_x_and_the_router():

@@ -38,6 +38,9 @@ constexpr int64_t kDotAFloats = 64 * 1024;
 constexpr int64_t kDotMinKC = 1024;
 constexpr int64_t kDotMaxKC = 8192;
 constexpr int64_t kDotAScratch = std::max(kDotAFloats, kDotMaxRows * kDotMinKC);
+// The quantized dot path dequantizes 4 weight rows of kQuantDotKC values at a time: 8 KiB of f32, in L1
+// beside the token values they meet.
+constexpr int64_t kQuantDotKC = 512;
 constexpr int64_t kDirectKC = 32;
 // The direct path's scratch, in this order: its packed token rows (whole panels of kMR rows, the last one
 // zero-padded), a zero-padded bf16 copy of a last column block narrower than kDirectCols, and the
@@ -60,7 +63,9 @@ const Isa kAvx512 = {"avx512",
                      direct_bf16_avx512,
                      round_bf16_avx512,
                      silu_mul_avx512,
-                     silu_mul_grad_avx512};
+                     silu_mul_grad_avx512,
+                     dequant_row_avx2,
+                     dot_f32_avx2};
 // AVX-512 with the bf16 pair path (vdpbf16ps) on top.
 Isa avx512_with_pairs() {
   Isa isa = kAvx512;
@@ -87,7 +92,9 @@ const Isa kAvx2 = {"avx2",
                    direct_bf16_avx2,
                    round_bf16_avx2,
                    silu_mul_avx2,
-                   silu_mul_grad_avx2};
+                   silu_mul_grad_avx2,
+                   dequant_row_avx2,
+                   dot_f32_avx2};
 #endif
 // Portable: the micro-kernel and the small-batch kernels, no vectorised packers or rounder.
 const Isa kGeneric = {"generic",
@@ -103,7 +110,9 @@ const Isa kGeneric = {"generic",
                       direct_bf16_generic,
                       nullptr,
                       silu_mul_portable,
-                      silu_mul_grad_portable};
+                      silu_mul_grad_portable,
+                      dequant_row_generic,
+                      dot_f32_generic};
 
 // The ISAs this build has, best first.
 #ifdef KTJAX_X86_KERNELS
@@ -116,13 +125,15 @@ bool cpu_has(const Isa& isa) {
 #ifdef KTJAX_X86_KERNELS
   if (&isa == &kAvx512Bf16) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx512bf16");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512bf16");
   }
   if (&isa == &kAvx512) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
-  if (&isa == &kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (&isa == &kAvx2) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
 #endif
   return &isa == &kGeneric;
 }
@@ -205,8 +216,8 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
 // pack_panels for a quantized weight (no row gather): each stored row's slice is dequantized into an
 // L1-sized buffer and written into the panels from there; full panels of stored (i, k) rows go through
 // the ISA's transposing f32 packer (`fast`, may be null) from `width` dequantized rows.
-void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
-                       float* buf, F32PanelPacker fast) {
+void pack_quant_panels(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
+                       int64_t width, float* buf, F32PanelPacker fast) {
   float row[std::max(kKC, kNC)];
   const int64_t panels = (mc + width - 1) / width;
   if (!A.trans) {  // stored (i, k): row i0 + i, columns [k0, k0 + kc), written with stride `width`
@@ -219,7 +230,7 @@ void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int
       if (fast != nullptr && (p + 1) * width <= mc && kc <= kKC) {
         for (int64_t ii = 0; ii < width; ++ii) {
           const int64_t i = p * width + ii;
-          A.quant.dequantize_row(i0 + i, k0, kc, A.scale(i0 + i), tile + ii * kKC);
+          isa.dequant_row(A.quant, i0 + i, k0, kc, A.scale(i0 + i), tile + ii * kKC);
           rows[ii] = tile + ii * kKC;
         }
         fast(rows, ones, kc, panel);
@@ -228,7 +239,7 @@ void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int
       for (int64_t ii = 0; ii < width; ++ii) {
         const int64_t i = p * width + ii;
         float* dst = panel + ii;
-        if (i < mc) A.quant.dequantize_row(i0 + i, k0, kc, A.scale(i0 + i), row);
+        if (i < mc) isa.dequant_row(A.quant, i0 + i, k0, kc, A.scale(i0 + i), row);
         for (int64_t k = 0; k < kc; ++k) dst[k * width] = i < mc ? row[k] : 0.0f;
       }
     }
@@ -239,7 +250,7 @@ void pack_quant_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int
   for (int64_t k = 0; k < kc; ++k) {
     for (int64_t c = 0; c < mc; c += run) {
       const int64_t n = std::min(run, mc - c);
-      A.quant.dequantize_row(k0 + k, i0 + c, n, A.scale(k0 + k), row);
+      isa.dequant_row(A.quant, k0 + k, i0 + c, n, A.scale(k0 + k), row);
       for (int64_t p = c / width; p * width < c + n; ++p) {
         float* dst = buf + (p * kc + k) * width;
         const int64_t w = std::min(width, mc - p * width);
@@ -255,7 +266,7 @@ void pack_any(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t 
               float* buf) {
   const bool a_side = width == kMR;
   if (A.dtype == DType::kQuant) {
-    return pack_quant_panels(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel);
+    return pack_quant_panels(isa, A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel);
   }
   if (A.dtype == DType::kF32) {
     pack_panels<float>(A, i0, mc, k0, kc, width, buf, a_side ? isa.pack_f32_a_panel : isa.pack_f32_panel,
@@ -370,6 +381,57 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
       for (int j = 0; j < nw; ++j) std::copy_n(rows + j * B.ld + k0, len, wpad + j * len32);
       isa.dot_bf16(k0, len32, apack, kc32, static_cast<int>(M), wpad, len32, nw, crow, alpha,
                    in_place || acc);
+    }
+  }
+}
+
+// The quantized dot path (F32DotKernel in gemm.h): A's rows packed per block of the reduction in the dot
+// layout's tiles with each block of 32 in column order, then each group of 4 weight rows dequantized
+// kQuantDotKC columns at a time into an f32 buffer (L1-sized, zero past the edges) and multiplied there.
+void gemm_quant_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                    const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  const int64_t depth = dot_depth(M, K, 4);
+  float* apack = scratch;  // M * kc32 <= kDotAScratch floats
+  float* wbuf = scratch + kDotAScratch;
+  float* crow[kDotMaxRows];
+  for (int64_t pc = 0; pc < K; pc += depth) {
+    const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32;
+    const bool acc = accumulate || pc > 0;
+    for (int64_t i = 0; i < M; ++i) {
+      const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
+      const int64_t tile = i / 6, mb = std::min<int64_t>(6, M - 6 * tile);
+      float* dst = apack + 6 * tile * kc32 + (i % 6) * 32;
+      const float scale = A.scale(i);
+      if (isa.pack_row_panels != nullptr) {  // blocks of 32 as panels of width 32, mb * 32 floats apart
+        isa.pack_row_panels(src, A.dtype, scale, kc, 32, mb * 32, dst);
+        continue;
+      }
+      for (int64_t k = 0; k < kc32; ++k) dst[k / 32 * mb * 32 + k % 32] = k < kc ? load_f32(src, A.dtype, k) * scale : 0.0f;
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+      const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
+      for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
+      for (int64_t k0 = 0; k0 < kc; k0 += kQuantDotKC) {
+        const int64_t len = std::min(kQuantDotKC, kc - k0), len32 = (len + 31) / 32 * 32;
+        // the bytes of the next 4 rows' values, into L2 while these are multiplied (the bf16 dot kernel
+        // fetches its next rows the same way: the hardware prefetchers miss the jump from row to row)
+        const bool last_k = k0 + kQuantDotKC >= kc;
+        if (!last_k || n0 + 4 < N) {
+          const int64_t r = last_k ? n0 + 4 : n0, c = pc + (last_k ? 0 : k0 + kQuantDotKC);
+          const int64_t span = B.quant.span_bytes(std::min(kQuantDotKC, kc - (c - pc)));
+          for (int j = 0; j < 4 && r + j < N; ++j) {
+            const uint8_t* bytes = B.quant.row_bytes(r + j, c);
+            for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(bytes + b, 0, 2);
+          }
+        }
+        for (int j = 0; j < 4; ++j) {
+          float* row = wbuf + j * kQuantDotKC;
+          const int64_t n = j < nw ? len : 0;
+          if (n > 0) isa.dequant_row(B.quant, n0 + j, pc + k0, n, B.scale(n0 + j), row);
+          std::fill(row + n, row + len32, 0.0f);
+        }
+        isa.dot_f32(k0, len32, apack, kc32, static_cast<int>(M), wbuf, kQuantDotKC, nw, crow, alpha, acc || k0 > 0);
+      }
     }
   }
 }
@@ -536,6 +598,7 @@ void gemm_pairs(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, co
 int64_t any_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
   const int64_t dot = kDotAScratch + 4 * kDotMaxKC / 2;  // token rows + padded bf16 weight rows
+  static_assert(4 * kQuantDotKC <= 4 * kDotMaxKC / 2, "the quantized dot path's rows fit the dot path's scratch");
   const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
   return std::max({packed, dot, direct});
 }
@@ -551,6 +614,7 @@ Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const M
   }
   const bool dot = B.trans && !A.trans, direct = !B.trans;
   if ((dot || direct) && small_batch(isa, M, K, B)) return dot ? Path::kDot : Path::kDirect;
+  if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) return Path::kQuantDot;
   return Path::kPacked;
 }
 
@@ -562,7 +626,7 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   }
-  if (path != Path::kPairs && path != Path::kPacked) {
+  if (path != Path::kPairs && path != Path::kPacked) {  // the dot, direct and quantized dot paths
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   }
   switch (path) {
@@ -571,6 +635,7 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
     case Path::kPairDirect: return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kDot: return gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kDirect: return gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kQuantDot: return gemm_quant_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kPacked: break;
     default: break;  // the other GemmPath values name callers of gemm_any, never its choice
   }

@@ -122,6 +122,20 @@ struct DirectRows {
 using DirectKernel = void (*)(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c,
                               int mr, int nr, float alpha, bool acc, const DirectRows& rows);
 
+// The small-M path for a quantized weight stored [N, K] (every forward projection of a quantized base):
+// each group of 4 stored rows is dequantized (QuantRowReader), a block of columns at a time, into an
+// f32 buffer that stays in L1, and the token rows are multiplied against it there, so each weight is
+// dequantized once per product whatever the token count, and no dequantized copy exceeds that buffer.
+// F32DotKernel is DotKernel with f32 weights (w: 4 rows, ldw floats apart, readable for kc values) and the
+// values of each block of 32 in column order, in A's layout as in the weights' (the even/odd order
+// exists to widen bf16; F32DotRowPacker writes it this way):
+//   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_{k < kc} A(i, k0 + k) * w[j * ldw + k],  i < m, j < nw <= 4.
+using F32DotKernel = void (*)(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const float* w,
+                              int64_t ldw, int nw, float* const* c, float alpha, bool acc);
+// dst[0:n] = stored row r's values c .. c + n - 1 of a quantized weight (view coordinates), times mul:
+// exactly QuantWeight::dequantize_row's values, vectorised.
+using QuantRowReader = void (*)(const QuantWeight& w, int64_t r, int64_t c, int64_t n, float mul, float* dst);
+
 // Rounds n f32 values to bf16 (nearest even, NaN kept quiet), as f32_to_bf16 does one by one.
 using Bf16Rounder = void (*)(const float* src, uint16_t* dst, int64_t n);
 
@@ -179,6 +193,10 @@ struct Isa {
   // The SiLU gating (activation.h), never null.
   SiluMul silu_mul;
   SiluMulGrad silu_mul_grad;
+  // Quantized weights (quant.h), never null: the row dequantizer every product reading one uses, and
+  // the quantized dot path's kernel.
+  QuantRowReader dequant_row;
+  F32DotKernel dot_f32;
   // The bf16 pair path (PairKernel above), all null where the ISA has none (an initialiser may leave
   // them out): the micro-kernel, its packers of full B panels (nr rows), A panels (6 rows) and of a B
   // stored [K, N], the dot kernel and the direct kernel.

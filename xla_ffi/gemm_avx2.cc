@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "gemm_kernels.h"
 
@@ -119,11 +120,13 @@ inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
 }
 
 // R token rows (rows r0.. of a tile of mb rows in the dot layout) against 4 weight rows; see
-// DotKernel in gemm.h. 8 accumulators, 4 widened weight vectors and one token vector fill 13 of the
-// 16 ymm registers. Each 32-byte load of 16 bf16 weights widens to its 8 even and 8 odd elements,
-// which meet the token values at offsets 0 and 16 of the layout's block of 32.
-template <int R>
-void dot_rows(int64_t kc, const float* tile, int mb, int r0, const uint16_t* w, int64_t ldw, int nw,
+// DotKernel in gemm.h, and F32DotKernel for W = float. 8 accumulators, 4 weight vectors and one token
+// vector fill 13 of the 16 ymm registers. bf16 weights: each 32-byte load of 16 widens to its 8 even and
+// 8 odd elements, which meet the token values at offsets 0 and 16 of the layout's block of 32, and the
+// next 4 rows are prefetched on the way. f32 weights (a dequantized buffer in L1): in column order, as
+// the token values are.
+template <int R, typename W>
+void dot_rows(int64_t kc, const float* tile, int mb, int r0, const W* w, int64_t ldw, int nw,
               float* const* c, float alpha, bool acc, PrefetchSlice slice) {
   __m256 s[4][R];
 #pragma GCC unroll 4
@@ -131,32 +134,40 @@ void dot_rows(int64_t kc, const float* tile, int mb, int r0, const uint16_t* w, 
 #pragma GCC unroll 2
     for (int i = 0; i < R; ++i) s[j][i] = _mm256_setzero_ps();
   }
-  const uint16_t* next = w + 4 * ldw;
+  // wv = 4 weight vectors, then s += the R token vectors at offset `at` of their block times them
+  const auto multiply = [&s](const float* a, int at, const __m256 (&wv)[4]) {
+#pragma GCC unroll 2
+    for (int i = 0; i < R; ++i) {
+      const __m256 av = _mm256_loadu_ps(a + i * 32 + at);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) s[j][i] = _mm256_fmadd_ps(av, wv[j], s[j][i]);
+    }
+  };
+  const W* next = w + 4 * ldw;
   int until_prefetch = slice.phase;
   for (int64_t k = 0, b = 0; k < kc; k += 32, ++b) {
-    if (until_prefetch-- == 0) {
-      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
-      until_prefetch = slice.period - 1;
-    }
     const float* a = tile + (b * mb + r0) * 32;
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {  // weights k + 16 h .. k + 16 h + 15: token values 8 h.. (even), 16 + 8 h.. (odd)
-      __m256 wv[4];
+    __m256 wv[4];
+    if constexpr (std::is_same_v<W, float>) {
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) wv[j] = bf16_even8(w + j * ldw + k + 16 * h);
-#pragma GCC unroll 2
-      for (int i = 0; i < R; ++i) {
-        const __m256 av = _mm256_loadu_ps(a + i * 32 + 8 * h);
+      for (int q = 0; q < 4; ++q) {
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) s[j][i] = _mm256_fmadd_ps(av, wv[j], s[j][i]);
+        for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k + 8 * q);
+        multiply(a, 8 * q, wv);
       }
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) wv[j] = bf16_odd8(w + j * ldw + k + 16 * h);
+    } else {
+      if (until_prefetch-- == 0) {
+        for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + k), _MM_HINT_T1);
+        until_prefetch = slice.period - 1;
+      }
 #pragma GCC unroll 2
-      for (int i = 0; i < R; ++i) {
-        const __m256 av = _mm256_loadu_ps(a + i * 32 + 16 + 8 * h);
+      for (int h = 0; h < 2; ++h) {  // weights k + 16 h .. k + 16 h + 15: token values 8 h.. (even), 16 + 8 h.. (odd)
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) s[j][i] = _mm256_fmadd_ps(av, wv[j], s[j][i]);
+        for (int j = 0; j < 4; ++j) wv[j] = bf16_even8(w + j * ldw + k + 16 * h);
+        multiply(a, 8 * h, wv);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) wv[j] = bf16_odd8(w + j * ldw + k + 16 * h);
+        multiply(a, 16 + 8 * h, wv);
       }
     }
   }
@@ -172,6 +183,23 @@ void dot_rows(int64_t kc, const float* tile, int mb, int r0, const uint16_t* w, 
       float v[4];
       _mm_storeu_ps(v, r);
       for (int j = 0; j < nw; ++j) p[j] = (acc ? p[j] : 0.0f) + v[j];
+    }
+  }
+}
+
+// The dot kernels' tiles of 6 rows in the layout, each run as pairs of rows; every pair reads the same 4
+// weight rows and (bf16) prefetches its share of the next 4.
+template <typename W>
+void dot_tiles(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const W* w, int64_t ldw, int nw,
+               float* const* c, float alpha, bool acc) {
+  const int pairs = (m + 1) / 2;
+  for (int i = 0; i < m; i += 6) {
+    const int mb = std::min(6, m - i);
+    const float* tile = a + i * lda + k0 * mb;
+    for (int r0 = 0; r0 < mb; r0 += 2) {
+      const PrefetchSlice slice{(i + r0) / 2, pairs};
+      if (r0 + 2 <= mb) dot_rows<2>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
+      else dot_rows<1>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
     }
   }
 }
@@ -256,18 +284,12 @@ void direct_bf16_avx2(int64_t kc, const float* a, const uint16_t* w, int64_t ldw
 
 void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                    int nw, float* const* c, float alpha, bool acc) {
-  // Tiles of 6 rows in the layout, each run as pairs of rows; every pair reads the same 4 weight rows
-  // and prefetches its share of the next 4.
-  const int pairs = (m + 1) / 2;
-  for (int i = 0; i < m; i += 6) {
-    const int mb = std::min(6, m - i);
-    const float* tile = a + i * lda + k0 * mb;
-    for (int r0 = 0; r0 < mb; r0 += 2) {
-      const PrefetchSlice slice{(i + r0) / 2, pairs};
-      if (r0 + 2 <= mb) dot_rows<2>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
-      else dot_rows<1>(kc, tile, mb, r0, w, ldw, nw, c + i, alpha, acc, slice);
-    }
-  }
+  dot_tiles(k0, kc, a, lda, m, w, ldw, nw, c, alpha, acc);
+}
+
+void dot_f32_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const float* w, int64_t ldw, int nw,
+                  float* const* c, float alpha, bool acc) {
+  dot_tiles(k0, kc, a, lda, m, w, ldw, nw, c, alpha, acc);
 }
 
 void pack_bf16_panel_avx2(const uint16_t* const* rows, const float* scale, int64_t kc, float* dst) {

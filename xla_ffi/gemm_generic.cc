@@ -6,6 +6,7 @@
 // DirectKernel, in gemm.h).
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_kernels.h"
 
@@ -55,28 +56,36 @@ inline Vec4 widen4(const uint16_t* p) {
 // rows' matching 4 values (the dot layout keeps a block's 16 even values, then its 16 odd ones); a row's
 // next block is block_stride floats on. The next 4 weight rows are prefetched at the steps of 32 k that
 // `slice` selects, as the x86 kernels do.
-template <int MB>
-void dot_tile(int64_t kc, const float* a, int64_t block_stride, const uint16_t* w, int64_t ldw, int nw,
+template <int MB, typename W>
+void dot_tile(int64_t kc, const float* a, int64_t block_stride, const W* w, int64_t ldw, int nw,
               float* const* c, float alpha, bool acc, PrefetchSlice slice) {
   Vec4 s[MB][4] = {};
-  const uint16_t* next = w + 4 * ldw;
+  // wv = 4 weight vectors, then s += the MB token vectors at offset `at` of their block times them
+  const auto multiply = [&s](const float* a, int at, const Vec4 (&wv)[4]) {
+    for (int i = 0; i < MB; ++i) {
+      const Vec4 av = load4(a + i * 32 + at);
+      for (int j = 0; j < 4; ++j) s[i][j] += av * wv[j];
+    }
+  };
+  const W* next = w + 4 * ldw;
   int until_prefetch = slice.phase;
   for (int64_t k = 0; k < kc; k += 32, a += block_stride) {
-    if (until_prefetch-- == 0) {
-      for (int j = 0; j < 4; ++j) __builtin_prefetch(next + j * ldw + k);
-      until_prefetch = slice.period - 1;
-    }
-    for (int q = 0; q < 4; ++q) {
-      Vec4 wv[4];
-      for (int j = 0; j < 4; ++j) wv[j] = bf16_even(load_u32x4(w + j * ldw + k + 8 * q));
-      for (int i = 0; i < MB; ++i) {
-        const Vec4 av = load4(a + i * 32 + 4 * q);
-        for (int j = 0; j < 4; ++j) s[i][j] += av * wv[j];
+    Vec4 wv[4];
+    if constexpr (std::is_same_v<W, float>) {  // F32DotKernel: values in column order
+      for (int q = 0; q < 8; ++q) {
+        for (int j = 0; j < 4; ++j) wv[j] = load4(w + j * ldw + k + 4 * q);
+        multiply(a, 4 * q, wv);
       }
-      for (int j = 0; j < 4; ++j) wv[j] = bf16_odd(load_u32x4(w + j * ldw + k + 8 * q));
-      for (int i = 0; i < MB; ++i) {
-        const Vec4 av = load4(a + i * 32 + 16 + 4 * q);
-        for (int j = 0; j < 4; ++j) s[i][j] += av * wv[j];
+    } else {
+      if (until_prefetch-- == 0) {
+        for (int j = 0; j < 4; ++j) __builtin_prefetch(next + j * ldw + k);
+        until_prefetch = slice.period - 1;
+      }
+      for (int q = 0; q < 4; ++q) {
+        for (int j = 0; j < 4; ++j) wv[j] = bf16_even(load_u32x4(w + j * ldw + k + 8 * q));
+        multiply(a, 4 * q, wv);
+        for (int j = 0; j < 4; ++j) wv[j] = bf16_odd(load_u32x4(w + j * ldw + k + 8 * q));
+        multiply(a, 16 + 4 * q, wv);
       }
     }
   }
@@ -84,6 +93,26 @@ void dot_tile(int64_t kc, const float* a, int64_t block_stride, const uint16_t* 
     for (int j = 0; j < nw; ++j) {
       const float sum = (s[i][j][0] + s[i][j][1]) + (s[i][j][2] + s[i][j][3]);
       c[i][j] = (acc ? c[i][j] : 0.0f) + alpha * sum;
+    }
+  }
+}
+
+// The dot kernels (DotKernel, F32DotKernel): each tile of 6 rows (the layout's) in parts of kDotRows: 24
+// accumulators with the values they need do not fit NEON's 32 registers (gcc spilled 10 of them in the
+// loop), 12 do. Every part reads the same 4 weight rows (from L1 after the first) and (bf16) prefetches
+// its share of the next 4.
+template <typename W>
+void dot_tiles(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const W* w, int64_t ldw, int nw,
+               float* const* c, float alpha, bool acc) {
+  constexpr int kDotRows = 3;
+  const int parts = (m + kDotRows - 1) / kDotRows;
+  for (int t = 0; t < m; t += 6) {
+    const int mb = std::min(6, m - t);
+    for (int r = 0; r < mb; r += kDotRows) {
+      const PrefetchSlice slice{(t + r) / kDotRows, parts};
+      with_tile_rows(std::min(kDotRows, mb - r), [&](auto MB) {
+        dot_tile<MB>(kc, a + t * lda + k0 * mb + r * 32, mb * 32, w, ldw, nw, c + t + r, alpha, acc, slice);
+      });
     }
   }
 }
@@ -150,20 +179,16 @@ void microkernel_generic(int64_t kc, const float* a, const float* b, float* cons
 
 void dot_bf16_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                       int nw, float* const* c, float alpha, bool acc) {
-  // Each tile of 6 rows (the layout's) in parts of kDotRows: 24 accumulators with the values they need
-  // do not fit NEON's 32 registers (gcc spilled 10 of them in the loop), 12 do. Every part reads the same
-  // 4 weight rows (from L1 after the first) and prefetches its share of the next 4.
-  constexpr int kDotRows = 3;
-  const int parts = (m + kDotRows - 1) / kDotRows;
-  for (int t = 0; t < m; t += 6) {
-    const int mb = std::min(6, m - t);
-    for (int r = 0; r < mb; r += kDotRows) {
-      const PrefetchSlice slice{(t + r) / kDotRows, parts};
-      with_tile_rows(std::min(kDotRows, mb - r), [&](auto MB) {
-        dot_tile<MB>(kc, a + t * lda + k0 * mb + r * 32, mb * 32, w, ldw, nw, c + t + r, alpha, acc, slice);
-      });
-    }
-  }
+  dot_tiles(k0, kc, a, lda, m, w, ldw, nw, c, alpha, acc);
+}
+
+void dot_f32_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const float* w, int64_t ldw,
+                     int nw, float* const* c, float alpha, bool acc) {
+  dot_tiles(k0, kc, a, lda, m, w, ldw, nw, c, alpha, acc);
+}
+
+void dequant_row_generic(const QuantWeight& w, int64_t r, int64_t c, int64_t n, float mul, float* dst) {
+  w.dequantize_row(r, c, n, mul, dst);
 }
 
 void direct_bf16_generic(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,

@@ -34,6 +34,9 @@ void microkernel_generic(int64_t kc, const float* a, const float* b, float* cons
 // kernels' layout, and the direct kernel (its copy: the widened weights in column order).
 void dot_bf16_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                       int nw, float* const* c, float alpha, bool acc);
+void dot_f32_generic(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const float* w, int64_t ldw,
+                     int nw, float* const* c, float alpha, bool acc);
+void dequant_row_generic(const QuantWeight& w, int64_t r, int64_t c, int64_t n, float mul, float* dst);
 void pack_dot_row_generic(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 void direct_bf16_generic(int64_t kc, const float* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
                          int nr, float alpha, bool acc, const DirectRows& rows);
@@ -72,6 +75,11 @@ void direct_bf16_avx2(int64_t kc, const float* a, const uint16_t* w, int64_t ldw
                       float alpha, bool acc, const DirectRows& rows);
 void dot_bf16_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const uint16_t* w, int64_t ldw,
                    int nw, float* const* c, float alpha, bool acc);
+// Quantized weights: the dot kernel against f32 rows in column order (F32DotKernel), and the row
+// dequantizer (QuantRowReader, in quant_avx2.cc). The AVX-512 ISAs use them too.
+void dot_f32_avx2(int64_t k0, int64_t kc, const float* a, int64_t lda, int m, const float* w, int64_t ldw, int nw,
+                  float* const* c, float alpha, bool acc);
+void dequant_row_avx2(const QuantWeight& w, int64_t r, int64_t c, int64_t n, float mul, float* dst);
 void pack_dot_row_avx2(const void* src, DType dtype, float scale, int64_t n, int64_t stride, float* dst);
 void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 // AVX2 panel packers for nr = 16 and the A side's 6 rows (8x8 in-register transposes), and the packer

@@ -116,9 +116,11 @@ void def_isa_and_elementwise(py::module_& m) {
       throw std::invalid_argument("data, scales, rows, cols, group and block_cols do not fit the format");
     }
     F32Array out({rows, cols});
-    for (int64_t r = 0; r < rows; ++r) q.dequantize_row(r, 0, cols, 1.0f, out.mutable_data() + r * cols);
+    const ktjax::Isa* isa = ktjax::select_isa();
+    if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU or build lacks");
+    for (int64_t r = 0; r < rows; ++r) isa->dequant_row(q, r, 0, cols, 1.0f, out.mutable_data() + r * cols);
     return out;
-  }, "A quantized weight [rows, cols] (one expert, layouts in quant.h) dequantized as the kernels' packing does.");
+  }, "A quantized weight [rows, cols] (one expert, layouts in quant.h) dequantized as the selected ISA's kernels do.");
 }
 
 // Machine probes for the benchmark: peak GEMM rate and memory read bandwidth.

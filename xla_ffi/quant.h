@@ -60,6 +60,13 @@ struct QuantWeight {
   int64_t r0 = 0, c0 = 0;
 
   int64_t data_ld() const { return format == QuantFormat::kInt4 ? (cols + 1) / 2 : cols; }
+  // The bytes that hold values c .. c + n - 1 of stored row r (view coordinates): from row_bytes(r, c), at
+  // most span_bytes(n) of them.
+  const uint8_t* row_bytes(int64_t r, int64_t c) const {
+    const int64_t col = c0 + c;
+    return data + (r0 + r) * data_ld() + (format == QuantFormat::kInt4 ? col / 2 : col);
+  }
+  int64_t span_bytes(int64_t n) const { return format == QuantFormat::kInt4 ? n / 2 + 1 : n; }
 
   // dst[0:n] = w[r, c .. c + n) (view coordinates: stored row r0 + r, column c0 + c) times `mul`.
   void dequantize_row(int64_t r, int64_t c, int64_t n, float mul, float* dst) const {

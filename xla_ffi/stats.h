@@ -35,12 +35,14 @@ enum class GemmPath : int {
   kTransposed = 6,       // a product narrower than the tile computed as C^T (then one of the above)
   kPackedOnce = 7,       // B packed once for several products (gemm_packed), f32
   kPackedOncePairs = 8,  // the same with B packed as bf16 pairs
-  kCount = 9,
+  kQuantDot = 9,         // few rows against a quantized weight stored [N, K], dequantized in L1 (F32DotKernel)
+  kCount = 10,
 };
 
 inline constexpr const char* kGemmPathNames[] = {"packed",     "dot",         "direct",
                                                  "pairs",      "pair_dot",    "pair_direct",
-                                                 "transposed", "packed_once", "packed_once_pairs"};
+                                                 "transposed", "packed_once", "packed_once_pairs",
+                                                 "quant_dot"};
 
 struct Stats {
   std::array<std::atomic<int64_t>, static_cast<int>(Work::kCount)> flops{};

@@ -27,6 +27,7 @@ LORA_TARGETS = (
     "experts",
 )
 ATTENTIONS = ("gqa", "mla")
+REMAT_POLICIES = ("off", "full", "experts")  # ModelConfig.remat
 ROPE_TYPES = ("default", "yarn")  # rope_scaling types the models compute (ktjax.nn.rope)
 # expert_quant values (ktjax.quant.formats.parse_spec reads them)
 EXPERT_QUANT = re.compile(r"none|int8|int4(:(32|64|128))?|fp8(:[1-9]\d*x[1-9]\d*)?")
@@ -89,6 +90,10 @@ class ModelConfig:
     # none | int8 | int4[:G] | fp8[:B0xB1]: routed experts' frozen base weights kept quantized
     # (ktjax.quant; G in 32, 64, 128, default 128; fp8 blocks default 128x128). Never trained.
     expert_quant: str = "none"
+    # off | full | experts: each decoder layer's activations recomputed in the backward (jax.checkpoint)
+    # instead of kept from the forward, so a step holds one layer's at a time; experts keeps the expert
+    # kernels' outputs and saved intermediates (not recomputed), full keeps nothing
+    remat: str = "off"
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()  # subset of LORA_TARGETS
@@ -127,6 +132,8 @@ class ModelConfig:
                 "expert_quant must be none, int8, int4, int4:G (G in 32, 64, 128), fp8 or fp8:B0xB1, "
                 f"got {self.expert_quant!r}"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.decoder_sparse_step < 1:

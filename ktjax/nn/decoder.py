@@ -16,6 +16,7 @@ from ktjax.nn.mla import LatentAttention
 from ktjax.nn.mlp import MLP
 from ktjax.nn.moe import MoEBlock
 from ktjax.nn.norm import RMSNorm
+from ktjax.nn.remat import recomputed_call
 
 
 class DecoderLayer(nnx.Module):
@@ -34,8 +35,13 @@ class DecoderLayer(nnx.Module):
         self.ffn_name = "block_sparse_moe" if cfg.style == "mixtral" and not dense else "mlp"
         setattr(self, self.ffn_name, ffn)
 
-    def __call__(self, x, positions, mask, token_mask) -> tuple[jax.Array, dict | None]:
-        x = x + self.self_attn(self.input_layernorm(x), positions, mask)
+    def __call__(self, x, positions, mask, token_mask, remat: str = "off") -> tuple[jax.Array, dict | None]:
+        """x [B, S, H] f32 -> (x after the layer, router statistics or None). remat: ModelConfig.remat
+        ("full" is applied by the caller, around the whole layer)."""
+        if remat == "experts":  # the attention recomputed; the MoE block keeps its saved intermediates
+            x = recomputed_call((self.input_layernorm, self.self_attn), _attention_block, x, positions, mask)
+        else:
+            x = _attention_block((self.input_layernorm, self.self_attn), x, positions, mask)
         ffn = getattr(self, self.ffn_name)
         h = self.post_attention_layernorm(x)
         if isinstance(ffn, MoEBlock):
@@ -43,6 +49,15 @@ class DecoderLayer(nnx.Module):
         else:
             y, stats = ffn(h), None
         return x + y, stats
+
+
+def _attention_block(modules: tuple[RMSNorm, nnx.Module], x, positions, mask) -> jax.Array:
+    norm, attention = modules
+    return x + attention(norm(x), positions, mask)
+
+
+def _call_layer(layer: DecoderLayer, x, positions, mask, token_mask) -> tuple[jax.Array, dict | None]:
+    return layer(x, positions, mask, token_mask)
 
 
 class Embedding(nnx.Module):
@@ -98,8 +113,12 @@ class MoeForCausalLM(nnx.Module):
         token_mask = segment_ids > 0
         x = self.model.embed_tokens(input_ids)
         stats = []
+        remat = self.config.remat
         for layer in self.model.layers:
-            x, s = layer(x, positions, mask, token_mask)
+            if remat == "full":
+                x, s = recomputed_call(layer, _call_layer, x, positions, mask, token_mask)
+            else:
+                x, s = layer(x, positions, mask, token_mask, remat)
             if s is not None:
                 stats.append(s)
         x = self.model.norm(x)

@@ -41,6 +41,8 @@ constexpr int64_t kDotAScratch = std::max(kDotAFloats, kDotMaxRows * kDotMinKC);
 // The quantized dot path dequantizes 4 weight rows of kQuantDotKC values at a time: 8 KiB of f32, in L1
 // beside the token values they meet.
 constexpr int64_t kQuantDotKC = 512;
+// Packing a quantized B stored [K, N] fetches the stored row this many rows ahead.
+constexpr int64_t kQuantAhead = 4;
 constexpr int64_t kDirectKC = 32;
 // The direct path's scratch, in this order: its packed token rows (whole panels of kMR rows, the last one
 // zero-padded), a zero-padded bf16 copy of a last column block narrower than kDirectCols, and the
@@ -245,16 +247,29 @@ void pack_quant_panels(const Isa& isa, const MatView& A, int64_t i0, int64_t mc,
     }
     return;
   }
-  // stored (k, i): row k0 + k fills one k-slice of every panel, in runs of whole panels that fit `row`
+  // stored (k, i): row k0 + k fills one k-slice of every panel, in runs of whole panels that fit `row`;
+  // the bytes of the row kQuantAhead on are fetched into L2 first (rows are read in slices, far apart)
   const int64_t run = kNC / width * width;
+  const int64_t span = A.quant.span_bytes(mc);
   for (int64_t k = 0; k < kc; ++k) {
+    if (k + kQuantAhead < kc) {
+      const uint8_t* ahead = A.quant.row_bytes(k0 + k + kQuantAhead, i0);
+      for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(ahead + b, 0, 2);
+    }
     for (int64_t c = 0; c < mc; c += run) {
       const int64_t n = std::min(run, mc - c);
       isa.dequant_row(A.quant, k0 + k, i0 + c, n, A.scale(k0 + k), row);
       for (int64_t p = c / width; p * width < c + n; ++p) {
         float* dst = buf + (p * kc + k) * width;
         const int64_t w = std::min(width, mc - p * width);
-        std::copy_n(row + (p * width - c), w, dst);
+        const float* src = row + (p * width - c);
+        if (w == 16) {  // a whole panel of the AVX2 / portable tile: a copy of constant size, inlined
+          std::memcpy(dst, src, 16 * sizeof(float));
+        } else if (w == 32) {  // the AVX-512 tile's
+          std::memcpy(dst, src, 32 * sizeof(float));
+        } else {
+          std::copy_n(src, w, dst);
+        }
         std::fill(dst + w, dst + width, 0.0f);
       }
     }

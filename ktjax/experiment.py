@@ -199,7 +199,10 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         )
     if cfg.export_merged:
         print(f"merged Hugging Face model: {export_hf(result.params, cfg.model, workdir / 'merged')}")
-    print(
-        f"\nrun directory: {workdir} (config.json, metrics.jsonl, checkpoints/, curves.png) — {seconds:.0f} s"
-    )
+    print(f"\nrun directory: {workdir} ({run_contents(workdir)}) — {seconds:.0f} s")
     return result
+
+
+def run_contents(workdir: pathlib.Path) -> str:
+    """What a run directory holds, for the end-of-run line: 'config.json, metrics.jsonl, checkpoints/, ...'."""
+    return ", ".join(p.name + "/" if p.is_dir() else p.name for p in sorted(workdir.iterdir()))

@@ -205,6 +205,11 @@ def train(
             start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
             trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
             print(f"resumed from step {start} ({ckpt.directory})")
+            if start >= cfg.steps:
+                print(
+                    f"this run already trained its {cfg.steps} steps: nothing more to train; to continue it, "
+                    f"resume with a larger step count, e.g. --set train.steps={2 * start}"
+                )
         elif cfg.checkpoint_every >= 0:  # frozen parameters are saved once, when a run starts
             ckpt.start_fresh(frozen)
         history, evals = _load_logs(workdir, start) if start else ([], [])

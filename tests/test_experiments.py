@@ -70,11 +70,18 @@ def test_default_experiment_runs_end_to_end_and_leaves_a_complete_run_directory(
     assert config["train"]["steps"] == 6 and config["model"]["hidden_size"] == 32
     kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("train") == 3 and kinds.count("eval") == 3
+    # the end-of-run line names everything the run wrote
+    listed = "checkpoints/, config.json, curves.png, metrics.jsonl, peft_adapter/, summary.json"
+    assert f"run directory: {run} ({listed})" in out
 
     # --resume continues the same run directory from its latest checkpoint, here to a later step.
     resumed = run_cli("--resume", "--workdir", str(run), "--set", "train.steps=8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout and "after (step 8)" in resumed.stdout
+    # resuming a finished run says so, and how to train more
+    again = run_cli("--resume", "--workdir", str(run))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already trained its 8 steps" in again.stdout and "--set train.steps=16" in again.stdout
 
 
 def run_in_process(capsys, *args: str) -> tuple[int, str, str]:

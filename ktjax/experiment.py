@@ -204,5 +204,5 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
 
 
 def run_contents(workdir: pathlib.Path) -> str:
-    """What a run directory holds, for the end-of-run line: 'config.json, metrics.jsonl, checkpoints/, ...'."""
+    """What a run directory holds, for the end-of-run line: 'checkpoints/, config.json, ...'."""
     return ", ".join(p.name + "/" if p.is_dir() else p.name for p in sorted(workdir.iterdir()))

@@ -57,6 +57,8 @@ class ModelConfig:
     attention_bias: bool = False  # biases on the attention projections
     sliding_window: int = 0  # >0: a query sees only the last `sliding_window` keys (Mixtral, Qwen3)
     attention: str = "gqa"  # gqa | mla (DeepSeek's multi-head latent attention, fields below)
+    # blockwise (keys streamed past queries, memory linear in the sequence) | xla (dense [S, S] reference)
+    attention_backend: str = "blockwise"
     q_lora_rank: int = 0  # mla: 0 = a plain q_proj, else q_a_proj -> norm -> q_b_proj
     kv_lora_rank: int = 16  # mla: width of the compressed key/value latent
     qk_nope_head_dim: int = 16  # mla: per-head query/key width without position encoding
@@ -132,6 +134,8 @@ class ModelConfig:
                 "expert_quant must be none, int8, int4, int4:G (G in 32, 64, 128), fp8 or fp8:B0xB1, "
                 f"got {self.expert_quant!r}"
             )
+        if self.attention_backend not in ("blockwise", "xla"):
+            raise ValueError(f"attention_backend must be blockwise or xla, got {self.attention_backend!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTIONS:

@@ -39,6 +39,8 @@ RUN_FIELDS = (
     "expert_backend",
     "expert_policy",
     "expert_intermediates",
+    "attention_backend",
+    "remat",
     "lora_rank",
     "lora_alpha",
     "lora_targets",

@@ -1,40 +1,16 @@
-"""Grouped-query self-attention with RoPE, optional q/k RMSNorm and biases; causal, segment and
-sliding-window masking shared with the latent attention in mla.py."""
+"""Grouped-query self-attention with RoPE, optional q/k RMSNorm and biases. The attention itself (causal,
+within each packed segment, sliding windows) is ktjax.ops.attention, shared with mla.py."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.nn.linear import Linear
 from ktjax.nn.norm import RMSNorm
 from ktjax.nn.rope import rope, softmax_scale
-
-
-def attention_mask(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array:
-    """[B, S] segment ids (0 = padding) -> [B, 1, S, S] bool: causal, within one segment, and with
-    sliding_window > 0 only the last `sliding_window` keys (the query's own included)."""
-    S = segment_ids.shape[1]
-    q, k = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
-    visible = k <= q
-    if sliding_window:
-        visible &= q - k < sliding_window
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (visible & same & (segment_ids[:, :, None] > 0))[:, None]
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Softmax attention. q: [B, S, N, Dk]; k: [B, S, G, Dk]; v: [B, S, G, Dv] with N a multiple of G
-    (query heads share key/value heads in groups); mask: [B, 1, S, S] -> [B, S, N * Dv] f32."""
-    B, S, N, Dk = q.shape
-    G = k.shape[2]
-    q = q.reshape(B, S, G, N // G, Dk)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * scale  # [B, G, N/G, S, S]
-    logits = jnp.where(mask[:, :, None], logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(B, S, N * v.shape[-1])
+from ktjax.ops.attention import attention
 
 
 class Attention(nnx.Module):
@@ -55,9 +31,10 @@ class Attention(nnx.Module):
         self.shape = (nh, nkv, hd)
         self.theta = cfg.rope_theta
         self.rope_scaling = cfg.rope_scaling
+        self.window, self.backend = cfg.sliding_window, cfg.attention_backend
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, S, H] f32; positions: [B, S] int; mask: [B, 1, S, S] bool -> [B, S, H] f32."""
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """x: [B, S, H] f32; positions, segment_ids: [B, S] int (0 = padding) -> [B, S, H] f32."""
         B, S, _ = x.shape
         nh, nkv, hd = self.shape
         q = self.q_proj(x).reshape(B, S, nh, hd)
@@ -67,4 +44,6 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions, self.theta, self.rope_scaling)
         k = rope(k, positions, self.theta, self.rope_scaling)
-        return self.o_proj(attend(q, k, v, mask, softmax_scale(hd, self.rope_scaling)))
+        scale = softmax_scale(hd, self.rope_scaling)
+        out = attention(q, k, v, segment_ids, scale=scale, window=self.window, backend=self.backend)
+        return self.o_proj(out)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.nn.attention import Attention, attention_mask
+from ktjax.nn.attention import Attention
 from ktjax.nn.init import normal
 from ktjax.nn.linear import Linear
 from ktjax.nn.mla import LatentAttention
@@ -35,29 +35,32 @@ class DecoderLayer(nnx.Module):
         self.ffn_name = "block_sparse_moe" if cfg.style == "mixtral" and not dense else "mlp"
         setattr(self, self.ffn_name, ffn)
 
-    def __call__(self, x, positions, mask, token_mask, remat: str = "off") -> tuple[jax.Array, dict | None]:
-        """x [B, S, H] f32 -> (x after the layer, router statistics or None). remat: ModelConfig.remat
-        ("full" is applied by the caller, around the whole layer)."""
+    def __call__(self, x, positions, segment_ids, remat: str = "off") -> tuple[jax.Array, dict | None]:
+        """x [B, S, H] f32, positions and segment_ids [B, S] int (0 = padding) -> (x after the layer,
+        router statistics or None). remat: ModelConfig.remat ("full" is applied by the caller, around the
+        whole layer)."""
         if remat == "experts":  # the attention recomputed; the MoE block keeps its saved intermediates
-            x = recomputed_call((self.input_layernorm, self.self_attn), _attention_block, x, positions, mask)
+            x = recomputed_call(
+                (self.input_layernorm, self.self_attn), _attention_block, x, positions, segment_ids
+            )
         else:
-            x = _attention_block((self.input_layernorm, self.self_attn), x, positions, mask)
+            x = _attention_block((self.input_layernorm, self.self_attn), x, positions, segment_ids)
         ffn = getattr(self, self.ffn_name)
         h = self.post_attention_layernorm(x)
         if isinstance(ffn, MoEBlock):
-            y, stats = ffn(h, token_mask)
+            y, stats = ffn(h, segment_ids > 0)
         else:
             y, stats = ffn(h), None
         return x + y, stats
 
 
-def _attention_block(modules: tuple[RMSNorm, nnx.Module], x, positions, mask) -> jax.Array:
+def _attention_block(modules: tuple[RMSNorm, nnx.Module], x, positions, segment_ids) -> jax.Array:
     norm, attention = modules
-    return x + attention(norm(x), positions, mask)
+    return x + attention(norm(x), positions, segment_ids)
 
 
-def _call_layer(layer: DecoderLayer, x, positions, mask, token_mask) -> tuple[jax.Array, dict | None]:
-    return layer(x, positions, mask, token_mask)
+def _call_layer(layer: DecoderLayer, x, positions, segment_ids) -> tuple[jax.Array, dict | None]:
+    return layer(x, positions, segment_ids)
 
 
 class Embedding(nnx.Module):
@@ -109,16 +112,14 @@ class MoeForCausalLM(nnx.Module):
             segment_ids = jnp.ones((B, S), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        mask = attention_mask(segment_ids, self.config.sliding_window)
-        token_mask = segment_ids > 0
         x = self.model.embed_tokens(input_ids)
         stats = []
         remat = self.config.remat
         for layer in self.model.layers:
             if remat == "full":
-                x, s = recomputed_call(layer, _call_layer, x, positions, mask, token_mask)
+                x, s = recomputed_call(layer, _call_layer, x, positions, segment_ids)
             else:
-                x, s = layer(x, positions, mask, token_mask, remat)
+                x, s = layer(x, positions, segment_ids, remat)
             if s is not None:
                 stats.append(s)
         x = self.model.norm(x)

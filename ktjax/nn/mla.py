@@ -9,10 +9,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.nn.attention import attend
 from ktjax.nn.linear import Linear
 from ktjax.nn.norm import RMSNorm
 from ktjax.nn.rope import deinterleave, rope, softmax_scale
+from ktjax.ops.attention import attention
 
 
 class LatentAttention(nnx.Module):
@@ -41,9 +41,10 @@ class LatentAttention(nnx.Module):
         self.theta = cfg.rope_theta
         self.rope_scaling = cfg.rope_scaling
         self.interleave = cfg.rope_interleave
+        self.window, self.backend = cfg.sliding_window, cfg.attention_backend
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, S, H] f32; positions: [B, S] int; mask: [B, 1, S, S] bool -> [B, S, H] f32."""
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """x: [B, S, H] f32; positions, segment_ids: [B, S] int (0 = padding) -> [B, S, H] f32."""
         B, S, _ = x.shape
         nh, dn, dr, dv, rank = self.dims
         if self.q_proj is not None:
@@ -61,5 +62,8 @@ class LatentAttention(nnx.Module):
         k_rot = rope(k_rot, positions, self.theta, self.rope_scaling)
         q = jnp.concatenate([q_pass, q_rot], -1)
         k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_rot, (B, S, nh, dr))], -1)
-        out = attend(q, k, kv[..., dn:], mask, softmax_scale(dn + dr, self.rope_scaling))
+        scale = softmax_scale(dn + dr, self.rope_scaling)
+        out = attention(
+            q, k, kv[..., dn:], segment_ids, scale=scale, window=self.window, backend=self.backend
+        )
         return self.o_proj(out)

@@ -1,0 +1,118 @@
+"""ktjax.ops.attention: the blockwise (flash-style) attention against the dense float64 reference, forward
+and every gradient, on odd lengths, packed records, sliding windows, GQA groups, latent-attention widths,
+padding rows and both input dtypes; and its errors on bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax.ops.attention import attention, dense_attention
+
+# (B, S, N, G, Dk, Dv, window, block): lengths that do not divide into blocks, several blocks, a window
+# shorter than a block and one longer, one key/value head for all queries, Dk != Dv (MLA's 192 / 128).
+CASES = {
+    "odd_length_gqa": (2, 37, 4, 2, 16, 8, 0, 8),
+    "window_shorter_than_a_block": (2, 37, 4, 2, 16, 8, 5, 8),
+    "mla_widths_one_kv_head": (1, 45, 4, 1, 24, 16, 13, 16),
+    "one_block": (1, 20, 2, 2, 8, 8, 0, 64),
+    "window_across_blocks": (1, 70, 4, 4, 8, 8, 20, 16),
+}
+
+
+def segments(B: int, S: int) -> np.ndarray:
+    """Several records packed in a row, and padding at the end of the second row (no query sees anything)."""
+    seg = np.ones((B, S), np.int32)
+    seg[0, S // 3 :] = 2
+    seg[0, 2 * S // 3 :] = 3
+    if B > 1:
+        seg[1, S - 6 :] = 0
+    return seg
+
+
+def problem(case: str, dtype, seed: int = 0):
+    B, S, N, G, Dk, Dv, window, block = CASES[case]
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(shape) for shape in ((B, S, N, Dk), (B, S, G, Dk), (B, S, G, Dv)))
+    # inputs exactly representable in `dtype`, so that both backends see the same values
+    q, k, v = (jnp.asarray(a, dtype) for a in (q, k, v))
+    cot = jnp.asarray(rng.standard_normal((B, S, N * Dv)), jnp.float32)
+    return (q, k, v), jnp.asarray(segments(B, S)), cot, dict(scale=Dk**-0.5, window=window), block
+
+
+def grads(fn, args, cot):
+    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(cot.dtype) * cot), argnums=(0, 1, 2))(*args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_blockwise_attention_matches_the_float64_reference(case, dtype):
+    args, seg, cot, kw, block = problem(case, dtype)
+    got = attention(*args, seg, **kw, block=block)
+    got_grads = grads(lambda q, k, v: attention(q, k, v, seg, **kw, block=block), args, cot)
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
+        cot64 = jnp.asarray(np.asarray(cot, np.float64))
+        want = np.asarray(dense_attention(*args64, seg, **kw))
+        want_grads = [
+            np.asarray(g) for g in grads(lambda q, k, v: dense_attention(q, k, v, seg, **kw), args64, cot64)
+        ]
+    assert got.dtype == jnp.float32 and not np.isnan(np.asarray(got)).any()
+    # Both compute in f32 from the same inputs (bf16 ones are exact in f32): softmax, a sum over at most S
+    # keys and the online rescaling err by a few f32 ulps of the terms; 2^-16 of the largest value bounds
+    # that for these sizes (measured worst: about 2^-20). Gradients of bf16 inputs are bf16: rounded
+    # once more, by at most half a bf16 ulp, 2^-8 of themselves (7 stored mantissa bits).
+    for name, g, w in [("out", got, want), *zip(("dq", "dk", "dv"), got_grads, want_grads)]:
+        rounding = 2.0**-8 if g.dtype == jnp.bfloat16 else 0.0
+        g = np.asarray(g.astype(jnp.float32), np.float64)
+        assert g.shape == w.shape
+        bound = 2.0**-16 * np.abs(w).max() + rounding * np.abs(w) * (1 + 2.0**-8)
+        assert (np.abs(g - w) <= bound).all(), (
+            f"{case}: {name}: worst {np.max(np.abs(g - w) - bound):.3e} over"
+        )
+
+
+def test_a_query_that_sees_nothing_gets_the_mean_of_the_values_as_the_dense_softmax_does():
+    args, seg, _, kw, block = problem("odd_length_gqa", jnp.float32)
+    out = np.asarray(attention(*args, seg, **kw, block=block))
+    padded = np.asarray(seg) == 0
+    assert padded.any()
+    v = np.asarray(args[2])  # [B, S, G, Dv]
+    mean = np.repeat(v[1].mean(axis=0), 2, axis=0).reshape(-1)  # each of the 2 groups serves 2 heads
+    np.testing.assert_allclose(out[1, padded[1]], np.broadcast_to(mean, out[1, padded[1]].shape), rtol=1e-5)
+
+
+def test_the_blockwise_attention_holds_no_sequence_squared_buffer():
+    # XLA's temporaries of the forward + backward at S = 2048, 4 heads: the dense scores alone are 64 MB.
+    B, S, N, D = 1, 2048, 4, 32
+    q = jnp.ones((B, S, N, D))
+    seg = jnp.ones((B, S), jnp.int32)
+
+    def temp(backend):
+        def loss(q):
+            return attention(q, q, q, seg, scale=0.1, backend=backend).sum()
+
+        return jax.jit(jax.grad(loss)).lower(q).compile().memory_analysis().temp_size_in_bytes
+
+    blockwise, dense = temp("blockwise"), temp("xla")
+    assert dense > 4 * S * S * N  # the reference does hold [N, S, S] f32
+    assert blockwise < 4 * S * S * N, (blockwise, dense)  # under one [N, S, S] f32 buffer
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(k=jnp.ones((1, 8, 3, 4))), "do not fit"),
+        (dict(seg=jnp.ones((1, 7), jnp.int32)), "segment_ids must be"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(window=-1), "window must be >= 0"),
+    ],
+)
+def test_bad_input_is_refused_with_its_name(change, message):
+    args = dict(q=jnp.ones((1, 8, 4, 4)), k=jnp.ones((1, 8, 2, 4)), v=jnp.ones((1, 8, 2, 4)))
+    seg = change.pop("seg", jnp.ones((1, 8), jnp.int32))
+    args.update({key: change.pop(key) for key in ("k",) if key in change})
+    with pytest.raises(ValueError, match=message):
+        attention(args["q"], args["k"], args["v"], seg, scale=0.5, **change)

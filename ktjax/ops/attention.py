@@ -156,38 +156,32 @@ def _flash_fwd(scale, window, bs, q, k, v, seg):
 
 
 def _flash_bwd(scale, window, bs, res, dout):
+    # One pass over key blocks j, each against the query blocks that see it: every tile's probabilities
+    # and score gradients are computed once, and feed dk_j and dv_j (kept per j) and dq_i (accumulated
+    # into the whole dq, carried from j to j).
     q, k, v, seg, out, lse = res
     nb = q.shape[3] // bs
     delta = jnp.sum(dout * out, axis=-1)  # [B, G, R, Sp]
 
-    def probs_and_dscores(i, j):
-        s = _tile(scale, window, bs, _block(q, i, bs, 3), _block(k, j, bs, 2), seg, i, j)
-        p = jnp.exp(s - _block(lse, i, bs, 3)[..., None])
-        dp = jnp.einsum("bgrqd,bgkd->bgrqk", _block(dout, i, bs, 3), _block(v, j, bs, 2))
-        return p, p * (dp - _block(delta, i, bs, 3)[..., None])
+    def key_block(dq, j):
+        kj, vj = _block(k, j, bs, 2), _block(v, j, bs, 2)
 
-    def dq_block(i):
-        def step(j, dq):
-            _, ds = probs_and_dscores(i, j)
-            return dq + jnp.einsum("bgrqk,bgkd->bgrqd", ds, _block(k, j, bs, 2))
-
-        first, last = _key_blocks(i, bs, window)
-        return jax.lax.fori_loop(first, last, step, jnp.zeros_like(_block(q, i, bs, 3))) * scale
-
-    def dkv_block(j):
         def step(i, carry):
-            dk, dv = carry
-            p, ds = probs_and_dscores(i, j)
-            dv = dv + jnp.einsum("bgrqk,bgrqd->bgkd", p, _block(dout, i, bs, 3))
-            return dk + jnp.einsum("bgrqk,bgrqd->bgkd", ds, _block(q, i, bs, 3)), dv
+            dk, dv, dq = carry
+            qi, doi = _block(q, i, bs, 3), _block(dout, i, bs, 3)
+            p = jnp.exp(_tile(scale, window, bs, qi, kj, seg, i, j) - _block(lse, i, bs, 3)[..., None])
+            dp = jnp.einsum("bgrqd,bgkd->bgrqk", doi, vj)
+            ds = p * (dp - _block(delta, i, bs, 3)[..., None])
+            dv = dv + jnp.einsum("bgrqk,bgrqd->bgkd", p, doi)
+            dk = dk + jnp.einsum("bgrqk,bgrqd->bgkd", ds, qi)
+            dq_i = _block(dq, i, bs, 3) + jnp.einsum("bgrqk,bgkd->bgrqd", ds, kj) * scale
+            return dk, dv, jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bs, axis=3)
 
         first, last = _query_blocks(j, bs, window, nb)
-        zero = (jnp.zeros_like(_block(k, j, bs, 2)), jnp.zeros_like(_block(v, j, bs, 2)))
-        dk, dv = jax.lax.fori_loop(first, last, step, zero)
-        return dk * scale, dv
+        dk, dv, dq = jax.lax.fori_loop(first, last, step, (jnp.zeros_like(kj), jnp.zeros_like(vj), dq))
+        return dq, (dk * scale, dv)
 
-    dq = jnp.moveaxis(jax.lax.map(dq_block, jnp.arange(nb)), 0, 3).reshape(q.shape)
-    dk, dv = jax.lax.map(dkv_block, jnp.arange(nb))
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros_like(q), jnp.arange(nb))
     dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
     return dq, dk, dv, None

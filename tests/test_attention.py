@@ -12,7 +12,8 @@ import pytest
 from ktjax.ops.attention import attention, dense_attention
 
 # (B, S, N, G, Dk, Dv, window, block): lengths that do not divide into blocks, several blocks, a window
-# shorter than a block and one longer, one key/value head for all queries, Dk != Dv (MLA's 192 / 128).
+# shorter than a block and one longer, one key/value head for all queries, Dk != Dv (MLA's 192 / 128); a
+# sequence within one block (the dense path).
 CASES = {
     "odd_length_gqa": (2, 37, 4, 2, 16, 8, 0, 8),
     "window_shorter_than_a_block": (2, 37, 4, 2, 16, 8, 5, 8),

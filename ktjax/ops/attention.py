@@ -10,8 +10,9 @@ value width Dv (DeepSeek's latent attention: 192 and 128).
 ``backend="blockwise"`` (the default) streams blocks of keys past blocks of queries with an online
 softmax, flash-attention style: nothing of size S x S exists, only one [heads, block, block] tile at a
 time, and the backward recomputes the tiles from the saved log-sum-exp. It skips the key blocks that a
-query block cannot see (above the diagonal, before the window). ``backend="xla"`` is the dense
-reference: the [B, heads, S, S] scores in f32, as ``ktjax.nn.attention.attend`` computes them.
+query block cannot see (above the diagonal, before the window). A sequence no longer than one block is
+that one tile: it takes the dense path (the same arithmetic, and quicker to compile). ``backend="xla"``
+is the dense reference (``dense_attention``): the [B, heads, S, S] scores in f32.
 
 A query that sees nothing (a padding position: segment 0) gets the mean of every value, as the dense
 softmax over an all-masked row does; no NaN arises anywhere.
@@ -51,7 +52,7 @@ def attention(
         raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
     if window < 0 or block < 1:
         raise ValueError(f"attention: window must be >= 0 and block >= 1, got {window} and {block}")
-    if backend == "xla":
+    if backend == "xla" or S <= block:  # a sequence within one block: the one tile is the dense product
         return dense_attention(q, k, v, segment_ids, scale=scale, window=window)
     # [B, G, R, S, D] queries (R = N / G heads per group) and [B, G, S, D] keys and values, in f32
     qg = jnp.moveaxis(q.astype(jnp.float32).reshape(B, S, G, N // G, Dk), 1, 3)

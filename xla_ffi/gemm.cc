@@ -215,6 +215,15 @@ void pack_panels(const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t k
   }
 }
 
+// Fetches into L2 the bytes of values [c, c + n) of the stored rows [r, r + rows) of a quantized weight.
+void prefetch_quant_rows(const QuantWeight& q, int64_t r, int64_t rows, int64_t c, int64_t n) {
+  const int64_t span = q.span_bytes(n);
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint8_t* bytes = q.row_bytes(r + j, c);
+    for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(bytes + b, 0, 2);
+  }
+}
+
 // pack_panels for a quantized weight (no row gather): each stored row's slice is dequantized into an
 // L1-sized buffer and written into the panels from there; full panels of stored (i, k) rows go through
 // the ISA's transposing f32 packer (`fast`, may be null) from `width` dequantized rows.
@@ -250,12 +259,8 @@ void pack_quant_panels(const Isa& isa, const MatView& A, int64_t i0, int64_t mc,
   // stored (k, i): row k0 + k fills one k-slice of every panel, in runs of whole panels that fit `row`;
   // the bytes of the row kQuantAhead on are fetched into L2 first (rows are read in slices, far apart)
   const int64_t run = kNC / width * width;
-  const int64_t span = A.quant.span_bytes(mc);
   for (int64_t k = 0; k < kc; ++k) {
-    if (k + kQuantAhead < kc) {
-      const uint8_t* ahead = A.quant.row_bytes(k0 + k + kQuantAhead, i0);
-      for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(ahead + b, 0, 2);
-    }
+    if (k + kQuantAhead < kc) prefetch_quant_rows(A.quant, k0 + k + kQuantAhead, 1, i0, mc);
     for (int64_t c = 0; c < mc; c += run) {
       const int64_t n = std::min(run, mc - c);
       isa.dequant_row(A.quant, k0 + k, i0 + c, n, A.scale(k0 + k), row);
@@ -367,6 +372,18 @@ int64_t dot_depth(int64_t M, int64_t K, int64_t value_bytes) {
   return ((K + blocks - 1) / blocks + 31) / 32 * 32;
 }
 
+// Packs A's M rows, values [pc, pc + kc), into the dot layout's tiles (DotKernel in gemm.h; kc32 floats
+// per row): pack(src, scale, stride, dst) writes one row, starting at src, as blocks of 32 that are
+// stride floats apart from dst on.
+template <typename PackRow>
+void pack_dot_tiles(const MatView& A, int64_t M, int64_t pc, int64_t kc32, float* apack, PackRow pack) {
+  for (int64_t i = 0; i < M; ++i) {
+    const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
+    const int64_t tile = i / 6, mb = std::min<int64_t>(6, M - 6 * tile);
+    pack(src, A.scale(i), mb * 32, apack + 6 * tile * kc32 + (i % 6) * 32);
+  }
+}
+
 // The dot path: A's rows packed once per block of the reduction, the weights read where they are.
 // Edges (the last N % 4 rows, the last K % 32 columns) go through a zero-padded copy.
 void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
@@ -379,11 +396,9 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   for (int64_t pc = 0; pc < K; pc += depth) {
     const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32, kfull = kc / 32 * 32;
     const bool acc = accumulate || pc > 0;
-    for (int64_t i = 0; i < M; ++i) {
-      const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
-      const int64_t tile = i / 6, mb = std::min<int64_t>(6, M - 6 * tile);
-      isa.pack_dot_row(src, A.dtype, A.scale(i), kc, mb * 32, apack + 6 * tile * kc32 + (i % 6) * 32);
-    }
+    pack_dot_tiles(A, M, pc, kc32, apack, [&](const void* src, float scale, int64_t stride, float* dst) {
+      isa.pack_dot_row(src, A.dtype, scale, kc, stride, dst);
+    });
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
       const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
       for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
@@ -412,32 +427,24 @@ void gemm_quant_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha
   for (int64_t pc = 0; pc < K; pc += depth) {
     const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32;
     const bool acc = accumulate || pc > 0;
-    for (int64_t i = 0; i < M; ++i) {
-      const void* src = static_cast<const char*>(A.data) + (A.row(i) * A.ld + pc) * dtype_bytes(A.dtype);
-      const int64_t tile = i / 6, mb = std::min<int64_t>(6, M - 6 * tile);
-      float* dst = apack + 6 * tile * kc32 + (i % 6) * 32;
-      const float scale = A.scale(i);
-      if (isa.pack_row_panels != nullptr) {  // blocks of 32 as panels of width 32, mb * 32 floats apart
-        isa.pack_row_panels(src, A.dtype, scale, kc, 32, mb * 32, dst);
-        continue;
-      }
-      for (int64_t k = 0; k < kc32; ++k) dst[k / 32 * mb * 32 + k % 32] = k < kc ? load_f32(src, A.dtype, k) * scale : 0.0f;
-    }
+    // each block of 32 in column order: the row packer's panels of width 32, where the ISA has one
+    pack_dot_tiles(A, M, pc, kc32, apack, [&](const void* src, float scale, int64_t stride, float* dst) {
+      if (isa.pack_row_panels != nullptr) return isa.pack_row_panels(src, A.dtype, scale, kc, 32, stride, dst);
+      for (int64_t k = 0; k < kc32; ++k) dst[k / 32 * stride + k % 32] = k < kc ? load_f32(src, A.dtype, k) * scale : 0.0f;
+    });
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
       const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
       for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
       for (int64_t k0 = 0; k0 < kc; k0 += kQuantDotKC) {
         const int64_t len = std::min(kQuantDotKC, kc - k0), len32 = (len + 31) / 32 * 32;
-        // the bytes of the next 4 rows' values, into L2 while these are multiplied (the bf16 dot kernel
-        // fetches its next rows the same way: the hardware prefetchers miss the jump from row to row)
-        const bool last_k = k0 + kQuantDotKC >= kc;
-        if (!last_k || n0 + 4 < N) {
-          const int64_t r = last_k ? n0 + 4 : n0, c = pc + (last_k ? 0 : k0 + kQuantDotKC);
-          const int64_t span = B.quant.span_bytes(std::min(kQuantDotKC, kc - (c - pc)));
-          for (int j = 0; j < 4 && r + j < N; ++j) {
-            const uint8_t* bytes = B.quant.row_bytes(r + j, c);
-            for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(bytes + b, 0, 2);
-          }
+        // the next step's bytes (these 4 rows' next columns, else the next 4 rows' first), into L2 while
+        // these are multiplied (as the bf16 dot kernel fetches its next rows: the hardware prefetchers miss
+        // the jump from row to row)
+        const bool same_rows = k0 + kQuantDotKC < kc;
+        const int64_t r = same_rows ? n0 : n0 + 4, next_k0 = same_rows ? k0 + kQuantDotKC : 0;
+        if (r < N) {
+          prefetch_quant_rows(B.quant, r, std::min<int64_t>(4, N - r), pc + next_k0,
+                              std::min(kQuantDotKC, kc - next_k0));
         }
         for (int j = 0; j < 4; ++j) {
           float* row = wbuf + j * kQuantDotKC;

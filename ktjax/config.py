@@ -28,6 +28,7 @@ LORA_TARGETS = (
 )
 ATTENTIONS = ("gqa", "mla")
 REMAT_POLICIES = ("off", "full", "experts")  # ModelConfig.remat
+ATTENTION_BACKENDS = ("blockwise", "xla")  # ModelConfig.attention_backend (ktjax.ops.attention's backends)
 ROPE_TYPES = ("default", "yarn")  # rope_scaling types the models compute (ktjax.nn.rope)
 # expert_quant values (ktjax.quant.formats.parse_spec reads them)
 EXPERT_QUANT = re.compile(r"none|int8|int4(:(32|64|128))?|fp8(:[1-9]\d*x[1-9]\d*)?")
@@ -92,9 +93,9 @@ class ModelConfig:
     # none | int8 | int4[:G] | fp8[:B0xB1]: routed experts' frozen base weights kept quantized
     # (ktjax.quant; G in 32, 64, 128, default 128; fp8 blocks default 128x128). Never trained.
     expert_quant: str = "none"
-    # off | full | experts: each decoder layer's activations recomputed in the backward (jax.checkpoint)
-    # instead of kept from the forward, so a step holds one layer's at a time; experts keeps the expert
-    # kernels' outputs and saved intermediates (not recomputed), full keeps nothing
+    # off | full | experts: each decoder layer's activations recomputed in the backward (ktjax.nn.remat)
+    # instead of kept from the forward, so a step holds one layer's at a time; experts recomputes only the
+    # attention (the MoE block keeps its saved intermediates), full the whole layer
     remat: str = "off"
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 16.0
@@ -134,8 +135,10 @@ class ModelConfig:
                 "expert_quant must be none, int8, int4, int4:G (G in 32, 64, 128), fp8 or fp8:B0xB1, "
                 f"got {self.expert_quant!r}"
             )
-        if self.attention_backend not in ("blockwise", "xla"):
-            raise ValueError(f"attention_backend must be blockwise or xla, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTIONS:

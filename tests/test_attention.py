@@ -117,3 +117,10 @@ def test_bad_input_is_refused_with_its_name(change, message):
     args.update({key: change.pop(key) for key in ("k",) if key in change})
     with pytest.raises(ValueError, match=message):
         attention(args["q"], args["k"], args["v"], seg, scale=0.5, **change)
+
+
+def test_an_unknown_attention_backend_in_the_model_config_is_refused():
+    from ktjax.config import ModelConfig
+
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        ModelConfig(attention_backend="flash")

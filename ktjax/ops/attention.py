@@ -25,7 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("blockwise", "xla")
+from ktjax.config import ATTENTION_BACKENDS
+
+BACKENDS = ATTENTION_BACKENDS
 _MASKED = -1e30  # the score of an invisible key (finite: a row with nothing visible stays NaN-free)
 
 

@@ -70,6 +70,7 @@ class ModelConfig:
     # None, or Hugging Face's rope_scaling dict; supported: {"rope_type": "yarn", "factor", ...}
     rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096  # the context: generation refuses prompts that leave no room
     num_experts: int = 8  # E, routed experts per MoE layer
     num_experts_per_tok: int = 2  # K
     moe_intermediate_size: int = 32  # I, per routed expert
@@ -143,6 +144,8 @@ class ModelConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.max_position_embeddings < 2:
+            raise ValueError(f"max_position_embeddings must be >= 2, got {self.max_position_embeddings}")
         if self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         rope_type(self.rope_scaling)  # refuses scaling types the model cannot compute

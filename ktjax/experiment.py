@@ -24,13 +24,14 @@ from ktjax.files import write_atomically
 from ktjax.models import ModelConfig, build_model
 from ktjax.models.hf_config import config_from_hf, read_hf_config
 from ktjax.models.hf_export import export_hf, export_peft
+from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES
-from ktjax.overrides import to_json
+from ktjax.overrides import from_json, to_json
 from ktjax.params import is_lora
 from ktjax.plots import plot_run
 from ktjax.sft import SFTData
 from ktjax.tokenizer import load_tokenizer
-from ktjax.train import TrainConfig, TrainResult, make_eval_step, train
+from ktjax.train import TrainConfig, TrainResult, load_trained, make_eval_step, train
 
 MODES = {"full": FULL_RULES, "lora": LORA_RULES, "hybrid": HYBRID_RULES}
 # ModelConfig fields that are not architecture: they still apply when model.path supplies the rest.
@@ -208,3 +209,15 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
 def run_contents(workdir: pathlib.Path) -> str:
     """What a run directory holds, for the end-of-run line: 'checkpoints/, config.json, ...'."""
     return ", ".join(p.name + "/" if p.is_dir() else p.name for p in sorted(workdir.iterdir()))
+
+
+def load_run(workdir: str | pathlib.Path) -> tuple[ExperimentConfig, MoeForCausalLM, Task, int]:
+    """A run directory's config, its model with the newest checkpoint's parameters, its task (data and
+    tokenizer) and the checkpoint's step. Raises FileNotFoundError without config.json or a checkpoint."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise FileNotFoundError(f"{workdir} is not a run directory: it has no config.json")
+    cfg = from_json(ExperimentConfig, json.loads((workdir / "config.json").read_text()))
+    task = make_task(cfg.data, cfg.model.path)
+    model, step = load_trained(build_model(cfg.model, seed=cfg.train.seed), cfg.train, workdir)
+    return cfg, model, task, step

@@ -184,15 +184,10 @@ def train(
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     defn, params = split_model(model)
-    labels = label_params(params, cfg.rules)
-    trainable, frozen = split_trainable(params, labels)
+    labels, trainable, frozen, tx, opt_state = _initial_state(params, cfg)
     if keep_model:  # the step donates its trainable buffers: copy them once, for the caller's model
         trainable = jax.tree.map(jnp.copy, trainable)
-    if not trainable:
-        raise ValueError("no parameter is trainable under the rules: every label is 'frozen'")
     print(parameter_summary(params, labels))
-    tx = make_optimizer(labels, cfg.groups, cfg.steps, cfg.clip_norm or None)
-    opt_state = init_optimizer_state(tx, trainable)
     # Closing the checkpointer on any error keeps a pending save from outliving it (or printing its own).
     with Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints) as ckpt:
         restored: Restored | None = ckpt.restore_latest(trainable, opt_state, frozen) if resume else None
@@ -281,6 +276,30 @@ def train(
         return TrainResult(
             params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals
         )
+
+
+def _initial_state(params: Params, cfg: TrainConfig) -> tuple:
+    """(labels, trainable, frozen, optimizer, optimizer state) of a run starting from `params`."""
+    labels = label_params(params, cfg.rules)
+    trainable, frozen = split_trainable(params, labels)
+    if not trainable:
+        raise ValueError("no parameter is trainable under the rules: every label is 'frozen'")
+    tx = make_optimizer(labels, cfg.groups, cfg.steps, cfg.clip_norm or None)
+    return labels, trainable, frozen, tx, init_optimizer_state(tx, trainable)
+
+
+def load_trained(model: nnx.Module, cfg: TrainConfig, workdir: str | pathlib.Path) -> tuple[nnx.Module, int]:
+    """`model` (built as the run in `workdir` built it) with the parameters of that run's newest
+    checkpoint that verifies -> (the trained model, its step). Raises FileNotFoundError when the run
+    has no usable checkpoint."""
+    defn, params = split_model(model)
+    _, trainable, frozen, _, opt_state = _initial_state(params, cfg)
+    directory = pathlib.Path(workdir) / "checkpoints"
+    with Checkpoints(directory, max_to_keep=cfg.keep_checkpoints) as ckpt:
+        restored = ckpt.restore_latest(trainable, opt_state, frozen) if directory.is_dir() else None
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint to load (looked in {directory})")
+    return merge_model(defn, {**restored.trainable, **restored.frozen}), restored.step
 
 
 def _load_logs(workdir: pathlib.Path, upto: int) -> tuple[list[dict], list[dict]]:

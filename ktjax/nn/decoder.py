@@ -45,6 +45,14 @@ class DecoderLayer(nnx.Module):
             )
         else:
             x = _attention_block((self.input_layernorm, self.self_attn), x, positions, segment_ids)
+        return self._feed_forward(x, segment_ids)
+
+    def cached(self, x, positions, segment_ids, cache: dict, prefill: bool) -> tuple[jax.Array, dict]:
+        """The layer for decoding (see Attention.cached): x [B, S, H] f32 -> (x after the layer, cache)."""
+        h, cache = self.self_attn.cached(self.input_layernorm(x), positions, segment_ids, cache, prefill)
+        return self._feed_forward(x + h, segment_ids)[0], cache
+
+    def _feed_forward(self, x, segment_ids) -> tuple[jax.Array, dict | None]:
         ffn = getattr(self, self.ffn_name)
         h = self.post_attention_layernorm(x)
         if isinstance(ffn, MoEBlock):
@@ -122,14 +130,40 @@ class MoeForCausalLM(nnx.Module):
                 x, s = layer(x, positions, segment_ids, remat)
             if s is not None:
                 stats.append(s)
-        x = self.model.norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("bsh,vh->bsv", x, self.model.embed_tokens.weight[...].astype(jnp.float32))
-        else:
-            logits = self.lm_head(x)
+        logits = self._logits(x)
         aux = (
             {k: jnp.mean(jnp.stack([s[k] for s in stats])) for k in ("load_balance_loss", "max_load")}
             if stats
             else {"load_balance_loss": jnp.zeros(()), "max_load": jnp.ones(())}
         )
         return logits, aux
+
+    def init_cache(self, batch: int, length: int) -> list[dict[str, jax.Array]]:
+        """An empty key/value cache for `batch` rows of up to `length` positions: one dict per layer."""
+        return [layer.self_attn.init_cache(batch, length) for layer in self.model.layers]
+
+    def extend(
+        self, input_ids: jax.Array, start: jax.Array, lengths: jax.Array, cache: list, prefill: bool
+    ) -> tuple[jax.Array, list]:
+        """Decoding (ktjax.generate): input_ids [B, S] int32, row b's first lengths[b] tokens at positions
+        start[b], start[b] + 1, ... (the rest padding); their keys and values go into `cache`.
+        prefill: the tokens start every row (start = 0) -> (logits [B, V] f32 of each row's last token,
+        the cache)."""
+        B, S = input_ids.shape
+        steps = jnp.arange(S, dtype=jnp.int32)
+        positions = start[:, None].astype(jnp.int32) + steps
+        segment_ids = (steps < lengths[:, None]).astype(jnp.int32)
+        x = self.model.embed_tokens(input_ids)
+        new_cache = []
+        for layer, layer_cache in zip(self.model.layers, cache, strict=True):
+            x, layer_cache = layer.cached(x, positions, segment_ids, layer_cache, prefill)
+            new_cache.append(layer_cache)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, H]
+        return self._logits(last)[:, 0], new_cache
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """x [B, S, H] f32 (before the final norm) -> logits [B, S, V] f32."""
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            return jnp.einsum("bsh,vh->bsv", x, self.model.embed_tokens.weight[...].astype(jnp.float32))
+        return self.lm_head(x)

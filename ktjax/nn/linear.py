@@ -72,3 +72,11 @@ class Linear(nnx.Module):
             z = jnp.einsum("...i,ri->...r", x.astype(jnp.float32), self.lora_A[...].astype(jnp.float32))
             y = y + self.lora_scale * jnp.einsum("...r,or->...o", z, self.lora_B[...].astype(jnp.float32))
         return y
+
+    def effective_weight(self) -> jax.Array:
+        """W + scale * B A: [out, in] f32, the weight the layer applies (the bias aside)."""
+        w = self.weight[...].astype(jnp.float32)
+        if self.lora_A is None:
+            return w
+        delta = self.lora_B[...].astype(jnp.float32) @ self.lora_A[...].astype(jnp.float32)
+        return w + self.lora_scale * delta

@@ -12,7 +12,7 @@ from ktjax.config import ModelConfig
 from ktjax.nn.linear import Linear
 from ktjax.nn.norm import RMSNorm
 from ktjax.nn.rope import deinterleave, rope, softmax_scale
-from ktjax.ops.attention import attention
+from ktjax.ops.attention import MASKED_SCORE, attention, cache_visible, write_cache
 
 
 class LatentAttention(nnx.Module):
@@ -42,28 +42,74 @@ class LatentAttention(nnx.Module):
         self.rope_scaling = cfg.rope_scaling
         self.interleave = cfg.rope_interleave
         self.window, self.backend = cfg.sliding_window, cfg.attention_backend
+        self.scale = softmax_scale(dn + dr, cfg.rope_scaling)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """x: [B, S, H] f32; positions, segment_ids: [B, S] int (0 = padding) -> [B, S, H] f32."""
-        B, S, _ = x.shape
+        q_pass, q_rot = self._queries(x, positions)
+        latent, k_rot = self._latent(x, positions)
+        return self.o_proj(self._expanded(q_pass, q_rot, latent, k_rot, segment_ids))
+
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+        """What DeepSeek's reference caches: the normalised latent [batch, length, kv_lora_rank] and the
+        rotated shared key [batch, length, qk_rope_head_dim], f32."""
+        _, _, dr, _, rank = self.dims
+        return {"latent": jnp.zeros((batch, length, rank)), "k_rot": jnp.zeros((batch, length, dr))}
+
+    def cached(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: dict, prefill: bool
+    ) -> tuple[jax.Array, dict]:
+        """As ``__call__``, for decoding (see Attention.cached). Decoding attends in the latent space
+        (the key and value expansions kv_b_proj folded into the query and the output: per step the work
+        is linear in the cached length times kv_lora_rank), so the cache is never expanded."""
+        q_pass, q_rot = self._queries(x, positions)
+        latent, k_rot = self._latent(x, positions)
+        start = positions[:, 0]
+        cache = {
+            "latent": write_cache(cache["latent"], latent, start),
+            "k_rot": write_cache(cache["k_rot"], k_rot, start),
+        }
+        if prefill:
+            return self.o_proj(self._expanded(q_pass, q_rot, latent, k_rot, segment_ids)), cache
         nh, dn, dr, dv, rank = self.dims
+        w = self.kv_b_proj.effective_weight().reshape(nh, dn + dv, rank)  # the adapter included
+        q_latent = jnp.einsum("bsnd,ndr->bsnr", q_pass, w[:, :dn])
+        scores = jnp.einsum("bsnr,btr->bnst", q_latent, cache["latent"])
+        scores = (scores + jnp.einsum("bsnd,btd->bnst", q_rot, cache["k_rot"])) * self.scale
+        see = cache_visible(positions, cache["latent"].shape[1], self.window)
+        probs = jax.nn.softmax(jnp.where(see[:, None], scores, MASKED_SCORE), axis=-1)
+        out_latent = jnp.einsum("bnst,btr->bsnr", probs, cache["latent"])
+        out = jnp.einsum("bsnr,ner->bsne", out_latent, w[:, dn:])
+        return self.o_proj(out.reshape(*x.shape[:2], nh * dv)), cache
+
+    def _queries(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, S, H] -> the query parts without and with position: [B, S, heads, dn], [.., dr] rotated."""
+        B, S, _ = x.shape
+        nh, dn, dr, _, _ = self.dims
         if self.q_proj is not None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, S, nh, dn + dr)
-        q_pass, q_rot = q[..., :dn], q[..., dn:]
+        q_rot = deinterleave(q[..., dn:]) if self.interleave else q[..., dn:]
+        return q[..., :dn].astype(jnp.float32), rope(q_rot, positions, self.theta, self.rope_scaling)
+
+    def _latent(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, S, H] -> the normalised latent [B, S, kv_lora_rank], the rotated shared key [B, S, dr]."""
+        rank = self.dims[4]
         latent = self.kv_a_proj_with_mqa(x)  # [B, S, rank + dr]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent[..., :rank])).reshape(B, S, nh, dn + dv)
         k_rot = latent[..., None, rank:]  # [B, S, 1, dr], shared by every head
         if self.interleave:
-            q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
-        q_rot = rope(q_rot, positions, self.theta, self.rope_scaling)
-        k_rot = rope(k_rot, positions, self.theta, self.rope_scaling)
+            k_rot = deinterleave(k_rot)
+        k_rot = rope(k_rot, positions, self.theta, self.rope_scaling)[:, :, 0]
+        return self.kv_a_layernorm(latent[..., :rank]), k_rot
+
+    def _expanded(self, q_pass, q_rot, latent, k_rot, segment_ids) -> jax.Array:
+        """Keys and values expanded per head from the latent, then ``attention`` -> [B, S, heads * dv]."""
+        B, S, nh, _ = q_pass.shape
+        _, dn, dr, dv, _ = self.dims
+        kv = self.kv_b_proj(latent).reshape(B, S, nh, dn + dv)
         q = jnp.concatenate([q_pass, q_rot], -1)
-        k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_rot, (B, S, nh, dr))], -1)
-        scale = softmax_scale(dn + dr, self.rope_scaling)
-        out = attention(
-            q, k, kv[..., dn:], segment_ids, scale=scale, window=self.window, backend=self.backend
-        )
-        return self.o_proj(out)
+        k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_rot[:, :, None], (B, S, nh, dr))], -1)
+        v = kv[..., dn:]
+        return attention(q, k, v, segment_ids, scale=self.scale, window=self.window, backend=self.backend)

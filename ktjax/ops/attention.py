@@ -16,6 +16,9 @@ is the dense reference (``dense_attention``): the [B, heads, S, S] scores in f32
 
 A query that sees nothing (a padding position: segment 0) gets the mean of every value, as the dense
 softmax over an all-masked row does; no NaN arises anywhere.
+
+``cached_attention`` is the decoding form (ktjax.generate): queries at given positions against a key/value
+cache whose slot t holds position t of the same sequence.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 from ktjax.config import ATTENTION_BACKENDS
 
 BACKENDS = ATTENTION_BACKENDS
-_MASKED = -1e30  # the score of an invisible key (finite: a row with nothing visible stays NaN-free)
+MASKED_SCORE = -1e30  # the score of an invisible key (finite: a row with nothing visible stays NaN-free)
 
 
 def attention(
@@ -81,9 +84,49 @@ def dense_attention(q, k, v, segment_ids, *, scale: float, window: int = 0) -> j
     qg = q.astype(dtype).reshape(B, S, G, N // G, Dk)
     logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(dtype)) * scale  # [B, G, N/G, S, S]
     see = visible(segment_ids, segment_ids, jnp.arange(S), jnp.arange(S), window)
-    logits = jnp.where(see[:, None, None], logits, _MASKED)
+    logits = jnp.where(see[:, None, None], logits, MASKED_SCORE)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype)).reshape(B, S, -1)
+
+
+def cached_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    *,
+    scale: float,
+    window: int = 0,
+) -> jax.Array:
+    """q: [B, S, N, Dk] at positions [B, S] int; k_cache: [B, L, G, Dk], v_cache: [B, L, G, Dv], slot t
+    holding position t (every slot up to a query's position written) -> [B, S, N * Dv] f32. A query sees
+    the slots t <= its position (and, with window > 0, position - t < window)."""
+    B, S, N, Dk = q.shape
+    L, G = k_cache.shape[1], k_cache.shape[2]
+    qg = q.astype(jnp.float32).reshape(B, S, G, N // G, Dk)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_cache.astype(jnp.float32)) * scale  # [B, G, R, S, L]
+    logits = jnp.where(cache_visible(positions, L, window)[:, None, None], logits, MASKED_SCORE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v_cache.astype(jnp.float32)).reshape(B, S, -1)
+
+
+def cache_visible(positions: jax.Array, length: int, window: int) -> jax.Array:
+    """positions: [B, S] int -> [B, S, length] bool: cache slot t visible to the query at that position."""
+    t = jnp.arange(length)[None, None, :]
+    see = t <= positions[:, :, None]
+    if window:
+        see &= positions[:, :, None] - t < window
+    return see
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache: [B, L, ...], new: [B, S, ...], start: [B] int -> the cache with row b's slots
+    start[b] .. start[b] + S - 1 replaced by new[b] (in the cache's dtype)."""
+
+    def row(c, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+
+    return jax.vmap(row)(cache, new, start)
 
 
 def visible(seg_q, seg_k, pos_q, pos_k, window: int) -> jax.Array:
@@ -108,13 +151,13 @@ def _query_blocks(j, bs: int, window: int, nb: int):
 
 
 def _tile(scale, window, bs, qi, kj, seg, i, j):
-    """Scores of query block i against key block j: [B, G, R, bs, bs] f32, invisible ones _MASKED."""
+    """Scores of query block i against key block j: [B, G, R, bs, bs] f32, invisible ones MASKED_SCORE."""
     s = jnp.einsum("bgrqd,bgkd->bgrqk", qi, kj) * scale
     pos = jnp.arange(bs)
     seg_q = jax.lax.dynamic_slice_in_dim(seg, i * bs, bs, axis=1)
     seg_k = jax.lax.dynamic_slice_in_dim(seg, j * bs, bs, axis=1)
     see = visible(seg_q, seg_k, i * bs + pos, j * bs + pos, window)
-    return jnp.where(see[:, None, None], s, _MASKED)
+    return jnp.where(see[:, None, None], s, MASKED_SCORE)
 
 
 def _block(a, i, bs: int, axis: int):
@@ -127,7 +170,7 @@ def _forward(scale, window, bs, q, k, v, seg):
 
     def query_block(i):
         qi = _block(q, i, bs, 3)
-        m0 = jnp.full(qi.shape[:-1], _MASKED, jnp.float32)
+        m0 = jnp.full(qi.shape[:-1], MASKED_SCORE, jnp.float32)
         acc0 = jnp.zeros((*qi.shape[:-1], v.shape[-1]), jnp.float32)
 
         def step(j, carry):

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ktjax.data import SortTask, answer_accuracy
+from ktjax.decoding import generate
 from ktjax.files import write_atomically
 from ktjax.models import ModelConfig, build_model
 from ktjax.models.hf_config import config_from_hf, read_hf_config
@@ -27,7 +28,7 @@ from ktjax.models.hf_export import export_hf, export_peft
 from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES
 from ktjax.overrides import from_json, to_json
-from ktjax.params import is_lora
+from ktjax.params import is_lora, merge_model
 from ktjax.plots import plot_run
 from ktjax.sft import SFTData
 from ktjax.tokenizer import load_tokenizer
@@ -71,6 +72,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     export_peft: bool = True  # write LoRA adapters in PEFT format to <workdir>/peft_adapter
     export_merged: bool = False  # write a Hugging Face model directory, adapters merged, to <workdir>/merged
+    generate_eval: int = (
+        32  # held-out prompts answered by greedy generation before and after training (0: none)
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in (*MODES, "rules"):
@@ -155,6 +159,25 @@ def show_sft_examples(task: SFTData, logits: np.ndarray, batch: dict, n: int = 2
     return "\n".join(rows)
 
 
+def generated_answers(model: MoeForCausalLM, task: Task, n: int, show: int = 3) -> tuple[float, str]:
+    """Greedy generation on n held-out prompts -> (the fraction whose generated tokens begin with the
+    whole answer: exact match, text showing the first `show`)."""
+    pairs = task.eval_prompts(n)
+    new = generate(model, [p for p, _ in pairs], max_new_tokens=max(len(a) for _, a in pairs))
+    exact = [got[: len(want)] == want for got, (_, want) in zip(new, pairs)]
+    if isinstance(task, SFTData):
+        text = lambda ids: repr(task.tokenizer.decode(ids))  # noqa: E731
+        shown = lambda prompt: text(prompt)[-48:]  # noqa: E731
+    else:  # digits; "." for a special token (<bos>, <sep>) where a digit belongs
+        text = lambda ids: "".join(str(t - 3) if t >= 3 else "." for t in ids)  # noqa: E731
+        shown = lambda prompt: text(prompt[1:-1])  # noqa: E731
+    rows = []
+    for ok, got, (prompt, want) in list(zip(exact, new, pairs))[:show]:
+        mark = "ok " if ok else "   "
+        rows.append(f"  {mark} {shown(prompt)} -> {text(got[: len(want)])}  (answer: {text(want)})")
+    return sum(exact) / len(exact), "\n".join(rows)
+
+
 def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> TrainResult:
     """The default driver: train on the task, eval before and after, plot, summarise, export."""
     task = make_task(cfg.data, cfg.model.path)
@@ -165,8 +188,12 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     print(format_config(cfg))
     print(f"task: {task.describe()}")
     start = time.perf_counter()
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    generated = {}
+    if cfg.generate_eval:
+        generated["before"] = generated_answers(model, task, cfg.generate_eval)
     result = train(
-        build_model(cfg.model, seed=cfg.train.seed),
+        model,
         task,
         cfg.train,
         workdir,
@@ -183,16 +210,29 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         print(f"  {key:<38} {before[key]:>16.4f} {after[key]:>16.4f}")
     if isinstance(task, SortTask):
         print(f"  (chance token accuracy: {1 / cfg.data.num_values:.2f})")
+    if cfg.generate_eval:
+        generated["after"] = generated_answers(
+            merge_model(result.defn, result.params), task, cfg.generate_eval
+        )
+        rates = (generated["before"][0], generated["after"][0])
+        label = f"generated_exact_match ({cfg.generate_eval} greedy)"
+        print(f"  {label:<38} {rates[0]:>16.4f} {rates[1]:>16.4f}")
     batch = task.eval_batch(8)
     _, logits = jax.jit(make_eval_step(result.defn))(result.params, batch)
     print("examples (teacher-forced):")
     print(show_examples(task, np.asarray(logits), batch))
+    if cfg.generate_eval:
+        print("examples (generated, before training):")
+        print(generated["before"][1])
+        print("examples (generated, after training):")
+        print(generated["after"][1])
     summary = {
         "name": cfg.name,
         "mode": cfg.mode,
         "seconds": seconds,
         "before": before,
         "after": after,
+        **{f"generated_exact_match_{k}": v[0] for k, v in generated.items()},
         "final_train": result.history[-1] if result.history else None,
     }
     write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))

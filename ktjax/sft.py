@@ -156,6 +156,7 @@ class SFTData:
         self.rows, self.truncated = pack([examples[i] for i in order[n_eval:]], self.seq_len)
         self.eval_rows = pack([examples[i] for i in order[:n_eval]], self.seq_len)[0] if n_eval else self.rows
         self.n_records, self.n_eval = len(examples), n_eval
+        self.eval_examples = [examples[i] for i in order[:n_eval]]
         for what, rows in (("training", self.rows), ("held-out", self.eval_rows)):
             if not rows["loss_mask"].any():
                 raise ValueError(
@@ -183,6 +184,17 @@ class SFTData:
     def eval_batch(self, batch_size: int) -> Batch:
         """The first batch_size held-out rows (fewer when the split is smaller)."""
         return {key: value[:batch_size] for key, value in self.eval_rows.items()}
+
+    def eval_prompts(self, n: int) -> list[tuple[list[int], list[int]]]:
+        """Up to n held-out records as (prompt, answer) token ids for generation: the prompt is every
+        token before the first trained one, the answer the trained tokens from there to the end of that
+        run of them (a completion and its <eos>; a chat's first assistant turn)."""
+        out = []
+        for ids, trained in self.eval_examples[:n]:
+            first = int(np.argmax(trained))
+            end = first + int(np.argmin(trained[first:])) if not trained[first:].all() else len(ids)
+            out.append((ids[:first].tolist(), ids[first:end].tolist()))
+        return out
 
     def describe(self) -> str:
         fill = float((self.rows["segment_ids"] > 0).mean())

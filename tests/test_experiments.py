@@ -60,6 +60,7 @@ def test_default_experiment_runs_end_to_end_and_leaves_a_complete_run_directory(
     assert "experiment sort_hybrid: hybrid mode" in out
     assert "before (step 0)" in out and "after (step 6)" in out and "token_accuracy" in out
     assert "lora (routed experts)" in out  # the trainable-parameter summary
+    assert "generated_exact_match (32 greedy)" in out and "examples (generated, after training):" in out
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "curves.png", "summary.json"):
         assert (run / name).is_file(), name

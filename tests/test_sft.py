@@ -12,6 +12,7 @@ from error_bounds import config_depth, network_tolerance
 from model_testing import jit_logits
 
 from ktjax.experiment import DataConfig, ExperimentConfig, resolve, run_experiment
+from ktjax.generate import main as generate_main
 from ktjax.models import qwen3_moe
 from ktjax.models.hf_export import export_hf
 from ktjax.params import split_model
@@ -79,6 +80,20 @@ def test_prompt_completion_loss_is_on_the_completion_and_eos():
     ids, trained = tokenize_record(tok, {"prompt": "Q: 1+1 ", "completion": "2"})
     assert ids[0] == tok.BOS and ids[-1] == tok.EOS
     assert trained.tolist() == [False] * 8 + [True, True]
+
+
+def test_held_out_prompts_end_where_the_trained_answer_begins(tmp_path):
+    records = [CHAT, {"prompt": "Q: 2+2?", "completion": "4"}] * 5
+    data = SFTData(
+        str(write_jsonl(tmp_path / "d.jsonl", records)), ByteTokenizer(), seq_len=64, eval_fraction=0.5
+    )
+    tok = ByteTokenizer()
+    for prompt, answer in data.eval_prompts(10):
+        text = tok.decode(prompt)
+        if text.startswith("Q: 2+2?"):  # prompt/completion: <bos> prompt | completion <eos>
+            assert prompt[0] == tok.BOS and answer == tok.encode("4") + [tok.EOS]
+        else:  # a chat: everything up to the first assistant turn | that turn
+            assert text.endswith("<|assistant|>\n") and tok.decode(answer) == "hello\n"
 
 
 def test_packing_keeps_records_apart():
@@ -149,7 +164,7 @@ def test_data_whose_trained_targets_are_all_truncated_away_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_experiment_starts_from_a_model_directory(tmp_path):
+def test_experiment_starts_from_a_model_directory(tmp_path, capsys):
     """model.path + data.path: the architecture comes from config.json, the tokenizer from the directory,
     training runs, and the adapters are exported in PEFT format plus a merged model directory."""
     from ktjax.models import build_model
@@ -175,6 +190,17 @@ def test_experiment_starts_from_a_model_directory(tmp_path):
     assert resolve(quantized).model.expert_quant == "int4"  # --set model.expert_quant reaches from_hf
     result = run_experiment(cfg, tmp_path / "run")
     assert result.evals[-1]["step"] == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["generated_exact_match_after"] <= 1  # greedy answers to the held-out prompts
+    # the run directory generates: its config, its newest checkpoint, its tokenizer
+    code = generate_main(
+        ["--run", str(tmp_path / "run"), "--prompt", "3 plus one is ", "--max-new-tokens", "4"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0 and "model: t run" in err and "step 3" in err
+    assert out.splitlines()[-1].startswith("3 plus one is ") and len(out.splitlines()[-1]) > 14
+    assert generate_main(["--run", str(tmp_path / "nothing"), "--prompt", "x"]) == 1
+    assert "has no config.json" in capsys.readouterr().err
     adapter = json.loads((tmp_path / "run" / "peft_adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and adapter["base_model_name_or_path"] == str(model_dir)
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()

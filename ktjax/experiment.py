@@ -24,7 +24,8 @@ from ktjax.decoding import generate
 from ktjax.files import write_atomically
 from ktjax.models import ModelConfig, build_model
 from ktjax.models.hf_config import config_from_hf, read_hf_config
-from ktjax.models.hf_export import export_hf, export_peft
+from ktjax.models.hf_export import export_hf
+from ktjax.models.peft_adapter import export_peft
 from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.optim import FULL_RULES, HYBRID_RULES, LORA_RULES
 from ktjax.overrides import from_json, to_json

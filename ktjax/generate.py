@@ -2,6 +2,7 @@
 
     python -m ktjax.generate --run runs/sft_lora/<stamp> --prompt "Question: What is 12 + 30?"
     python -m ktjax.generate --model /models/Qwen3-30B-A3B --chat
+    python -m ktjax.generate --model /models/Qwen3-30B-A3B --adapter runs/sft_lora/<stamp>/peft_adapter --chat
     python -m ktjax.generate --run DIR --prompt A --prompt B --temperature 0.8 --top-p 0.95 --seed 1
 
 The decoding itself is ktjax.decoding (re-exported here: ``from ktjax.generate import generate``).
@@ -19,6 +20,8 @@ import numpy as np
 from ktjax.decoding import Generator, Sampling, generate, prompt_ids, sample
 from ktjax.experiment import load_run
 from ktjax.models import from_hf
+from ktjax.models.peft_adapter import read_peft, read_peft_config
+from ktjax.params import is_lora, merge_model, split_model
 from ktjax.tokenizer import load_tokenizer
 
 __all__ = ["Generator", "Sampling", "generate", "prompt_ids", "sample", "main"]
@@ -49,12 +52,22 @@ def _load(args: argparse.Namespace):
             raise ValueError(
                 f"{args.run} trained on the sort task (digit tokens, no text): nothing to prompt"
             )
+        if args.adapter is not None:
+            raise ValueError("--adapter goes with --model: a run directory's model has its own adapters")
         return model, tokenizer, f"{cfg.name} run {args.run}, step {step}"
-    model = from_hf(args.model, dtype=args.dtype)
+    if args.adapter is None:
+        model = from_hf(args.model, dtype=args.dtype)
+    else:
+        rank, alpha, targets = read_peft_config(args.adapter)
+        model = from_hf(args.model, dtype=args.dtype, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+        defn, params = split_model(model)
+        params.update(read_peft(args.adapter, model.config, {n: v for n, v in params.items() if is_lora(n)}))
+        model = merge_model(defn, params)
     has_tokenizer = (pathlib.Path(args.model) / "tokenizer.json").is_file()
     if not has_tokenizer:
         print(f"{args.model} has no tokenizer.json: using the byte tokenizer", file=sys.stderr)
-    return model, load_tokenizer(args.model if has_tokenizer else "bytes"), str(args.model)
+    what = str(args.model) + (f" + adapter {args.adapter}" if args.adapter else "")
+    return model, load_tokenizer(args.model if has_tokenizer else "bytes"), what
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=pathlib.Path, help="a run directory: its config and newest checkpoint")
     source.add_argument("--model", type=pathlib.Path, help="a Hugging Face model directory")
+    parser.add_argument("--adapter", type=pathlib.Path, help="with --model: a PEFT LoRA adapter directory")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="with --model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat it for a batch")
     parser.add_argument("--chat", action="store_true", help="a conversation, rendered by the chat template")

@@ -17,7 +17,8 @@ from error_bounds import config_depth, gamma, network_tolerance
 from model_testing import jit_logits
 
 from ktjax.models import build_model, deepseek_v3, from_hf, mixtral, qwen3_moe
-from ktjax.models.hf_export import export_hf, export_peft
+from ktjax.models.hf_export import export_hf
+from ktjax.models.peft_adapter import export_peft, read_peft, read_peft_config
 from ktjax.models.safetensors_io import read_header, read_into, to_jax, write_file
 from ktjax.params import is_lora, merge_model, split_model
 
@@ -77,7 +78,7 @@ def test_large_exports_are_sharded_with_an_index(tmp_path):
 def test_peft_adapters_reproduce_the_merged_weights(style, tmp_path):
     cfg = CONFIGS[style](lora_rank=3, lora_alpha=6.0, lora_targets=("experts", "q_proj"))
     _, params = randomised(cfg)
-    export_peft(params, cfg, tmp_path / "peft")
+    export_peft(params, cfg, tmp_path / "peft", layout="per_expert")
     export_hf(params, cfg, tmp_path / "merged")
     export_hf({n: v for n, v in params.items() if not is_lora(n)}, cfg, tmp_path / "base")
     adapter = safetensors.numpy.load_file(tmp_path / "peft" / "adapter_model.safetensors")
@@ -105,6 +106,29 @@ def test_peft_adapters_reproduce_the_merged_weights(style, tmp_path):
             2 * gamma(config["r"] + 2) * (np.abs(base[module + ".weight"]) + scale * np.abs(b) @ np.abs(a))
         )
         assert np.all(np.abs(merged[module + ".weight"] - want) <= bound), module
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_peft_adapters_read_back_exactly_and_refuse_another_base_model(layout, tmp_path):
+    cfg = CONFIGS["deepseek_v3"](
+        lora_rank=3, lora_alpha=6.0, lora_targets=("experts", "kv_b_proj", "q_a_proj")
+    )
+    _, params = randomised(cfg)
+    export_peft(params, cfg, tmp_path / "peft", layout=layout)
+    assert read_peft_config(tmp_path / "peft") == (3, 6.0, ("experts", "kv_b_proj", "q_a_proj"))
+    adapters = {n: v for n, v in params.items() if is_lora(n)}
+    back = read_peft(tmp_path / "peft", cfg, adapters)
+    assert set(back) == set(adapters)
+    for name, value in adapters.items():
+        np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(value), err_msg=name)
+    # a model with another expert width, or without one of the adapted projections
+    wider = cfg.replace(moe_intermediate_size=8)
+    _, other = randomised(wider)
+    with pytest.raises(ValueError, match="has shape .* the model expects"):
+        read_peft(tmp_path / "peft", wider, {n: v for n, v in other.items() if is_lora(n)})
+    fewer = {n: v for n, v in adapters.items() if "q_a_proj" not in n}
+    with pytest.raises(ValueError, match=r"tensor .*q_a_proj.* has no place in the model"):
+        read_peft(tmp_path / "peft", cfg, fewer)
 
 
 def test_streaming_safetensors_agrees_with_the_library(tmp_path):

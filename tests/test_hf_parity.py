@@ -17,7 +17,9 @@ from error_bounds import CANCELLATION, U_BF16, config_depth, network_tolerance  
 from hf_testing import TINY, hf_logits, make_hf_model  # noqa: E402
 from model_testing import jit_logits  # noqa: E402
 
+from ktjax.decoding import generate  # noqa: E402
 from ktjax.models import from_hf  # noqa: E402
+from ktjax.models.peft_adapter import export_peft  # noqa: E402
 from ktjax.params import merge_model, split_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -142,3 +144,52 @@ def test_lora_training_then_merged_export_loads_in_transformers(kind, tmp_path):
         from_hf(tmp_path / "merged", dtype="float32", progress=False), jnp.asarray(ids, jnp.int32)
     )
     assert rel_err(np.asarray(reloaded), want) < tolerance
+
+
+def test_greedy_generation_matches_transformers_generate(hf_model):
+    """Two prompts of different lengths decoded in one batch, each against transformers' own cached
+    generate; Mixtral's window (5) is shorter than prompt + generation."""
+    kind, model, path = hf_model
+    prompts = [tokens(3)[0, :7].tolist(), tokens(3)[1, :3].tolist()]
+    steps = 10
+    kmodel = from_hf(path, dtype="float32", progress=False)
+    new, logits = generate(kmodel, prompts, max_new_tokens=steps, return_logits=True)
+    model.generation_config.eos_token_id = None  # random models: run every step
+    depth = config_depth(kmodel.config, 7 + steps)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = model.generate(
+                torch.as_tensor([prompt]),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        assert new[row] == out.sequences[0, len(prompt) :].tolist(), (kind, row)
+        want = torch.stack(out.scores, 1)[0].numpy()
+        assert rel_err(logits[row], want) < network_tolerance(depth), (kind, row)
+
+
+def test_peft_loads_exported_adapters_onto_transformers_and_gives_the_adapted_logits(hf_model, tmp_path):
+    """export_peft's default layout (fused expert parameters via target_parameters, gate and up as one
+    block-diagonal adapter) loaded by the real peft onto transformers' model of the same checkpoint."""
+    peft = pytest.importorskip("peft")
+    kind, model, path = hf_model
+    targets = (
+        ("experts", "kv_b_proj", "o_proj") if kind.startswith("deepseek") else ("experts", "q_proj", "o_proj")
+    )
+    kmodel = from_hf(path, dtype="float32", lora_rank=3, lora_alpha=6.0, lora_targets=targets, progress=False)
+    defn, params = split_model(kmodel)
+    rng = np.random.default_rng(5)
+    for name in [n for n in params if n.endswith(("lora_A", "lora_B"))]:
+        params[name] = jnp.asarray(rng.normal(0, 0.3, params[name].shape), jnp.float32)
+    export_peft(params, kmodel.config, tmp_path / "adapter")
+    adapted = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").eval()
+    ids = tokens(4)
+    want = hf_logits(adapted, ids)
+    got = np.asarray(jit_logits(merge_model(defn, params), jnp.asarray(ids, jnp.int32)))
+    plain = hf_logits(model, ids)
+    assert rel_err(plain, want) > 0.05, kind  # the adapters change the logits (peft applied them all)
+    depth = config_depth(kmodel.config, ids.shape[1]) + 2 * 3 + 2
+    assert rel_err(got, want) < network_tolerance(depth), kind

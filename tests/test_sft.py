@@ -201,6 +201,17 @@ def test_experiment_starts_from_a_model_directory(tmp_path, capsys):
     assert out.splitlines()[-1].startswith("3 plus one is ") and len(out.splitlines()[-1]) > 14
     assert generate_main(["--run", str(tmp_path / "nothing"), "--prompt", "x"]) == 1
     assert "has no config.json" in capsys.readouterr().err
+    # the base model plus the exported adapter generates what the run does (the same f32 parameters)
+    from_run = out.splitlines()[-1]
+    adapter = str(tmp_path / "run" / "peft_adapter")
+    with_adapter = ["--model", str(model_dir), "--adapter", adapter, "--dtype", "float32"]
+    code = generate_main([*with_adapter, "--prompt", "3 plus one is ", "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.splitlines()[-1] == from_run, err
+    other = qwen3_moe(vocab_size=300, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=8)
+    other_dir = export_hf(split_model(build_model(other))[1], other, tmp_path / "other")
+    assert generate_main(["--model", str(other_dir), "--adapter", adapter, "--prompt", "x"]) == 1
+    assert "the model expects" in capsys.readouterr().err
     adapter = json.loads((tmp_path / "run" / "peft_adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and adapter["base_model_name_or_path"] == str(model_dir)
     assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()

@@ -4,17 +4,14 @@
   LoRA adapters folded into the base weights and routed experts split back into per-expert tensors, as
   transformers and ``from_hf`` read it. Quantized expert bases are written dequantized, in the model's
   param_dtype (bf16 by default), one expert at a time.
-- ``export_peft``: the adapters alone as a PEFT LoRA adapter (adapter_config.json +
-  adapter_model.safetensors), each routed expert's adapter under that expert's module name.
-
-Both stream one tensor at a time, so exporting needs little memory beyond the model itself.
+It streams one tensor at a time, so exporting needs little memory beyond the model itself. The
+adapters alone go out as a PEFT adapter: ktjax.models.peft_adapter.export_peft.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import re
 import shutil
 from collections.abc import Iterator
 
@@ -98,52 +95,4 @@ def export_hf(
         weight_map = {n: f for f, names in zip(files, shards) for n in names}
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return out
-
-
-def peft_module(cfg: ModelConfig, lora_name: str) -> list[str]:
-    """PEFT module names of one ktjax adapter (``...q_proj.lora_A``): one per expert for routed experts."""
-    base = lora_name.rsplit(".", 1)[0]
-    return [n[: -len(".weight")] for n in hf_names(cfg, base + ".weight")]
-
-
-def _module_pattern(module: str) -> str:
-    """A regex for the module name with layer and expert indices generalised."""
-    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in module.split("."))
-
-
-def export_peft(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path) -> pathlib.Path:
-    """Writes the adapters as a PEFT LoRA adapter directory: tensors
-    ``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r], and an
-    adapter_config.json whose target_modules regex matches exactly the adapted modules."""
-    adapters = sorted(n for n in params if is_lora(n))
-    if not adapters:
-        raise ValueError("the parameters hold no LoRA adapters (names ending in .lora_A / .lora_B)")
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layout, arrays, modules = {}, {}, set()
-    for name in adapters:
-        kind = name.rsplit(".", 1)[1]  # lora_A | lora_B
-        value = np.asarray(params[name])
-        per_module = peft_module(cfg, name)
-        for i, module in enumerate(per_module):
-            key = f"base_model.model.{module}.{kind}.weight"
-            arrays[key] = value if len(per_module) == 1 else value[i]
-            layout[key] = (arrays[key].dtype, arrays[key].shape)
-            modules.add(_module_pattern(module))
-    write_file(out / "adapter_model.safetensors", arrays.items(), layout)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": cfg.path or None,
-        "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "inference_mode": True,
-        "target_modules": "(" + "|".join(sorted(modules)) + ")",
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out

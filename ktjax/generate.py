@@ -11,18 +11,13 @@ The decoding itself is ktjax.decoding (re-exported here: ``from ktjax.generate i
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from collections.abc import Callable
 
 import numpy as np
 
 from ktjax.decoding import Generator, Sampling, generate, prompt_ids, sample
-from ktjax.experiment import load_run
-from ktjax.models import from_hf
-from ktjax.models.peft_adapter import read_peft, read_peft_config
-from ktjax.params import is_lora, merge_model, split_model
-from ktjax.tokenizer import load_tokenizer
+from ktjax.model_args import add_model_arguments, load_model
 
 __all__ = ["Generator", "Sampling", "generate", "prompt_ids", "sample", "main"]
 
@@ -43,40 +38,9 @@ def _stream(tokenizer, eos: int | None) -> Callable[[int, np.ndarray], None]:
     return on_token
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, what) from --run or --model."""
-    if args.run:
-        cfg, model, task, step = load_run(args.run)
-        tokenizer = getattr(task, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(
-                f"{args.run} trained on the sort task (digit tokens, no text): nothing to prompt"
-            )
-        if args.adapter is not None:
-            raise ValueError("--adapter goes with --model: a run directory's model has its own adapters")
-        return model, tokenizer, f"{cfg.name} run {args.run}, step {step}"
-    if args.adapter is None:
-        model = from_hf(args.model, dtype=args.dtype)
-    else:
-        rank, alpha, targets = read_peft_config(args.adapter)
-        model = from_hf(args.model, dtype=args.dtype, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
-        defn, params = split_model(model)
-        params.update(read_peft(args.adapter, model.config, {n: v for n, v in params.items() if is_lora(n)}))
-        model = merge_model(defn, params)
-    has_tokenizer = (pathlib.Path(args.model) / "tokenizer.json").is_file()
-    if not has_tokenizer:
-        print(f"{args.model} has no tokenizer.json: using the byte tokenizer", file=sys.stderr)
-    what = str(args.model) + (f" + adapter {args.adapter}" if args.adapter else "")
-    return model, load_tokenizer(args.model if has_tokenizer else "bytes"), what
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ktjax.generate", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=pathlib.Path, help="a run directory: its config and newest checkpoint")
-    source.add_argument("--model", type=pathlib.Path, help="a Hugging Face model directory")
-    parser.add_argument("--adapter", type=pathlib.Path, help="with --model: a PEFT LoRA adapter directory")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="with --model")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat it for a batch")
     parser.add_argument("--chat", action="store_true", help="a conversation, rendered by the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -89,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompt TEXT (one or more) or --chat")
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-        model, tokenizer, what = _load(args)
+        model, tokenizer, what = load_model(args)
         print(f"model: {what}", file=sys.stderr)
         gen = Generator(model)
         options = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_id, sampling=sampling)

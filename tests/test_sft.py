@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from error_bounds import config_depth, network_tolerance
+from error_bounds import config_depth, gamma, network_tolerance
 from model_testing import jit_logits
 
-from ktjax.experiment import DataConfig, ExperimentConfig, resolve, run_experiment
+from ktjax.evaluate import main as evaluate_main
+from ktjax.experiment import DataConfig, ExperimentConfig, load_run, resolve, run_experiment
 from ktjax.generate import main as generate_main
 from ktjax.models import qwen3_moe
 from ktjax.models.hf_export import export_hf
@@ -208,6 +211,23 @@ def test_experiment_starts_from_a_model_directory(tmp_path, capsys):
     code = generate_main([*with_adapter, "--prompt", "3 plus one is ", "--max-new-tokens", "4"])
     out, err = capsys.readouterr()
     assert code == 0 and out.splitlines()[-1] == from_run, err
+    # evaluate: the packed, batched loss equals the mean over records evaluated one by one, unpacked
+    code = evaluate_main(["--run", str(tmp_path / "run"), "--data", str(data), "--seq-len", "48", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = json.loads(out.splitlines()[-1])
+    model = load_run(tmp_path / "run")[1]
+    nll, count = 0.0, 0
+    for record in records:
+        ids, trained = tokenize_record(ByteTokenizer(), record)
+        logp = jax.nn.log_softmax(jit_logits(model, jnp.asarray(ids[None, :-1]))[0], -1)
+        picked = np.asarray(jnp.take_along_axis(logp, jnp.asarray(ids[1:, None]), -1))[:, 0]
+        nll, count = nll - picked[trained[1:]].sum(), count + int(trained[1:].sum())
+    assert got["tokens"] == count and got["records"] == 20 and got["truncated"] == 0
+    # two f32 evaluations of the network, then a sum of `count` terms
+    tolerance = network_tolerance(config_depth(model.config, 48)) + float(gamma(count))
+    assert abs(got["loss"] - nll / count) <= tolerance * nll / count
+    assert got["perplexity"] == pytest.approx(np.exp(got["loss"]))
     other = qwen3_moe(vocab_size=300, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=8)
     other_dir = export_hf(split_model(build_model(other))[1], other, tmp_path / "other")
     assert generate_main(["--model", str(other_dir), "--adapter", adapter, "--prompt", "x"]) == 1

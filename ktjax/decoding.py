@@ -66,9 +66,19 @@ class Generator:
     """Generation for one model: its compiled prefill and decode steps are kept across calls (one program
     per batch size, cache length and sampling; ``compiled_steps()`` counts them)."""
 
-    def __init__(self, model: MoeForCausalLM):
+    def __init__(self, model: MoeForCausalLM, widen_bf16: bool = True):
+        """widen_bf16: keep f32 copies of the bf16 weights outside the routed experts (attention,
+        norms, dense MLPs, the head; not the embedding table unless it is the head) for decoding.
+        XLA:CPU multiplies one token by a bf16 matrix by first converting the whole matrix to f32, on
+        every call: at H=2048 that made the attention of a decode step 7x slower than with f32 weights
+        (docs/performance.md). Costs 2 more bytes per such parameter; the routed experts stay as they
+        are (the CPU kernels read bf16 and quantized weights directly)."""
         self.model = model
         graphdef, self.state = nnx.split(model)
+        if widen_bf16:
+            self.state = jax.tree_util.tree_map_with_path(
+                lambda path, v: _widened(model.config, jax.tree_util.keystr(path), v), self.state
+            )
 
         def extend(state, input_ids, start, lengths, cache, key, *, prefill: bool, sampling: Sampling):
             logits, cache = nnx.merge(graphdef, state).extend(input_ids, start, lengths, cache, prefill)
@@ -147,6 +157,15 @@ class Generator:
         if return_logits:
             return out, np.stack(all_logits, axis=1)
         return out
+
+
+def _widened(cfg, path: str, value):
+    """value as f32 where Generator(widen_bf16=True) widens it (path: the state's key path)."""
+    if getattr(value, "dtype", None) != jnp.bfloat16 or "experts" in path.replace("shared_experts", ""):
+        return value
+    if "embed_tokens" in path and not cfg.tie_word_embeddings:
+        return value  # rows are gathered, not multiplied
+    return value.astype(jnp.float32)
 
 
 def generate(

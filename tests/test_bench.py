@@ -95,3 +95,27 @@ def test_the_quant_bench_times_every_base_against_bf16_and_counts_their_bytes(ca
     assert per_expert["int4"] == 3 * 256 * 64 + (2 * 128 * 2 + 256 * 1) * 2 * 4  # + (scale, min) per group
     text = report_quant("tiny", shape, result, peak_gflops=100.0, bandwidth_gbs=10.0)
     assert all(f"\n{b} " in text for b in BASES) and "x bf16" in text
+
+
+def test_decode_floor_counts_the_bytes_a_step_reads_and_decoding_is_timed():
+    from ktjax.bench_decode import step_bytes, time_decode
+    from ktjax.decoding import Generator
+    from ktjax.models import build_model, qwen3_moe
+    from ktjax.params import split_model
+
+    cfg = qwen3_moe(vocab_size=50, hidden_size=32, head_dim=8, num_experts=8, num_experts_per_tok=2)
+    model = build_model(cfg)
+    _, params = split_model(model)
+    nbytes = {n: v.size * v.dtype.itemsize for n, v in params.items()}
+    experts = sum(b for n, b in nbytes.items() if ".experts." in n)
+    embedding = nbytes["model.embed_tokens.weight"]
+    rest = sum(nbytes.values()) - experts - embedding
+    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * 4 * cfg.num_hidden_layers  # per cached position
+    # batch 1: top-2 of 8 experts, one embedding row, every other weight, the cache
+    assert step_bytes(cfg, params, 1, 10) == pytest.approx(experts * 2 / 8 + embedding / 50 + rest + 10 * kv)
+    # batch 4: the expected distinct experts under uniform routing, 8 (1 - (6/8)^4)
+    distinct = 8 * (1 - 0.75**4)
+    assert step_bytes(cfg, params, 4, 10) == pytest.approx(
+        experts * distinct / 8 + 4 * embedding / 50 + rest + 40 * kv
+    )
+    assert time_decode(Generator(model), batch=2, prompt=5, new_tokens=3, vocab=50) > 0

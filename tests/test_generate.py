@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from error_bounds import config_depth, network_tolerance
+from error_bounds import U_BF16, config_depth, network_tolerance
 
 from ktjax.decoding import Generator, Sampling, generate, sample
 from ktjax.models import build_model, deepseek_v3, mixtral, qwen3_moe
@@ -64,6 +64,22 @@ def test_cached_decoding_gives_the_logits_of_recomputing_the_whole_sequence(styl
         err = np.abs(logits[row] - want).max() / np.abs(want).max()
         assert err <= network_tolerance(depth), (row, err)
         assert new[row] == list(np.argmax(logits[row], -1))  # greedy: each token is its logits' argmax
+
+
+@pytest.mark.parametrize("widen", [True, False])
+def test_bf16_models_decode_within_bf16_rounding_of_the_recomputed_logits(widen):
+    cfg = STYLES["qwen3_moe"](lora_rank=4, param_dtype="bfloat16")
+    model = adapted_model(cfg)
+    new, logits = Generator(model, widen_bf16=widen)(PROMPTS, max_new_tokens=4, return_logits=True)
+    # The paths round to bf16 in different places (widened: the dense layers multiply f32 activations
+    # by the bf16 weights; else both round each dense layer's input, from f32 values that differ by
+    # f32 roundings, so a rounding may go the other way): each logit is within the effect of the
+    # ~6 bf16 roundings per layer (and 2 at the head) of either path, plus the f32 bound.
+    roundings = 6 * cfg.num_hidden_layers + 2
+    bound = network_tolerance(roundings, U_BF16) + network_tolerance(config_depth(cfg, 11) + cfg.lora_rank)
+    for row, prompt in enumerate(PROMPTS):
+        want = recomputed_logits(model, prompt, new[row])
+        assert np.abs(logits[row] - want).max() / np.abs(want).max() <= bound, row
 
 
 def test_one_compiled_decode_step_serves_every_token_and_every_call():

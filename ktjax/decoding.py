@@ -73,18 +73,29 @@ class Generator:
         every call: at H=2048 that made the attention of a decode step 7x slower than with f32 weights
         (docs/performance.md). Costs 2 more bytes per such parameter; the routed experts stay as they
         are (the CPU kernels read bf16 and quantized weights directly)."""
-        self.model = model
-        graphdef, self.state = nnx.split(model)
-        if widen_bf16:
-            self.state = jax.tree_util.tree_map_with_path(
-                lambda path, v: _widened(model.config, jax.tree_util.keystr(path), v), self.state
-            )
+        self.widen_bf16 = widen_bf16
+        graphdef = self.use(model)
 
         def extend(state, input_ids, start, lengths, cache, key, *, prefill: bool, sampling: Sampling):
             logits, cache = nnx.merge(graphdef, state).extend(input_ids, start, lengths, cache, prefill)
             return sample(logits, key, sampling), logits, cache
 
         self._step = jax.jit(extend, static_argnames=("prefill", "sampling"), donate_argnames=("cache",))
+
+    def use(self, model: MoeForCausalLM):
+        """Generate from `model` from now on: the same architecture with other parameters (e.g. after
+        training), so the compiled steps serve it. Returns its graph definition."""
+        self.model = model
+        graphdef, self.state = nnx.split(model)
+        if self.widen_bf16:
+            self.state = jax.tree_util.tree_map_with_path(
+                lambda path, v: _widened(model.config, jax.tree_util.keystr(path), v), self.state
+            )
+        return graphdef
+
+    def release(self) -> None:
+        """Drops the references to the model's parameters (and their widened copies) until ``use``."""
+        self.model = self.state = None
 
     def compiled_steps(self) -> int:
         """How many step programs have been compiled so far."""

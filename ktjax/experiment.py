@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from ktjax.data import SortTask, answer_accuracy
-from ktjax.decoding import generate
+from ktjax.decoding import Generator
 from ktjax.files import write_atomically
 from ktjax.models import ModelConfig, build_model
 from ktjax.models.hf_config import config_from_hf, read_hf_config
@@ -160,11 +160,11 @@ def show_sft_examples(task: SFTData, logits: np.ndarray, batch: dict, n: int = 2
     return "\n".join(rows)
 
 
-def generated_answers(model: MoeForCausalLM, task: Task, n: int, show: int = 3) -> tuple[float, str]:
+def generated_answers(gen: Generator, task: Task, n: int, show: int = 3) -> tuple[float, str]:
     """Greedy generation on n held-out prompts -> (the fraction whose generated tokens begin with the
     whole answer: exact match, text showing the first `show`)."""
     pairs = task.eval_prompts(n)
-    new = generate(model, [p for p, _ in pairs], max_new_tokens=max(len(a) for _, a in pairs))
+    new = gen([p for p, _ in pairs], max_new_tokens=max(len(a) for _, a in pairs))
     exact = [got[: len(want)] == want for got, (_, want) in zip(new, pairs)]
     if isinstance(task, SFTData):
         text = lambda ids: repr(task.tokenizer.decode(ids))  # noqa: E731
@@ -190,9 +190,11 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     print(f"task: {task.describe()}")
     start = time.perf_counter()
     model = build_model(cfg.model, seed=cfg.train.seed)
-    generated = {}
+    generated, gen = {}, None
     if cfg.generate_eval:
-        generated["before"] = generated_answers(model, task, cfg.generate_eval)
+        gen = Generator(model)  # compiled once, used again after training
+        generated["before"] = generated_answers(gen, task, cfg.generate_eval)
+        gen.release()  # training takes the model's parameters over
     result = train(
         model,
         task,
@@ -212,9 +214,8 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     if isinstance(task, SortTask):
         print(f"  (chance token accuracy: {1 / cfg.data.num_values:.2f})")
     if cfg.generate_eval:
-        generated["after"] = generated_answers(
-            merge_model(result.defn, result.params), task, cfg.generate_eval
-        )
+        gen.use(merge_model(result.defn, result.params))
+        generated["after"] = generated_answers(gen, task, cfg.generate_eval)
         rates = (generated["before"][0], generated["after"][0])
         label = f"generated_exact_match ({cfg.generate_eval} greedy)"
         print(f"  {label:<38} {rates[0]:>16.4f} {rates[1]:>16.4f}")

@@ -76,7 +76,7 @@ def test_default_experiment_runs_end_to_end_and_leaves_a_complete_run_directory(
     assert f"run directory: {run} ({listed})" in out
 
     # --resume continues the same run directory from its latest checkpoint, here to a later step.
-    resumed = run_cli("--resume", "--workdir", str(run), "--set", "train.steps=8")
+    resumed = run_cli("--resume", "--workdir", str(run), "--set", "train.steps=8", "--set", "generate_eval=0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout and "after (step 8)" in resumed.stdout
     # resuming a finished run says so, and how to train more

@@ -31,6 +31,7 @@ TINY_RUN = [
     "--set=model.num_experts=4",
     "--set=model.moe_intermediate_size=16",
     "--set=data.length=4",
+    "--set=generate_eval=0",  # the before/after generation is test_experiments'; here it would only cost time
 ]
 VOLATILE = ("tokens_per_s",)  # the only logged values that depend on timing
 

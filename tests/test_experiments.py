@@ -114,9 +114,26 @@ def test_list_names_every_experiment_with_a_description(capsys):
     assert code == 0
     lines = out.splitlines()
     names = [line.split()[0] for line in lines]
-    assert {"sort_hybrid", "compare_modes", "throughput"} <= set(names)
+    assert {"sort_hybrid", "compare_modes", "throughput", "long_context", "sft_lora"} <= set(names)
     assert all(len(line.split()) > 2 for line in lines)
     assert any("(default)" in line for line in lines)
+
+
+def test_long_context_trains_on_records_of_its_sequence_length_and_reports_speed_and_memory(tmp_path, capsys):
+    from experiments.long_context import long_records
+
+    records = long_records(3, 700, seed=1)
+    assert all(len(r["prompt"]) + len(r["completion"]) == 698 for r in records)  # + <bos>, <eos>: 700
+    workdir = tmp_path / "run"
+    args = ["long_context", "--workdir", str(workdir), "--set", "data.seq_len=512", "--set", "train.steps=2"]
+    code, out, err = run_in_process(
+        capsys, *args, "--set", "generate_eval=0", "--set", "train.progress=false"
+    )
+    assert code in (0, None), err[-3000:]
+    assert "rows of 512 tokens, 100% filled" in out and "0 truncated" in out
+    assert "long_context: 512-token records, remat full, attention blockwise" in out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["seq_len"] == 512 and summary["tokens_per_s"] > 0 and summary["peak_rss_gb"] > 0
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,10 @@ import json
 import pathlib
 import random
 
+from experiments import sft_lora
 from ktjax.experiment import DataConfig, ExperimentConfig, run_experiment
 from ktjax.files import write_atomically
 from ktjax.memory import peak_rss_bytes
-from ktjax.models import qwen3_moe
 from ktjax.optim import GroupConfig
 from ktjax.train import TrainConfig
 
@@ -33,21 +33,8 @@ def get_config() -> ExperimentConfig:
     return ExperimentConfig(
         name="long_context",
         mode="hybrid",
-        model=qwen3_moe(
-            hidden_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=128,
-            lora_rank=16,
-            lora_alpha=32.0,
-            lora_targets=("experts",),
-            remat="full",
-            max_position_embeddings=32768,
-        ),
+        # sft_lora's model, rematerialised layer by layer, with room for long records
+        model=sft_lora.get_config().model.replace(remat="full", max_position_embeddings=32768),
         data=DataConfig(seq_len=8192, eval_fraction=0.1),
         train=TrainConfig(
             steps=8,

@@ -18,6 +18,7 @@ import time
 import jax
 
 from ktjax import ffi
+from ktjax.bench_decode import THROUGHPUT_SHAPES
 from ktjax.experiment import DataConfig, ExperimentConfig, make_task, resolve
 from ktjax.memory import current_rss_bytes, format_memory, training_memory
 from ktjax.models import ModelConfig, build_model, qwen3_moe
@@ -31,15 +32,7 @@ def get_config() -> ExperimentConfig:
         name="throughput",
         mode="hybrid",
         model=qwen3_moe(
-            hidden_size=2048,
-            num_hidden_layers=2,
-            num_attention_heads=16,
-            num_key_value_heads=4,
-            head_dim=128,
-            num_experts=32,
-            num_experts_per_tok=8,
-            moe_intermediate_size=768,
-            param_dtype="bfloat16",
+            **THROUGHPUT_SHAPES,
             lora_rank=16,
             lora_alpha=32.0,
             lora_targets=("experts",),

@@ -27,8 +27,8 @@ from ktjax.machine import measure_read_bandwidth_gbs
 from ktjax.models import build_model, qwen3_moe
 from ktjax.params import split_model
 
-# experiments/throughput.py's model, without its adapters
-SHAPES = dict(
+# The throughput experiment's model (experiments/throughput.py adds LoRA adapters to it).
+THROUGHPUT_SHAPES = dict(
     hidden_size=2048,
     num_hidden_layers=2,
     num_attention_heads=16,
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (a decode step is timed between two tokens)")
-    cfg = qwen3_moe(**SHAPES, vocab_size=args.vocab)
+    cfg = qwen3_moe(**THROUGHPUT_SHAPES, vocab_size=args.vocab)
     threads = int(os.environ.get("KTJAX_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
     bandwidth = measure_read_bandwidth_gbs(threads)
     print(

@@ -126,6 +126,7 @@ def test_long_context_trains_on_records_of_its_sequence_length_and_reports_speed
     assert all(len(r["prompt"]) + len(r["completion"]) == 698 for r in records)  # + <bos>, <eos>: 700
     workdir = tmp_path / "run"
     args = ["long_context", "--workdir", str(workdir), "--set", "data.seq_len=512", "--set", "train.steps=2"]
+    args += ["--set", "model.num_hidden_layers=1"]
     code, out, err = run_in_process(
         capsys, *args, "--set", "generate_eval=0", "--set", "train.progress=false"
     )

@@ -150,6 +150,8 @@ def test_greedy_generation_matches_transformers_generate(hf_model):
     """Two prompts of different lengths decoded in one batch, each against transformers' own cached
     generate; Mixtral's window (5) is shorter than prompt + generation."""
     kind, model, path = hf_model
+    if kind == "deepseek_v3_yarn":
+        pytest.skip("the YaRN variant's attention is deepseek_v3's; its rope is checked by the f32 logits")
     prompts = [tokens(3)[0, :7].tolist(), tokens(3)[1, :3].tolist()]
     steps = 10
     kmodel = from_hf(path, dtype="float32", progress=False)
@@ -176,6 +178,8 @@ def test_peft_loads_exported_adapters_onto_transformers_and_gives_the_adapted_lo
     block-diagonal adapter) loaded by the real peft onto transformers' model of the same checkpoint."""
     peft = pytest.importorskip("peft")
     kind, model, path = hf_model
+    if kind == "deepseek_v3_yarn":
+        pytest.skip("the YaRN variant's attention is deepseek_v3's; its rope is checked by the f32 logits")
     targets = (
         ("experts", "kv_b_proj", "o_proj") if kind.startswith("deepseek") else ("experts", "q_proj", "o_proj")
     )

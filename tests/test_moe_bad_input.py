@@ -12,7 +12,7 @@ from moe_testing import make_problem
 
 from ktjax.ops import moe_experts
 
-pytestmark = pytest.mark.kernels
+pytestmark = [pytest.mark.kernels, pytest.mark.sanitized]
 
 P = make_problem(0, T=6, K=2, E=3, H=16, I=8, ranks={"gate": 2})
 

@@ -12,7 +12,7 @@ from moe_testing import make_problem
 from ktjax import ffi
 from ktjax.ops import moe_experts
 
-pytestmark = pytest.mark.kernels
+pytestmark = [pytest.mark.kernels, pytest.mark.sanitized]
 
 
 def step_fn(p):

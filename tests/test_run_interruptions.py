@@ -135,5 +135,8 @@ def test_a_failed_save_stops_the_run_at_once_with_one_error(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error: saving step 4 to" in lines[0] and "File too large" in lines[0], err
     train_steps = [r["step"] for r in records(workdir) if r["kind"] == "train"]
-    assert max(train_steps) < 8, train_steps  # stopped before the next save was due
+    # The save runs in the background: its failure is seen after a later step, at the latest when the
+    # next save (step 8) is due and must not start (on a loaded 2-core machine the writer thread can
+    # take that long to fail).
+    assert max(train_steps) <= 8, train_steps
     assert time.perf_counter() - start < 120

@@ -184,6 +184,7 @@ def test_experiment_starts_from_a_model_directory(tmp_path, capsys):
         data=DataConfig(path=str(data), seq_len=32, tokenizer="bytes"),
         train=TrainConfig(steps=3, batch_size=2, eval_batch_size=2, progress=False, checkpoint_every=0),
         export_merged=True,
+        generate_eval=1,  # batch 1, as the generate command below: the same compiled programs
     )
     resolved = resolve(cfg)
     assert resolved.model.hidden_size == 32 and resolved.model.vocab_size == 300
@@ -217,11 +218,14 @@ def test_experiment_starts_from_a_model_directory(tmp_path, capsys):
     assert code == 0, err
     got = json.loads(out.splitlines()[-1])
     model = load_run(tmp_path / "run")[1]
+    examples = [tokenize_record(ByteTokenizer(), record) for record in records]
+    ids = np.zeros((len(examples), max(len(i) for i, _ in examples)), np.int32)  # padded at the end
+    for row, (tokens, _) in enumerate(examples):
+        ids[row, : len(tokens)] = tokens
+    logp = np.asarray(jax.nn.log_softmax(jit_logits(model, jnp.asarray(ids[:, :-1])), -1))
     nll, count = 0.0, 0
-    for record in records:
-        ids, trained = tokenize_record(ByteTokenizer(), record)
-        logp = jax.nn.log_softmax(jit_logits(model, jnp.asarray(ids[None, :-1]))[0], -1)
-        picked = np.asarray(jnp.take_along_axis(logp, jnp.asarray(ids[1:, None]), -1))[:, 0]
+    for row, (tokens, trained) in enumerate(examples):  # each record alone in its row, unpacked
+        picked = logp[row, np.arange(len(tokens) - 1), tokens[1:]]
         nll, count = nll - picked[trained[1:]].sum(), count + int(trained[1:].sum())
     assert got["tokens"] == count and got["records"] == 20 and got["truncated"] == 0
     # two f32 evaluations of the network, then a sum of `count` terms

@@ -68,7 +68,7 @@ class SortTask:
 
     def eval_prompts(self, n: int) -> list[tuple[list[int], list[int]]]:
         """The first n held-out sequences as (prompt: <bos> digits <sep>, answer: the sorted digits)."""
-        seq = self._make(np.random.default_rng([self.seed, 2**31 - 1]), n)["input_ids"]
+        seq = self.eval_batch(n)["input_ids"]
         answers = np.sort(seq[:, 1 : 1 + self.length], axis=1)
         answers = answers[:, ::-1] if self.descending else answers
         return [(row[: self.length + 2].tolist(), ans.tolist()) for row, ans in zip(seq, answers)]

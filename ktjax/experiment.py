@@ -32,7 +32,7 @@ from ktjax.overrides import from_json, to_json
 from ktjax.params import is_lora, merge_model
 from ktjax.plots import plot_run
 from ktjax.sft import SFTData
-from ktjax.tokenizer import load_tokenizer
+from ktjax.tokenizer import load_tokenizer, model_tokenizer
 from ktjax.train import TrainConfig, TrainResult, load_trained, make_eval_step, train
 
 MODES = {"full": FULL_RULES, "lora": LORA_RULES, "hybrid": HYBRID_RULES}
@@ -73,9 +73,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     export_peft: bool = True  # write LoRA adapters in PEFT format to <workdir>/peft_adapter
     export_merged: bool = False  # write a Hugging Face model directory, adapters merged, to <workdir>/merged
-    generate_eval: int = (
-        32  # held-out prompts answered by greedy generation before and after training (0: none)
-    )
+    # held-out prompts answered by greedy generation before and after training (0: none)
+    generate_eval: int = 32
 
     def __post_init__(self) -> None:
         if self.mode not in (*MODES, "rules"):
@@ -110,8 +109,7 @@ def make_task(data: DataConfig, model_path: str = "") -> Task:
         return SortTask(
             length=data.length, num_values=data.num_values, seed=data.seed, descending=data.descending
         )
-    has_tokenizer = model_path and (pathlib.Path(model_path) / "tokenizer.json").is_file()
-    tokenizer = load_tokenizer(data.tokenizer or (model_path if has_tokenizer else "bytes"))
+    tokenizer = load_tokenizer(data.tokenizer) if data.tokenizer else model_tokenizer(model_path)
     return SFTData(
         data.path, tokenizer, seq_len=data.seq_len, seed=data.seed, eval_fraction=data.eval_fraction
     )

@@ -12,7 +12,7 @@ from ktjax.models import from_hf
 from ktjax.models.peft_adapter import read_peft, read_peft_config
 from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import is_lora, merge_model, split_model
-from ktjax.tokenizer import load_tokenizer
+from ktjax.tokenizer import ByteTokenizer, model_tokenizer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,8 @@ def load_model(args: argparse.Namespace) -> tuple[MoeForCausalLM, object, str]:
         defn, params = split_model(model)
         params.update(read_peft(args.adapter, model.config, {n: v for n, v in params.items() if is_lora(n)}))
         model = merge_model(defn, params)
-    has_tokenizer = (pathlib.Path(args.model) / "tokenizer.json").is_file()
-    if not has_tokenizer:
+    tokenizer = model_tokenizer(args.model)
+    if isinstance(tokenizer, ByteTokenizer):
         print(f"{args.model} has no tokenizer.json: using the byte tokenizer", file=sys.stderr)
     what = str(args.model) + (f" + adapter {args.adapter}" if args.adapter else "")
-    return model, load_tokenizer(args.model if has_tokenizer else "bytes"), what
+    return model, tokenizer, what

@@ -110,3 +110,11 @@ def load_tokenizer(path: str | pathlib.Path | None) -> ByteTokenizer | HFTokeniz
             f"{path}: no tokenizer.json (set data.tokenizer=bytes for the byte tokenizer)"
         )
     return HFTokenizer(path)
+
+
+def model_tokenizer(path: str | pathlib.Path | None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer of a model directory when it has a tokenizer.json, else the byte tokenizer (also
+    for no directory)."""
+    if path and (pathlib.Path(path) / "tokenizer.json").is_file():
+        return HFTokenizer(path)
+    return ByteTokenizer()

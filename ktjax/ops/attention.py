@@ -78,15 +78,9 @@ def attention(
 def dense_attention(q, k, v, segment_ids, *, scale: float, window: int = 0) -> jax.Array:
     """The reference: every score of [B, N, S, S], masked, softmax, times the values; in f32 (f64 for f64
     inputs)."""
-    B, S, N, Dk = q.shape
-    G = k.shape[2]
-    dtype = jnp.promote_types(q.dtype, jnp.float32)
-    qg = q.astype(dtype).reshape(B, S, G, N // G, Dk)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(dtype)) * scale  # [B, G, N/G, S, S]
+    S = q.shape[1]
     see = visible(segment_ids, segment_ids, jnp.arange(S), jnp.arange(S), window)
-    logits = jnp.where(see[:, None, None], logits, MASKED_SCORE)
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype)).reshape(B, S, -1)
+    return _masked_softmax_attention(q, k, v, see, scale)
 
 
 def cached_attention(
@@ -101,21 +95,34 @@ def cached_attention(
     """q: [B, S, N, Dk] at positions [B, S] int; k_cache: [B, L, G, Dk], v_cache: [B, L, G, Dv], slot t
     holding position t (every slot up to a query's position written) -> [B, S, N * Dv] f32. A query sees
     the slots t <= its position (and, with window > 0, position - t < window)."""
-    B, S, N, Dk = q.shape
-    L, G = k_cache.shape[1], k_cache.shape[2]
-    qg = q.astype(jnp.float32).reshape(B, S, G, N // G, Dk)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_cache.astype(jnp.float32)) * scale  # [B, G, R, S, L]
-    logits = jnp.where(cache_visible(positions, L, window)[:, None, None], logits, MASKED_SCORE)
+    see = cache_visible(positions, k_cache.shape[1], window)
+    return _masked_softmax_attention(q, k_cache, v_cache, see, scale)
+
+
+def _masked_softmax_attention(q, k, v, see, scale: float) -> jax.Array:
+    """q: [B, Sq, N, Dk], k: [B, Sk, G, Dk], v: [B, Sk, G, Dv], see: [B, Sq, Sk] bool -> [B, Sq, N * Dv]:
+    the softmax over the visible keys, every score at once, in f32 (f64 for f64 inputs)."""
+    B, Sq, N, Dk = q.shape
+    G = k.shape[2]
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.astype(dtype).reshape(B, Sq, G, N // G, Dk)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(dtype)) * scale  # [B, G, N/G, Sq, Sk]
+    logits = jnp.where(see[:, None, None], logits, MASKED_SCORE)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v_cache.astype(jnp.float32)).reshape(B, S, -1)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype)).reshape(B, Sq, -1)
 
 
 def cache_visible(positions: jax.Array, length: int, window: int) -> jax.Array:
     """positions: [B, S] int -> [B, S, length] bool: cache slot t visible to the query at that position."""
-    t = jnp.arange(length)[None, None, :]
-    see = t <= positions[:, :, None]
+    return _seen(positions[:, :, None], jnp.arange(length)[None, None, :], window)
+
+
+def _seen(pos_q: jax.Array, pos_k: jax.Array, window: int) -> jax.Array:
+    """Causal and within the window, for positions that broadcast against each other: pos_k <= pos_q
+    and, with window > 0, pos_q - pos_k < window."""
+    see = pos_k <= pos_q
     if window:
-        see &= positions[:, :, None] - t < window
+        see &= pos_q - pos_k < window
     return see
 
 
@@ -132,9 +139,7 @@ def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
 def visible(seg_q, seg_k, pos_q, pos_k, window: int) -> jax.Array:
     """[B, Sq] and [B, Sk] segment ids, [Sq] and [Sk] positions -> [B, Sq, Sk] bool: key t visible to
     query s."""
-    see = pos_k[None, None, :] <= pos_q[None, :, None]
-    if window:
-        see &= pos_q[None, :, None] - pos_k[None, None, :] < window
+    see = _seen(pos_q[None, :, None], pos_k[None, None, :], window)
     return see & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] > 0)
 
 

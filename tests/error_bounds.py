@@ -70,10 +70,14 @@ def bf16_may_round_either_way(v, e) -> np.ndarray:
 
 @dataclass
 class Tracked:
-    """v: the exact value (float64); e: a bound on |computed - v| for the kernels' f32 arithmetic."""
+    """v: the exact value (float64); e: a bound on |computed - v| for the kernels' f32 arithmetic;
+    terms: where the kernels compute with this value as a sum of parts (an int4 weight as code x scale +
+    min), the sum of the parts' magnitudes, which then replaces |v| in the rounding bounds of products
+    that read it (None: |v|)."""
 
     v: np.ndarray
     e: np.ndarray
+    terms: np.ndarray | None = None
 
     @staticmethod
     def exact(v) -> Tracked:
@@ -82,15 +86,15 @@ class Tracked:
 
     @property
     def mag(self) -> np.ndarray:
-        """A bound on |computed value|."""
-        return np.abs(self.v) + self.e
+        """A bound on the magnitude of what the kernels compute with."""
+        return (np.abs(self.v) if self.terms is None else self.terms) + self.e
 
     def __getitem__(self, index) -> Tracked:
-        return Tracked(self.v[index], self.e[index])
+        return Tracked(self.v[index], self.e[index], None if self.terms is None else self.terms[index])
 
     @property
     def T(self) -> Tracked:  # noqa: N802 - as numpy's
-        return Tracked(self.v.T, self.e.T)
+        return Tracked(self.v.T, self.e.T, None if self.terms is None else self.terms.T)
 
 
 def matmul(a: Tracked, b: Tracked, terms: int, scale: float = 1.0) -> Tracked:

@@ -243,7 +243,9 @@ def _scatter_add(out: Tracked, rows: np.ndarray, part: Tracked) -> None:
     np.add.at(out.e, rows, part.e)
 
 
-def tracked_reference(p: Problem, dy: np.ndarray, intermediates: str = "f32") -> dict[str, Tracked]:
+def tracked_reference(
+    p: Problem, dy: np.ndarray, intermediates: str = "f32", weights: dict[str, Tracked] | None = None
+) -> dict[str, Tracked]:
     """y and the gradients of sum(y * dy), each with the bound of the kernels' arithmetic (error_bounds.py).
 
     The expert math is written out slot group by slot group, as the kernels compute it, so that each
@@ -254,11 +256,15 @@ def tracked_reference(p: Problem, dy: np.ndarray, intermediates: str = "f32") ->
     d Up — and the reference's values are those rounded ones (LoRA products and d topk_weights read
     the f32 values); "bf16_as_error" keeps the exact values and counts those roundings in the bounds.
     dy: the upstream gradient the kernels receive (exact, see representable_cotangent).
+    weights: Tracked values to use for gate / up / down instead of p's exact ones (a quantized weight's,
+    whose kernels compute with its codes and scales: tests/test_quant_kernels.py).
     Returns {name: Tracked} keyed like loss_and_grads ("y", "x", "weights", "gate", ..., "gate_a", ...).
     """
     f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
     exact = lambda a: Tracked.exact(f64(a))  # noqa: E731
     x, G, U, D = (exact(a) for a in (p.x, p.gate, p.up, p.down))
+    weights = weights or {}
+    G, U, D = (weights.get(name, w) for name, w in (("gate", G), ("up", U), ("down", D)))
     w_all = f64(p.weights)
     dy_all = Tracked.exact(np.asarray(dy, np.float64))
     lora = {k: (exact(a), exact(b)) for k, (a, b) in p.lora.items()}

@@ -19,7 +19,7 @@ from ktjax import ffi
 pytestmark = pytest.mark.kernels
 
 ISAS = ("avx512_bf16", "avx512", "avx2", "generic")
-PAIR_PATHS = ("pairs", "pair_dot", "pair_direct", "packed_once_pairs")  # ISA avx512_bf16 only
+PAIR_PATHS = ("pairs", "pair_dot", "pair_direct", "packed_once_pairs", "quant_pair_dot")  # ISA avx512_bf16 only
 
 # Problems (make_problem arguments, and the dtype of x and of the weights).
 CASES = {
@@ -47,16 +47,20 @@ PATH_CASES = {
     "packed_once": "f32_tokens",
     "packed_once_pairs": "bf16_many_tokens",
     "quant_dot": "quantized_few_tokens",
+    "quant_pair_dot": "quantized_bf16_few_tokens",
 }
 # A quantized base (int4, every projection; tests/test_quant_kernels.py builds it), ~15 tokens per expert:
 # the forward's products dequantize the weights into L1 (the quantized dot path).
 QUANTIZED_CASE = "quantized_few_tokens"
+# The same with bf16 tokens: the gate and up products multiply them by the codes as bf16 pairs.
+QUANTIZED_BF16_CASE = "quantized_bf16_few_tokens"
+QUANTIZED_CASES = {QUANTIZED_CASE: jnp.float32, QUANTIZED_BF16_CASE: jnp.bfloat16}
 
 
 def run_case(name: str) -> dict[str, int]:
     """Runs the case's forward and every gradient against the reference; returns its path_flops."""
-    if name == QUANTIZED_CASE:
-        p, exact = quantized_problem("int4", ("gate", "up", "down"), jnp.float32, ranks={"up": 4})
+    if name in QUANTIZED_CASES:
+        p, exact = quantized_problem("int4", ("gate", "up", "down"), QUANTIZED_CASES[name], ranks={"up": 4})
         ffi.reset_kernel_counters()
         check_quantized(p, exact)
         return ffi.path_flops()
@@ -71,14 +75,14 @@ def run_case(name: str) -> dict[str, int]:
 
 def test_every_path_of_the_gemm_driver_has_a_case():
     assert list(ffi.path_flops()) == list(PATH_CASES)
-    assert set(PATH_CASES.values()) == set(CASES) | {QUANTIZED_CASE}
+    assert set(PATH_CASES.values()) == set(CASES) | set(QUANTIZED_CASES)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_path_runs_on_every_isa_within_the_reference_bounds(isa, use_isa):
     use_isa(isa)
     assert ffi.selected_isa() == isa
-    flops = {name: run_case(name) for name in [*CASES, QUANTIZED_CASE]}
+    flops = {name: run_case(name) for name in [*CASES, *QUANTIZED_CASES]}
     for path, case in PATH_CASES.items():
         if isa != "avx512_bf16" and path in PAIR_PATHS:
             assert all(f[path] == 0 for f in flops.values()), f"{isa} has no {path} path"

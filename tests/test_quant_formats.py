@@ -42,6 +42,18 @@ def dequantize_numpy(q: QuantizedWeight) -> np.ndarray:
     return np.asarray(q.data).astype(np.float32) * s[:, rows][:, :, cols]
 
 
+def term_magnitudes(q: QuantizedWeight) -> np.ndarray:
+    """|code x scale| + |min| per element [E, out, in]: the magnitude of the parts the kernels sum for
+    each weight (int4's q x scale and min; for int8 and fp8, whose min is 0, |w|)."""
+    w = dequantize_numpy(q).astype(np.float64)
+    if q.format != "int4":
+        return np.abs(w)
+    E, out, in_ = q.shape
+    g = np.arange(in_) // q.group
+    mins = np.asarray(q.scales, np.float64)[..., g, 1]
+    return np.abs(w - mins) + np.abs(mins)
+
+
 QUANTIZERS = {
     "int8": quantize_int8,
     "int4_g32": lambda w: quantize_int4(w, 32),

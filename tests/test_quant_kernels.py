@@ -10,23 +10,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from error_bounds import assert_output_within
+from error_bounds import U_F32, Tracked, assert_output_within
 from moe_testing import make_problem, representable_cotangent, tracked_reference
 from test_moe_bad_input import raw_forward
-from test_quant_formats import dequantize_numpy
+from test_quant_formats import dequantize_numpy, term_magnitudes
 
 from ktjax import ffi
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_checks import default_intermediates, float_weight_dtype
 from ktjax.quant import quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant.formats import is_quantized
 
 pytestmark = pytest.mark.kernels
 
 FORMATS = {
     "int8": quantize_int8,
     "int4": lambda w: quantize_int4(w, 32),
-    # blocks smaller than the weights, so that every expert has several blocks and ragged last ones
-    "fp8": lambda w: quantize_fp8(w, (16, 24)),
+    # blocks smaller than the weights, so that every expert has several blocks and ragged last ones; 32
+    # columns, so that the quantized pair path takes them (test_fp8_blocks_the_pair_path_cannot_take...)
+    "fp8": lambda w: quantize_fp8(w, (16, 32)),
 }
 # Odd widths: H = 75 gives int4 rows an odd column count (a half-filled last byte) and a ragged last
 # group of 11; I = 40 ragged fp8 blocks both ways. 37 tokens on 5 experts (about 15 an expert): the
@@ -51,6 +53,19 @@ def quantized_problem(fmt: str, which: tuple[str, ...], dtype, ranks, seed: int 
     return dataclasses.replace(p, **quant), dataclasses.replace(p, **exact)
 
 
+def quantized_weights(p) -> dict[str, Tracked]:
+    """The reference's view of p's quantized weights: their f32 dequantized values, within two roundings
+    of the parts the kernels may compute with instead (code x scale + min, the scale applied to a
+    segment's sum), and those parts' magnitudes for the rounding bounds."""
+    out = {}
+    for name in ("gate", "up", "down"):
+        q = getattr(p, name)
+        if is_quantized(q):
+            terms = term_magnitudes(q)
+            out[name] = Tracked(dequantize_numpy(q).astype(np.float64), 2 * U_F32 * terms, terms)
+    return out
+
+
 def kernel_loss_and_grads(p, cotangent, policy="retain"):
     """y and the gradients of sum(y * cotangent) w.r.t. x, topk_weights and every adapter, on the kernels."""
 
@@ -71,9 +86,9 @@ def check(p, exact, policy="retain"):
     cot = representable_cotangent(1, p.x.shape, p.x.dtype)
     y, grads = kernel_loss_and_grads(p, jnp.asarray(cot, jnp.float32), policy)
     # "auto": bf16 intermediates for bf16 tokens and bf16 float weights beside the quantized ones (the
-    # rounding then applies to the quantized projections' products too), f32 when all are quantized.
+    # rounding then applies to the quantized projections' products too) or none beside them.
     mode = default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, p.down), "cpu")
-    want = tracked_reference(exact, cot, mode)
+    want = tracked_reference(exact, cot, mode, weights=quantized_weights(p))
     assert y.dtype == p.x.dtype
     assert_output_within(y, want["y"], "forward")
     for name, g in grads.items():
@@ -98,7 +113,23 @@ def test_every_isa_reads_quantized_bases(fmt, isa, shape, use_isa):
     ffi.reset_kernel_counters()
     check(p, exact, policy="recompute")
     paths = ffi.path_flops()
-    assert (paths["quant_dot"] > 0) == (shape is SHAPE), paths
+    # few tokens: the forward's products multiply the bf16 tokens (and bf16 intermediates) by the codes
+    # as bf16 pairs where the ISA has them, else by the f32 weights dequantized in L1
+    pairs = isa == "avx512_bf16"
+    assert (paths["quant_dot"] > 0) == (shape is SHAPE and not pairs), paths
+    assert (paths["quant_pair_dot"] > 0) == (shape is SHAPE and pairs), paths
+
+
+def test_fp8_blocks_the_pair_path_cannot_take_are_dequantized_to_f32(use_isa):
+    # 24-column blocks do not start on whole blocks of 32: the f32 quantized dot path takes them.
+    use_isa("avx512_bf16")
+    p, exact = quantized_problem("fp8", ("gate",), jnp.bfloat16, ranks={"gate": 2}, seed=4)
+    p = dataclasses.replace(p, gate=quantize_fp8(np.asarray(exact.gate), (16, 24)))
+    exact = dataclasses.replace(exact, gate=jnp.asarray(dequantize_numpy(p.gate)))
+    ffi.reset_kernel_counters()
+    check(p, exact)
+    paths = ffi.path_flops()
+    assert paths["quant_dot"] > 0 and paths["quant_pair_dot"] == 0, paths
 
 
 def test_a_frozen_quantized_base_without_adapters_still_passes_gradients_to_x_and_the_router():
@@ -129,13 +160,14 @@ def test_differentiating_a_quantized_base_is_refused_with_its_name():
         jax.grad(lambda s: loss(dataclasses.replace(p.up, scales=s)))(p.up.scales)
 
 
-def test_auto_intermediates_are_f32_when_every_base_is_quantized():
+def test_auto_intermediates_follow_the_tokens_when_every_base_is_quantized():
     p, _ = quantized_problem("int8", ("gate", "up", "down"), jnp.bfloat16, ranks={})
-    assert default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, p.down), "cpu") == "f32"
-    assert (
-        default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, jnp.ones(1, jnp.bfloat16)), "cpu")
-        == "bf16"
-    )
+    weights = float_weight_dtype(p.gate, p.up, p.down)
+    assert weights is None
+    assert default_intermediates(jnp.bfloat16, weights, "cpu") == "bf16"
+    assert default_intermediates(jnp.float32, weights, "cpu") == "f32"
+    assert default_intermediates(jnp.bfloat16, weights, "xla") == "f32"
+    assert default_intermediates(jnp.bfloat16, float_weight_dtype(p.gate, p.up, jnp.ones(1)), "cpu") == "f32"
 
 
 def test_the_kernels_check_quantized_data_against_the_quant_attribute():

@@ -78,6 +78,8 @@ Isa avx512_with_pairs() {
   isa.pack_pair_rows = pack_pair_rows_avx512;
   isa.pair_dot = pair_dot_avx512bf16;
   isa.pair_direct = pair_direct_avx512bf16;
+  isa.quant_codes = quant_codes_avx512bf16;
+  isa.quant_pair_dot = quant_pair_dot_avx512bf16;
   return isa;
 }
 const Isa kAvx512Bf16 = avx512_with_pairs();
@@ -415,6 +417,17 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   }
 }
 
+// The quantized dot paths read 4 weight rows at a time; each step fetches into L2 the same columns of the
+// rows kQuantGroupsAhead groups later (the first step: of the groups before those too). One group ahead
+// arrived late: a step's work is short next to the memory's latency, and the hardware prefetchers miss
+// the jump from row to row.
+constexpr int64_t kQuantGroupsAhead = 2;
+void prefetch_quant_ahead(const QuantWeight& q, int64_t N, int64_t n0, int64_t c, int64_t n) {
+  const int64_t first = n0 == 0 ? 4 : n0 + 4 * kQuantGroupsAhead;
+  const int64_t last = std::min(N, n0 + 4 * kQuantGroupsAhead + 4);
+  if (first < last) prefetch_quant_rows(q, first, last - first, c, n);
+}
+
 // The quantized dot path (F32DotKernel in gemm.h): A's rows packed per block of the reduction in the dot
 // layout's tiles with each block of 32 in column order, then each group of 4 weight rows dequantized
 // kQuantDotKC columns at a time into an f32 buffer (L1-sized, zero past the edges) and multiplied there.
@@ -437,15 +450,7 @@ void gemm_quant_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha
       for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
       for (int64_t k0 = 0; k0 < kc; k0 += kQuantDotKC) {
         const int64_t len = std::min(kQuantDotKC, kc - k0), len32 = (len + 31) / 32 * 32;
-        // the next step's bytes (these 4 rows' next columns, else the next 4 rows' first), into L2 while
-        // these are multiplied (as the bf16 dot kernel fetches its next rows: the hardware prefetchers miss
-        // the jump from row to row)
-        const bool same_rows = k0 + kQuantDotKC < kc;
-        const int64_t r = same_rows ? n0 : n0 + 4, next_k0 = same_rows ? k0 + kQuantDotKC : 0;
-        if (r < N) {
-          prefetch_quant_rows(B.quant, r, std::min<int64_t>(4, N - r), pc + next_k0,
-                              std::min(kQuantDotKC, kc - next_k0));
-        }
+        prefetch_quant_ahead(B.quant, N, n0, pc + k0, len);
         for (int j = 0; j < 4; ++j) {
           float* row = wbuf + j * kQuantDotKC;
           const int64_t n = j < nw ? len : 0;
@@ -453,6 +458,76 @@ void gemm_quant_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha
           std::fill(row + n, row + len32, 0.0f);
         }
         isa.dot_f32(k0, len32, apack, kc32, static_cast<int>(M), wbuf, kQuantDotKC, nw, crow, alpha, acc || k0 > 0);
+      }
+    }
+  }
+}
+
+// Whether the quantized pair path (QuantPairDotKernel in gemm.h) can take B: its segments start on whole
+// blocks of 32 columns and divide the path's blocks of kQuantDotKC columns (int8's whole rows always do).
+bool quant_pairs_fit(const Isa& isa, const MatView& B) {
+  const int64_t seg = B.quant.segment_cols();
+  return isa.quant_pair_dot != nullptr && B.quant.c0 % 32 == 0 &&
+         (seg == 0 || (seg % 32 == 0 && kQuantDotKC % seg == 0 && B.quant.c0 % seg == 0));
+}
+
+// The quantized pair path: A's rows (bf16) copied as the pair dot path copies them, then each group of 4
+// weight rows read as codes kQuantDotKC columns at a time into a bf16 buffer (L1-sized, zero past the
+// edges) with their segments' scales, and multiplied by vdpbf16ps. Reduction blocks are whole multiples
+// of kQuantDotKC, so that segments never straddle one; int4's mins meet the token rows' sums over each
+// segment, taken once per reduction block.
+void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                         const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  static_assert(kQuantDotKC == 32 * kQuantSegments, "a block of the quantized pair path holds 16 segments at most");
+  const QuantWeight& q = B.quant;
+  const auto* x = static_cast<const uint16_t*>(A.data);
+  const int64_t fit = dot_depth(M, K, 2);
+  const int64_t depth = fit >= K ? K : std::max(kQuantDotKC, fit / kQuantDotKC * kQuantDotKC);
+  const int64_t seg_cols = q.segment_cols() == 0 ? kQuantDotKC : q.segment_cols();
+  const bool with_mins = q.format == QuantFormat::kInt4;
+  auto* apack = reinterpret_cast<uint16_t*>(scratch);  // M * kc32 <= 2 * kDotAScratch values
+  auto* codes = reinterpret_cast<uint16_t*>(scratch + kDotAScratch);  // 4 rows of kQuantDotKC
+  float* scale = scratch + kDotAScratch + 2 * kQuantDotKC;            // [4][kQuantSegments]
+  float* mins = scale + 4 * kQuantSegments;                           // [4][kQuantSegments]
+  float* sums = mins + 4 * kQuantSegments;  // [M][blocks of kQuantDotKC][kQuantSegments]: one per 32 values
+  float* crow[kDotMaxRows];
+  for (int64_t pc = 0; pc < K; pc += depth) {
+    const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32;
+    const int64_t ld_sums = (kc + kQuantDotKC - 1) / kQuantDotKC * kQuantSegments;
+    const bool acc = accumulate || pc > 0;
+    for (int64_t i = 0; i < M; ++i) {
+      const uint16_t* src = x + A.row(i) * A.ld + pc;
+      std::copy_n(src, kc, apack + i * kc32);
+      std::fill(apack + i * kc32 + kc, apack + (i + 1) * kc32, uint16_t{0});
+      if (!with_mins) continue;
+      float* row_sums = sums + i * ld_sums;  // segment g of block b at [b * kQuantSegments + g]
+      std::fill_n(row_sums, ld_sums, 0.0f);
+      for (int64_t k = 0; k < kc; ++k) {
+        row_sums[k / kQuantDotKC * kQuantSegments + k % kQuantDotKC / seg_cols] += bf16_to_f32(src[k]);
+      }
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += 4) {
+      const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
+      for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
+      for (int64_t k0 = 0; k0 < kc; k0 += kQuantDotKC) {
+        const int64_t len = std::min(kQuantDotKC, kc - k0), len32 = (len + 31) / 32 * 32;
+        const int64_t segs = (len + seg_cols - 1) / seg_cols;
+        const int64_t first_seg = q.segment_cols() == 0 ? 0 : (q.c0 + pc + k0) / seg_cols;  // stored segment
+        std::fill_n(scale, 8 * kQuantSegments, 0.0f);  // scale and mins: zero past the segments and rows
+        for (int j = 0; j < nw; ++j) {
+          uint16_t* row = codes + j * kQuantDotKC;
+          isa.quant_codes(q, n0 + j, pc + k0, len, row);
+          std::fill(row + len, row + len32, uint16_t{0});
+          const float mul = B.scale(n0 + j);
+          for (int64_t g = 0; g < segs; ++g) {
+            q.segment_scale(n0 + j, first_seg + g, mul, scale + j * kQuantSegments + g, mins + j * kQuantSegments + g);
+          }
+        }
+        for (int j = nw; j < 4; ++j) std::fill_n(codes + j * kQuantDotKC, len32, uint16_t{0});
+        QuantScales sc{scale, nullptr, nullptr, 0};
+        if (with_mins) sc = QuantScales{scale, mins, sums + k0 / kQuantDotKC * kQuantSegments, ld_sums};
+        isa.quant_pair_dot(len32, apack + k0, kc32, static_cast<int>(M), codes, kQuantDotKC, nw, seg_cols, sc, crow,
+                           alpha, acc || k0 > 0);
       }
     }
   }
@@ -621,6 +696,11 @@ int64_t any_scratch_floats() {
   const int64_t packed = kMC * kKC + kKC * kNC + kMR * kMaxNR;
   const int64_t dot = kDotAScratch + 4 * kDotMaxKC / 2;  // token rows + padded bf16 weight rows
   static_assert(4 * kQuantDotKC <= 4 * kDotMaxKC / 2, "the quantized dot path's rows fit the dot path's scratch");
+  // the quantized pair path's codes, scales, mins and token sums (one a 32 values of apack's, whose rows
+  // are padded to whole blocks of kQuantDotKC for them: at most kQuantDotKC / 32 more a row)
+  static_assert(2 * kQuantDotKC + 8 * kQuantSegments + 2 * kDotAScratch / 32 + kDotMaxRows * kQuantSegments <=
+                    4 * kDotMaxKC / 2,
+                "the quantized pair path fits the dot path's scratch");
   const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
   return std::max({packed, dot, direct});
 }
@@ -636,7 +716,9 @@ Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const M
   }
   const bool dot = B.trans && !A.trans, direct = !B.trans;
   if ((dot || direct) && small_batch(isa, M, K, B)) return dot ? Path::kDot : Path::kDirect;
-  if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) return Path::kQuantDot;
+  if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) {
+    return pair_operands(isa, A) && quant_pairs_fit(isa, B) ? Path::kQuantPairDot : Path::kQuantDot;
+  }
   return Path::kPacked;
 }
 
@@ -645,7 +727,7 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
               const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const Path path = choose_path(isa, M, K, A, B);
   add_path_flops(path, 2 * M * N * K);
-  if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect) {
+  if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect || path == Path::kQuantPairDot) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   }
   if (path != Path::kPairs && path != Path::kPacked) {  // the dot, direct and quantized dot paths
@@ -658,6 +740,7 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
     case Path::kDot: return gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kDirect: return gemm_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kQuantDot: return gemm_quant_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kQuantPairDot: return gemm_quant_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kPacked: break;
     default: break;  // the other GemmPath values name callers of gemm_any, never its choice
   }

@@ -172,6 +172,30 @@ using PairDotKernel = void (*)(int64_t kc, const uint16_t* a, int64_t lda, int m
 using PairDirectKernel = void (*)(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c,
                                   int mr, int nr, float alpha, bool acc, const DirectRows& rows);
 
+// The quantized dot path with pairs (AVX512_BF16): bf16 token rows against a quantized weight stored
+// [N, K] (the forward's projections of a quantized base with bf16 tokens) multiplied as bf16 pairs,
+// exactly: each group of 4 weight rows is read as its codes (QuantWeight::code, all exact in bf16) into
+// an L1 buffer, and vdpbf16ps multiplies them by the token values (each product exact in f32); the
+// scales apply to the sums of each segment, and the driver adds the int4 mins times the token sums.
+// QuantCodeReader: dst[0:n] = the bf16 codes of view row r, columns c .. c + n - 1 (c0 + c even).
+// QuantPairDotKernel: m <= 96 token rows (as PairDotKernel's a: lda values apart, zero-padded past the
+// codes' end) against nw <= 4 rows of codes q (ldq apart, kc <= 32 kQuantSegments values, a multiple of
+// 32, zero-padded), segment g being the values [g seg, (g + 1) seg) (seg a multiple of 32; seg >= kc: one
+// segment), with QuantScales sc:
+//   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_g (scale[j][g] * sum_{k in segment g} a[i * lda + k] q[j * ldq + k]
+//                                                 + mins[j][g] * sums[i][g]).
+using QuantCodeReader = void (*)(const QuantWeight& w, int64_t r, int64_t c, int64_t n, uint16_t* dst);
+constexpr int64_t kQuantSegments = 16;
+struct QuantScales {
+  const float* scale = nullptr;  // [4][kQuantSegments]: weight row j's scale of segment g
+  const float* mins = nullptr;   // [4][kQuantSegments] or null (no mins): weight row j's min of segment g
+  const float* sums = nullptr;   // with mins: token row i's sum over segment g at sums[i * ld_sums + g],
+  int64_t ld_sums = 0;           // kQuantSegments of them readable (zero past the last segment)
+};
+using QuantPairDotKernel = void (*)(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* q,
+                                    int64_t ldq, int nw, int64_t seg, const QuantScales& sc, float* const* c,
+                                    float alpha, bool acc);
+
 struct Isa {
   const char* name;
   int nr;  // columns of the micro-kernel tile; its rows are always 6
@@ -206,6 +230,9 @@ struct Isa {
   PairRowPacker pack_pair_rows = nullptr;
   PairDotKernel pair_dot = nullptr;
   PairDirectKernel pair_direct = nullptr;
+  // The quantized pair path (QuantPairDotKernel above): both or neither.
+  QuantCodeReader quant_codes = nullptr;
+  QuantPairDotKernel quant_pair_dot = nullptr;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",

@@ -107,4 +107,9 @@ void pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, cons
 void pair_direct_avx512bf16(int64_t kc, const uint32_t* a, const uint16_t* w, int64_t ldw, float* const* c, int mr,
                             int nr, float alpha, bool acc, const DirectRows& rows);
 
+// The quantized pair path (QuantCodeReader, QuantPairDotKernel in gemm.h; quant_avx512_bf16.cc).
+void quant_codes_avx512bf16(const QuantWeight& w, int64_t r, int64_t c, int64_t n, uint16_t* dst);
+void quant_pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* q, int64_t ldq,
+                               int nw, int64_t seg, const QuantScales& sc, float* const* c, float alpha, bool acc);
+
 }  // namespace ktjax

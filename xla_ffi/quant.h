@@ -68,6 +68,40 @@ struct QuantWeight {
   }
   int64_t span_bytes(int64_t n) const { return format == QuantFormat::kInt4 ? n / 2 + 1 : n; }
 
+  // The same values as codes times segment scales, for the kernels that multiply codes (the quantized
+  // pair path, gemm.h): w[r, c] = code(r, c) * scale + min, with one (scale, min) per segment of
+  // segment_cols() stored columns (segment g: stored columns [g S, (g + 1) S); the whole row for int8,
+  // whose segment_cols() is 0). Every code is exact in bf16: int8's -128..127, int4's 0..15 and every
+  // e4m3 value (3 mantissa bits, exponents within bf16's).
+  int64_t segment_cols() const {
+    return format == QuantFormat::kInt8 ? 0 : format == QuantFormat::kInt4 ? group : block_cols;
+  }
+  // Code of w[r, c] (view coordinates).
+  float code(int64_t r, int64_t c) const {
+    const uint8_t* b = row_bytes(r, c);
+    switch (format) {
+      case QuantFormat::kInt8: return static_cast<float>(static_cast<int8_t>(*b));
+      case QuantFormat::kInt4: return static_cast<float>((c0 + c) % 2 == 0 ? *b & 0xf : *b >> 4);
+      case QuantFormat::kFp8: return fp8_e4m3_to_f32(*b);
+    }
+    return 0.0f;
+  }
+  // Scale and min of view row r's segment g (stored columns [g S, (g + 1) S); g = 0 for int8), times mul.
+  void segment_scale(int64_t r, int64_t g, float mul, float* scale, float* min) const {
+    r += r0;
+    *min = 0.0f;
+    switch (format) {
+      case QuantFormat::kInt8: *scale = scales[r] * mul; return;
+      case QuantFormat::kInt4: {
+        const float* sm = scales + (r * ((cols + group - 1) / group) + g) * 2;
+        *scale = sm[0] * mul;
+        *min = sm[1] * mul;
+        return;
+      }
+      case QuantFormat::kFp8: *scale = scales[r / group * ((cols + block_cols - 1) / block_cols) + g] * mul; return;
+    }
+  }
+
   // dst[0:n] = w[r, c .. c + n) (view coordinates: stored row r0 + r, column c0 + c) times `mul`.
   void dequantize_row(int64_t r, int64_t c, int64_t n, float mul, float* dst) const {
     r += r0;

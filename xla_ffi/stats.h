@@ -36,13 +36,14 @@ enum class GemmPath : int {
   kPackedOnce = 7,       // B packed once for several products (gemm_packed), f32
   kPackedOncePairs = 8,  // the same with B packed as bf16 pairs
   kQuantDot = 9,         // few rows against a quantized weight stored [N, K], dequantized in L1 (F32DotKernel)
-  kCount = 10,
+  kQuantPairDot = 10,    // the same with bf16 token rows, multiplied as bf16 pairs (QuantPairDotKernel)
+  kCount = 11,
 };
 
 inline constexpr const char* kGemmPathNames[] = {"packed",     "dot",         "direct",
                                                  "pairs",      "pair_dot",    "pair_direct",
                                                  "transposed", "packed_once", "packed_once_pairs",
-                                                 "quant_dot"};
+                                                 "quant_dot",  "quant_pair_dot"};
 
 struct Stats {
   std::array<std::atomic<int64_t>, static_cast<int>(Work::kCount)> flops{};

@@ -67,12 +67,14 @@ def float_weight_dtype(gate: Any, up: Any, down: Any) -> Any:
 def default_intermediates(x_dtype: Any, weight_dtype: Any, backend: str) -> str:
     """The ``intermediates`` mode ``moe_experts`` uses when none is given: ``"bf16"`` where the CPU kernels
     multiply bf16 tokens by bf16 weights (every projection-sized product then has two bf16 operands, as
-    in the bf16 kernels of this field), ``"f32"`` otherwise (f32 tokens or weights, or ``backend="xla"``)."""
-    bf16 = (
-        x_dtype is not None
-        and weight_dtype is not None
-        and jnp.dtype(x_dtype) == BF16 == jnp.dtype(weight_dtype)
-    )
+    in the bf16 kernels of this field), ``"f32"`` otherwise (f32 tokens or weights, or ``backend="xla"``).
+    ``weight_dtype`` None (every base quantized: ``float_weight_dtype``) follows the tokens: the kernels
+    multiply quantized codes as bf16 values (each code is one), so a bf16 model with quantized experts
+    computes as its bf16 original does."""
+    if x_dtype is None:
+        return "f32"
+    weight_dtype = x_dtype if weight_dtype is None else weight_dtype
+    bf16 = jnp.dtype(x_dtype) == BF16 == jnp.dtype(weight_dtype)
     return "bf16" if bf16 and backend == "cpu" else "f32"
 
 

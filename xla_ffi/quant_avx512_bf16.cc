@@ -1,0 +1,172 @@
+// The quantized pair path (QuantCodeReader, QuantPairDotKernel in gemm.h), compiled with -mavx512f
+// -mavx512bw -mavx512bf16: a quantized weight's codes widened to bf16 (exactly: every int8, int4 and e4m3
+// code is a bf16 value), 32 at a time, and multiplied by bf16 token values with vdpbf16ps, the scales
+// applied to each segment's sums.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "avx512_masks.h"
+#include "gemm_kernels.h"
+
+namespace ktjax {
+
+namespace {
+
+// The codes are read as a stream (the driver reads whole rows, 4 at a time, one after the other): each
+// step fetches into L2 the bytes this far ahead of it (past the data's end: prefetches never fault).
+constexpr int64_t kQuantPrefetchBytes = 4096;
+
+// bf16 bits of 0..15 (the int4 codes), looked up by vpermw (indices 16..31 unused).
+alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                                 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+
+// 32 int8 codes as bf16: widened to f32 (exact), then narrowed (exact: at most 8 significant bits).
+inline __m512i int8x32(const uint8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// 32 int4 codes (16 bytes, low nibble first) as bf16: each byte's two nibbles into the two 16-bit halves
+// of a 32-bit lane (column order), then each looked up.
+inline __m512i int4x32(const uint8_t* p) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i nibbles = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0x0f)),
+                                          _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xf0)), 12));
+  return _mm512_permutexvar_epi16(nibbles, _mm512_load_si512(kInt4Bf16));
+}
+
+// 32 e4m3fn codes as bf16: each byte's bits moved into an f16 as in quant_avx2.cc (the value / 256, NaN
+// for 0x7f / 0xff), widened to f32 by vcvtph2ps, times 256 (exact), narrowed (exact: 4 significant bits).
+inline __m512i fp8x32(const uint8_t* p) {
+  const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
+  __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8),
+                              _mm512_slli_epi16(magnitude, 7));
+  const __mmask32 nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7f));
+  h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7e00)));
+  const __m512 k256 = _mm512_set1_ps(256.0f);
+  const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), k256);
+  const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), k256);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// MB token rows against 4 rows of codes, 32 values per step. With kSegments, each segment's sums are
+// scaled into totals (MB <= 3: 2 * 4 * MB accumulators); without (one scale a row), the sums are scaled
+// once at the end (MB <= 6).
+template <int MB, bool kSegments>
+void quant_pair_tile(int64_t kc, const uint16_t* a, int64_t lda, const uint16_t* q, int64_t ldq, int nw,
+                     int64_t seg, const QuantScales& sc, float* const* c, float alpha, bool acc) {
+  const float* scale = sc.scale;
+  const int64_t lds = kQuantSegments;
+  __m512 s[4][MB], t[4][MB];
+  const int64_t step = kSegments ? seg : kc;
+  for (int64_t k0 = 0, g = 0; k0 < kc; k0 += step, ++g) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 6
+      for (int i = 0; i < MB; ++i) s[j][i] = _mm512_setzero_ps();
+    }
+    const int64_t end = std::min(kc, k0 + step);
+    for (int64_t k = k0; k < end; k += 32) {
+      __m512i wv[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(q + j * ldq + k);
+#pragma GCC unroll 6
+      for (int i = 0; i < MB; ++i) {
+        const __m512i av = _mm512_loadu_si512(a + i * lda + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          s[j][i] = _mm512_dpbf16_ps(s[j][i], reinterpret_cast<__m512bh>(av), reinterpret_cast<__m512bh>(wv[j]));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 vs = _mm512_set1_ps(scale[j * lds + g]);
+#pragma GCC unroll 6
+      for (int i = 0; i < MB; ++i) {
+        if constexpr (kSegments) {
+          t[j][i] = g == 0 ? _mm512_mul_ps(s[j][i], vs) : _mm512_fmadd_ps(s[j][i], vs, t[j][i]);
+        } else {
+          s[j][i] = _mm512_mul_ps(s[j][i], vs);
+        }
+      }
+    }
+  }
+  if constexpr (kSegments) {
+    if (sc.mins != nullptr) {  // + the mins times the token rows' sums, segment by segment (lane by lane)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512 vm = _mm512_loadu_ps(sc.mins + j * kQuantSegments);
+#pragma GCC unroll 6
+        for (int i = 0; i < MB; ++i) t[j][i] = _mm512_fmadd_ps(vm, _mm512_loadu_ps(sc.sums + i * sc.ld_sums), t[j][i]);
+      }
+    }
+    store_dot_sums<MB>(t, nw, c, alpha, acc);
+  } else {
+    store_dot_sums<MB>(s, nw, c, alpha, acc);
+  }
+}
+
+template <bool kSegments>
+void quant_pair_tiles(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* q, int64_t ldq, int nw,
+                      int64_t seg, const QuantScales& sc, float* const* c, float alpha, bool acc) {
+  constexpr int kRows = kSegments ? 3 : 6;
+  auto rows_from = [&](int i) {  // the scales as seen from token row i
+    QuantScales s = sc;
+    if (s.sums != nullptr) s.sums += i * s.ld_sums;
+    return s;
+  };
+  int i = 0;
+  for (; i + kRows <= m; i += kRows) {
+    quant_pair_tile<kRows, kSegments>(kc, a + i * lda, lda, q, ldq, nw, seg, rows_from(i), c + i, alpha, acc);
+  }
+  if (i < m) {
+    with_tile_rows(m - i, [&](auto MB) {
+      if constexpr (decltype(MB)::value <= kRows) {
+        quant_pair_tile<MB, kSegments>(kc, a + i * lda, lda, q, ldq, nw, seg, rows_from(i), c + i, alpha, acc);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void quant_codes_avx512bf16(const QuantWeight& w, int64_t r, int64_t c, int64_t n, uint16_t* dst) {
+  int64_t j = 0;
+  const uint8_t* row = w.row_bytes(r, 0);
+  const char* ahead = reinterpret_cast<const char*>(w.row_bytes(r, c)) + kQuantPrefetchBytes;
+  switch (w.format) {
+    case QuantFormat::kInt8:
+      for (; j + 32 <= n; j += 32) {
+        _mm_prefetch(ahead + j, _MM_HINT_T1);
+        _mm512_storeu_si512(dst + j, int8x32(row + c + j));
+      }
+      break;
+    case QuantFormat::kInt4: {  // (c0 + c) even: byte (c0 + c + j) / 2 holds columns c + j and c + j + 1
+      const uint8_t* bytes = w.row_bytes(r, c);
+      for (; j + 32 <= n; j += 32) {
+        _mm_prefetch(ahead + j / 2, _MM_HINT_T1);
+        _mm512_storeu_si512(dst + j, int4x32(bytes + j / 2));
+      }
+      break;
+    }
+    case QuantFormat::kFp8:
+      for (; j + 32 <= n; j += 32) {
+        _mm_prefetch(ahead + j, _MM_HINT_T1);
+        _mm512_storeu_si512(dst + j, fp8x32(row + c + j));
+      }
+      break;
+  }
+  for (; j < n; ++j) dst[j] = f32_to_bf16(w.code(r, c + j));
+}
+
+void quant_pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* q, int64_t ldq,
+                               int nw, int64_t seg, const QuantScales& sc, float* const* c, float alpha, bool acc) {
+  if (seg >= kc && sc.mins == nullptr) return quant_pair_tiles<false>(kc, a, lda, m, q, ldq, nw, seg, sc, c, alpha, acc);
+  quant_pair_tiles<true>(kc, a, lda, m, q, ldq, nw, seg, sc, c, alpha, acc);
+}
+
+}  // namespace ktjax

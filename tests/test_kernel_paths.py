@@ -19,7 +19,8 @@ from ktjax import ffi
 pytestmark = pytest.mark.kernels
 
 ISAS = ("avx512_bf16", "avx512", "avx2", "generic")
-PAIR_PATHS = ("pairs", "pair_dot", "pair_direct", "packed_once_pairs", "quant_pair_dot")  # ISA avx512_bf16 only
+# ISA avx512_bf16 only
+PAIR_PATHS = ("pairs", "pair_dot", "pair_direct", "packed_once_pairs", "quant_pair_dot")
 
 # Problems (make_problem arguments, and the dtype of x and of the weights).
 CASES = {

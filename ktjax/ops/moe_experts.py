@@ -69,13 +69,13 @@ def moe_experts(
       policy: "retain" saves the gate/up pre-activations ([T*K, I] f32 each) for the backward;
         "recompute" recomputes them there. Both give the same gradients.
       intermediates: "auto" (default) picks by dtype: "bf16" for bf16 x and bf16 weights (or every base
-        quantized) on backend "cpu", "f32" otherwise (``moe_checks.default_intermediates``). "f32"
-        keeps every intermediate of the expert chain in f32. "bf16" (bf16 x, backend "cpu" only) rounds
-        the operands of the products that would otherwise mix f32 and bf16 to bf16 — the weighted
-        hidden state w * h (down projection, d down) and the gate/up gradients dg, du (dx, d gate, d up) — so that every
-        projection-sized product has two bf16 operands (the bf16 pair path where the CPU has
-        AVX512_BF16): one bf16 rounding of those intermediates less accurate than "f32" (README, "The
-        core op"). Pre-activations, d topk_weights, LoRA products and all accumulations stay f32.
+        quantized) on backend "cpu", "f32" otherwise (``moe_checks.default_intermediates``). "f32" keeps every
+        intermediate of the expert chain in f32. "bf16" (bf16 x, backend "cpu" only) rounds the operands of
+        the products that would otherwise mix f32 and bf16 to bf16 — the weighted hidden state w * h (down
+        projection, d down) and the gate/up gradients dg, du (dx, d gate, d up) — so that every
+        projection-sized product has two bf16 operands (the bf16 pair path where the CPU has AVX512_BF16): one
+        bf16 rounding of those intermediates less accurate than "f32" (README, "The core op").
+        Pre-activations, d topk_weights, LoRA products and all accumulations stay f32.
 
     Returns:
       y: [T, H], dtype of x.

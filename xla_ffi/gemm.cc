@@ -500,10 +500,19 @@ void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float 
       std::copy_n(src, kc, apack + i * kc32);
       std::fill(apack + i * kc32 + kc, apack + (i + 1) * kc32, uint16_t{0});
       if (!with_mins) continue;
-      float* row_sums = sums + i * ld_sums;  // segment g of block b at [b * kQuantSegments + g]
+      // segment g of block b at row_sums[b * kQuantSegments + g], summed in 32 lanes (vectorised), then
+      // across them; the row's zero padding adds nothing
+      float* row_sums = sums + i * ld_sums;
       std::fill_n(row_sums, ld_sums, 0.0f);
-      for (int64_t k = 0; k < kc; ++k) {
-        row_sums[k / kQuantDotKC * kQuantSegments + k % kQuantDotKC / seg_cols] += bf16_to_f32(src[k]);
+      const uint16_t* padded = apack + i * kc32;
+      for (int64_t k = 0; k < kc32; k += seg_cols) {
+        float lanes[32] = {};
+        for (int64_t c = k; c < std::min(kc32, k + seg_cols); c += 32) {
+          for (int l = 0; l < 32; ++l) lanes[l] += bf16_to_f32(padded[c + l]);
+        }
+        float t = 0.0f;
+        for (float v : lanes) t += v;
+        row_sums[k / kQuantDotKC * kQuantSegments + k % kQuantDotKC / seg_cols] = t;
       }
     }
     for (int64_t n0 = 0; n0 < N; n0 += 4) {
@@ -518,10 +527,8 @@ void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float 
           uint16_t* row = codes + j * kQuantDotKC;
           isa.quant_codes(q, n0 + j, pc + k0, len, row);
           std::fill(row + len, row + len32, uint16_t{0});
-          const float mul = B.scale(n0 + j);
-          for (int64_t g = 0; g < segs; ++g) {
-            q.segment_scale(n0 + j, first_seg + g, mul, scale + j * kQuantSegments + g, mins + j * kQuantSegments + g);
-          }
+          q.segment_scales(n0 + j, first_seg, segs, B.scale(n0 + j), scale + j * kQuantSegments,
+                           mins + j * kQuantSegments);
         }
         for (int j = nw; j < 4; ++j) std::fill_n(codes + j * kQuantDotKC, len32, uint16_t{0});
         QuantScales sc{scale, nullptr, nullptr, 0};

@@ -86,19 +86,30 @@ struct QuantWeight {
     }
     return 0.0f;
   }
-  // Scale and min of view row r's segment g (stored columns [g S, (g + 1) S); g = 0 for int8), times mul.
-  void segment_scale(int64_t r, int64_t g, float mul, float* scale, float* min) const {
+  // Scales and mins of view row r's segments g0 .. g0 + count - 1 (g0 = 0, count = 1 for int8), times mul.
+  void segment_scales(int64_t r, int64_t g0, int64_t count, float mul, float* scale, float* min) const {
     r += r0;
-    *min = 0.0f;
     switch (format) {
-      case QuantFormat::kInt8: *scale = scales[r] * mul; return;
+      case QuantFormat::kInt8:
+        scale[0] = scales[r] * mul;
+        min[0] = 0.0f;
+        return;
       case QuantFormat::kInt4: {
-        const float* sm = scales + (r * ((cols + group - 1) / group) + g) * 2;
-        *scale = sm[0] * mul;
-        *min = sm[1] * mul;
+        const float* sm = scales + (r * ((cols + group - 1) / group) + g0) * 2;
+        for (int64_t g = 0; g < count; ++g) {
+          scale[g] = sm[2 * g] * mul;
+          min[g] = sm[2 * g + 1] * mul;
+        }
         return;
       }
-      case QuantFormat::kFp8: *scale = scales[r / group * ((cols + block_cols - 1) / block_cols) + g] * mul; return;
+      case QuantFormat::kFp8: {
+        const float* s = scales + r / group * ((cols + block_cols - 1) / block_cols) + g0;
+        for (int64_t g = 0; g < count; ++g) {
+          scale[g] = s[g] * mul;
+          min[g] = 0.0f;
+        }
+        return;
+      }
     }
   }
 

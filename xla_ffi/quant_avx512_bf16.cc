@@ -13,9 +13,11 @@ namespace ktjax {
 
 namespace {
 
-// The codes are read as a stream (the driver reads whole rows, 4 at a time, one after the other): each
-// step fetches into L2 the bytes this far ahead of it (past the data's end: prefetches never fault).
-constexpr int64_t kQuantPrefetchBytes = 4096;
+// The driver reads the codes 4 rows at a time, a block of columns of each in turn: each step fetches into
+// L2 the same columns of the row this many rows on, spread over the steps (a burst of prefetches at each
+// group's start stalled; so did prefetching a fixed distance ahead in memory, which mostly fell on
+// the rows of the same group).
+constexpr int64_t kQuantRowsAhead = 8;
 
 // bf16 bits of 0..15 (the int4 codes), looked up by vpermw (indices 16..31 unused).
 alignas(64) constexpr uint16_t kInt4Bf16[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
@@ -137,7 +139,10 @@ void quant_pair_tiles(int64_t kc, const uint16_t* a, int64_t lda, int m, const u
 void quant_codes_avx512bf16(const QuantWeight& w, int64_t r, int64_t c, int64_t n, uint16_t* dst) {
   int64_t j = 0;
   const uint8_t* row = w.row_bytes(r, 0);
-  const char* ahead = reinterpret_cast<const char*>(w.row_bytes(r, c)) + kQuantPrefetchBytes;
+  // the same columns kQuantRowsAhead stored rows on (the driver's group of 4 rows that many rows later),
+  // or nothing past the last row
+  const bool has_ahead = w.r0 + r + kQuantRowsAhead < w.rows;
+  const char* ahead = reinterpret_cast<const char*>(w.row_bytes(has_ahead ? r + kQuantRowsAhead : r, c));
   switch (w.format) {
     case QuantFormat::kInt8:
       for (; j + 32 <= n; j += 32) {

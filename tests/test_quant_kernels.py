@@ -34,8 +34,10 @@ FORMATS = {
 # group of 11; I = 40 ragged fp8 blocks both ways. 37 tokens on 5 experts (about 15 an expert): the
 # forward's products on the quantized dot path (rows dequantized into L1), the backward's packed.
 SHAPE = dict(T=37, K=2, E=5, H=75, I=40)
-# About 140 tokens an expert: past the dot path's 96 rows, every product packed.
+# About 140 tokens an expert: past the dot path's 96 rows, every product packed, but for the forward's
+# products of bf16 rows on the quantized pair path (any row count, where the ISA has it).
 MANY_TOKENS = dict(T=150, K=2, E=2, H=75, I=40)
+ROW_TURNS = dict(T=600, K=2, E=2, H=75, I=40)
 
 
 def quantized_problem(fmt: str, which: tuple[str, ...], dtype, ranks, seed: int = 0, shape=SHAPE):
@@ -113,11 +115,21 @@ def test_every_isa_reads_quantized_bases(fmt, isa, shape, use_isa):
     ffi.reset_kernel_counters()
     check(p, exact, policy="recompute")
     paths = ffi.path_flops()
-    # few tokens: the forward's products multiply the bf16 tokens (and bf16 intermediates) by the codes
-    # as bf16 pairs where the ISA has them, else by the f32 weights dequantized in L1
+    # the forward's products multiply the bf16 tokens (and bf16 intermediates) by the codes as bf16 pairs
+    # where the ISA has them, else (few tokens) by the f32 weights dequantized in L1
     pairs = isa == "avx512_bf16"
     assert (paths["quant_dot"] > 0) == (shape is SHAPE and not pairs), paths
-    assert (paths["quant_pair_dot"] > 0) == (shape is SHAPE and pairs), paths
+    assert (paths["quant_pair_dot"] > 0) == pairs, paths
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_the_pair_path_takes_more_token_rows_than_fit_at_once_in_turns(fmt, use_isa):
+    # ~560 tokens on each expert: more than the 384 rows the quantized pair path multiplies at a time.
+    use_isa("avx512_bf16")
+    p, exact = quantized_problem(fmt, ("gate", "up"), jnp.bfloat16, ranks={"up": 2}, seed=5, shape=ROW_TURNS)
+    ffi.reset_kernel_counters()
+    check(p, exact)
+    assert ffi.path_flops()["quant_pair_dot"] > 0
 
 
 def test_fp8_blocks_the_pair_path_cannot_take_are_dequantized_to_f32(use_isa):

@@ -41,6 +41,10 @@ constexpr int64_t kDotAScratch = std::max(kDotAFloats, kDotMaxRows * kDotMinKC);
 // The quantized dot path dequantizes 4 weight rows of kQuantDotKC values at a time: 8 KiB of f32, in L1
 // beside the token values they meet.
 constexpr int64_t kQuantDotKC = 512;
+// The quantized pair path multiplies up to this many token rows at a time by each block of codes (more
+// are taken this many at a time): the codes cost less the more rows share them, and the rows of a
+// reduction block of kQuantDotKC values fit the dot path's scratch.
+constexpr int64_t kQuantPairRows = 384;
 // Packing a quantized B stored [K, N] fetches the stored row this many rows ahead.
 constexpr int64_t kQuantAhead = 4;
 constexpr int64_t kDirectKC = 32;
@@ -476,12 +480,13 @@ bool quant_pairs_fit(const Isa& isa, const MatView& B) {
 // edges) with their segments' scales, and multiplied by vdpbf16ps. Reduction blocks are whole multiples
 // of kQuantDotKC, so that segments never straddle one; int4's mins meet the token rows' sums over each
 // segment, taken once per reduction block.
-void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
-                         const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+void gemm_quant_pair_rows(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                          const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   static_assert(kQuantDotKC == 32 * kQuantSegments, "a block of the quantized pair path holds 16 segments at most");
+  static_assert(kQuantPairRows * kQuantDotKC <= 2 * kDotAScratch, "a block of token rows fits the scratch");
   const QuantWeight& q = B.quant;
   const auto* x = static_cast<const uint16_t*>(A.data);
-  const int64_t fit = dot_depth(M, K, 2);
+  const int64_t fit = std::min(dot_depth(M, K, 2), 2 * kDotAScratch / M);
   const int64_t depth = fit >= K ? K : std::max(kQuantDotKC, fit / kQuantDotKC * kQuantDotKC);
   const int64_t seg_cols = q.segment_cols() == 0 ? kQuantDotKC : q.segment_cols();
   const bool with_mins = q.format == QuantFormat::kInt4;
@@ -490,7 +495,7 @@ void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float 
   float* scale = scratch + kDotAScratch + 2 * kQuantDotKC;            // [4][kQuantSegments]
   float* mins = scale + 4 * kQuantSegments;                           // [4][kQuantSegments]
   float* sums = mins + 4 * kQuantSegments;  // [M][blocks of kQuantDotKC][kQuantSegments]: one per 32 values
-  float* crow[kDotMaxRows];
+  float* crow[kQuantPairRows];
   for (int64_t pc = 0; pc < K; pc += depth) {
     const int64_t kc = std::min(depth, K - pc), kc32 = (kc + 31) / 32 * 32;
     const int64_t ld_sums = (kc + kQuantDotKC - 1) / kQuantDotKC * kQuantSegments;
@@ -537,6 +542,15 @@ void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float 
                            alpha, acc || k0 > 0);
       }
     }
+  }
+}
+
+// The quantized pair path for any number of token rows: kQuantPairRows at a time.
+void gemm_quant_pair_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, const MatView& A,
+                         const MatView& B, const OutView& C, bool accumulate, float* scratch) {
+  for (int64_t m0 = 0; m0 < M; m0 += kQuantPairRows) {
+    gemm_quant_pair_rows(isa, std::min(kQuantPairRows, M - m0), N, K, alpha, A.skip_rows(m0), B, C.skip_rows(m0),
+                         accumulate, scratch);
   }
 }
 
@@ -705,7 +719,7 @@ int64_t any_scratch_floats() {
   static_assert(4 * kQuantDotKC <= 4 * kDotMaxKC / 2, "the quantized dot path's rows fit the dot path's scratch");
   // the quantized pair path's codes, scales, mins and token sums (one a 32 values of apack's, whose rows
   // are padded to whole blocks of kQuantDotKC for them: at most kQuantDotKC / 32 more a row)
-  static_assert(2 * kQuantDotKC + 8 * kQuantSegments + 2 * kDotAScratch / 32 + kDotMaxRows * kQuantSegments <=
+  static_assert(2 * kQuantDotKC + 8 * kQuantSegments + 2 * kDotAScratch / 32 + kQuantPairRows * kQuantSegments <=
                     4 * kDotMaxKC / 2,
                 "the quantized pair path fits the dot path's scratch");
   const int64_t direct = kDirectAFloats + kDirectBlockFloats + kDirectCopyFloats;
@@ -723,9 +737,10 @@ Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const M
   }
   const bool dot = B.trans && !A.trans, direct = !B.trans;
   if ((dot || direct) && small_batch(isa, M, K, B)) return dot ? Path::kDot : Path::kDirect;
-  if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) {
-    return pair_operands(isa, A) && quant_pairs_fit(isa, B) ? Path::kQuantPairDot : Path::kQuantDot;
+  if (dot && B.dtype == DType::kQuant && K >= 32 && pair_operands(isa, A) && quant_pairs_fit(isa, B)) {
+    return Path::kQuantPairDot;
   }
+  if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) return Path::kQuantDot;
   return Path::kPacked;
 }
 

@@ -18,7 +18,7 @@ from test_quant_formats import dequantize_numpy, term_magnitudes
 from ktjax import ffi
 from ktjax.ops import moe_experts
 from ktjax.ops.moe_checks import default_intermediates, float_weight_dtype
-from ktjax.quant import quantize_fp8, quantize_int4, quantize_int8
+from ktjax.quant import fp8_weight, quantize_fp8, quantize_int4, quantize_int8
 from ktjax.quant.formats import is_quantized
 
 pytestmark = pytest.mark.kernels
@@ -130,6 +130,26 @@ def test_the_pair_path_takes_more_token_rows_than_fit_at_once_in_turns(fmt, use_
     ffi.reset_kernel_counters()
     check(p, exact)
     assert ffi.path_flops()["quant_pair_dot"] > 0
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx2"])
+def test_every_fp8_code_reaches_the_products_with_its_value(isa, use_isa):
+    # One-hot tokens pick single weights: token t's gate pre-activation row is column t of the gate
+    # weight, whose rows hold every e4m3 byte but the two NaNs (subnormals, zeros, both signs) at scale 1
+    # and 2^-3, so each code's value is the whole product: a wrong one is far outside the bound.
+    use_isa(isa)
+    p, _ = quantized_problem("fp8", (), jnp.bfloat16, ranks={}, seed=6, shape=dict(T=256, K=2, E=2, H=256, I=8))
+    codes = (np.arange(256)[None, :] + 37 * np.arange(8)[:, None]) % 256
+    codes = np.where((codes & 0x7F) == 0x7F, 0x38, codes).astype(np.uint8)  # NaN -> 1.0
+    scales = np.array([[[1.0, 0.125]], [[0.125, 1.0]]], np.float32)  # [E, ceil(8 / 8), ceil(256 / 128)]
+    gate = fp8_weight(np.broadcast_to(codes, (2, 8, 256)).copy(), scales, (8, 128))
+    x = jnp.asarray(np.eye(256, dtype=np.float32), jnp.bfloat16)
+    p = dataclasses.replace(p, x=x, gate=gate)
+    exact = dataclasses.replace(p, gate=jnp.asarray(dequantize_numpy(gate)))
+    ffi.reset_kernel_counters()
+    check(p, exact)
+    paths = ffi.path_flops()
+    assert paths["quant_pair_dot" if isa == "avx512_bf16" else "packed"] > 0, paths
 
 
 def test_fp8_blocks_the_pair_path_cannot_take_are_dequantized_to_f32(use_isa):

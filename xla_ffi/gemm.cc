@@ -793,7 +793,9 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
 bool few_columns(const Isa& isa, int64_t M, int64_t N, int64_t K, const MatView& A, const MatView& B) {
   if (N >= isa.nr || N >= M) return false;
   const Path path = choose_path(isa, M, K, A, B);
-  if (path == Path::kPairDot || path == Path::kDot) return false;
+  if (path == Path::kPairDot || path == Path::kDot || path == Path::kQuantDot || path == Path::kQuantPairDot) {
+    return false;
+  }
   auto area = [&](int64_t rows, int64_t cols) {
     return (rows + kMR - 1) / kMR * kMR * ((cols + isa.nr - 1) / isa.nr * isa.nr);
   };

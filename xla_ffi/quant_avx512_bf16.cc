@@ -39,19 +39,21 @@ inline __m512i int4x32(const uint8_t* p) {
   return _mm512_permutexvar_epi16(nibbles, _mm512_load_si512(kInt4Bf16));
 }
 
-// 32 e4m3fn codes as bf16: each byte's bits moved into an f16 as in quant_avx2.cc (the value / 256, NaN
-// for 0x7f / 0xff), widened to f32 by vcvtph2ps, times 256 (exact), narrowed (exact: 4 significant bits).
+// bf16 bits of the e4m3 subnormals m 2^-9, m = 0..7 (m = 0: +0), looked up by vpermw.
+alignas(64) constexpr uint16_t kFp8SubnormalBf16[32] = {0x0000, 0x3b00, 0x3b80, 0x3bc0, 0x3c00, 0x3c20, 0x3c40, 0x3c60};
+
+// 32 e4m3fn codes as bf16, bit by bit: a normal's exponent field e (bias 7) becomes e + 120 (bias 127)
+// and its 3 mantissa bits the top 3 of bf16's 7; zero and the subnormals come from a table; 0x7f / 0xff
+// (NaN) become a quiet NaN; the sign stays. Exact: every e4m3 value is a bf16 value.
 inline __m512i fp8x32(const uint8_t* p) {
   const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   const __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
-  __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8),
-                              _mm512_slli_epi16(magnitude, 7));
+  __m512i r = _mm512_add_epi16(_mm512_slli_epi16(magnitude, 4), _mm512_set1_epi16(0x3c00));
+  const __mmask32 subnormal = _mm512_cmplt_epu16_mask(magnitude, _mm512_set1_epi16(8));
+  r = _mm512_mask_permutexvar_epi16(r, subnormal, magnitude, _mm512_load_si512(kFp8SubnormalBf16));
   const __mmask32 nan = _mm512_cmpeq_epi16_mask(magnitude, _mm512_set1_epi16(0x7f));
-  h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7e00)));
-  const __m512 k256 = _mm512_set1_ps(256.0f);
-  const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), k256);
-  const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), k256);
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  r = _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(0x7fc0));
+  return _mm512_or_si512(r, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
 }
 
 // MB token rows against 4 rows of codes, 32 values per step. With kSegments, each segment's sums are

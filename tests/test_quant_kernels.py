@@ -138,7 +138,8 @@ def test_every_fp8_code_reaches_the_products_with_its_value(isa, use_isa):
     # weight, whose rows hold every e4m3 byte but the two NaNs (subnormals, zeros, both signs) at scale 1
     # and 2^-3, so each code's value is the whole product: a wrong one is far outside the bound.
     use_isa(isa)
-    p, _ = quantized_problem("fp8", (), jnp.bfloat16, ranks={}, seed=6, shape=dict(T=256, K=2, E=2, H=256, I=8))
+    one_hot = dict(T=256, K=2, E=2, H=256, I=8)
+    p, _ = quantized_problem("fp8", (), jnp.bfloat16, ranks={}, seed=6, shape=one_hot)
     codes = (np.arange(256)[None, :] + 37 * np.arange(8)[:, None]) % 256
     codes = np.where((codes & 0x7F) == 0x7F, 0x38, codes).astype(np.uint8)  # NaN -> 1.0
     scales = np.array([[[1.0, 0.125]], [[0.125, 1.0]]], np.float32)  # [E, ceil(8 / 8), ceil(256 / 128)]

@@ -1,0 +1,114 @@
+"""moe_experts inside jax.shard_map over 2 host devices (run as a script by tests/test_shard_map.py: the
+device count is fixed when JAX starts, so it runs in its own process).
+
+Two layouts, each checked against the same kernels run shard by shard outside shard_map, bit for bit:
+- data parallel: tokens split over the mesh axis, experts and adapters replicated. Each shard's
+  gradients of the replicated weights are its share: shard_map must sum them (the psum of 2 values is
+  one f32 addition, done here by hand in the same order).
+- expert parallel: the experts and their adapters split over the axis too, each shard's tokens routed
+  to its own experts only. Every gradient stays with its shard.
+Prints "ok <layout>" for each layout that matches; raises otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from ktjax.ops import moe_experts  # noqa: E402
+
+T, H, I, E, K, R = 24, 32, 16, 4, 2, 4  # noqa: E741
+
+
+def problem(seed: int, local_experts: bool, dtype) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, E, size=(T, K))
+    if local_experts:  # tokens of shard s (rows s T/2 ..) routed to experts s E/2 ..
+        half = np.arange(T) // (T // 2)
+        ids = ids % (E // 2) + half[:, None] * (E // 2)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape) * 0.3, dtype)  # noqa: E731
+    return dict(
+        x=normal(T, H),
+        ids=jnp.asarray(ids, jnp.int32),
+        w=jnp.asarray(rng.random((T, K)), jnp.float32),
+        gate=normal(E, I, H),
+        up=normal(E, I, H),
+        down=normal(E, H, I),
+        gate_a=normal(E, R, H),
+        gate_b=normal(E, I, R),
+        cot=jnp.asarray(rng.normal(size=(T, H)), jnp.float32),
+    )
+
+
+def loss_and_grads(p: dict, ids, cot):
+    """The loss sum(y * cot) and its gradients w.r.t. x, w, gate, up (full) and gate's adapter."""
+
+    def loss(x, w, gate, up, a, b):
+        y = moe_experts(x, ids, w, gate, up, p["down"], lora={"gate": (a, b)}, lora_scale=0.5)
+        return jnp.sum(y.astype(jnp.float32) * cot)
+
+    args = (p["x"], p["w"], p["gate"], p["up"], p["gate_a"], p["gate_b"])
+    return jax.value_and_grad(loss, argnums=tuple(range(6)))(*args)
+
+
+def run(layout: str, dtype) -> None:
+    experts = layout == "expert_parallel"
+    p = problem(7, experts, dtype)
+    mesh = jax.make_mesh((2,), ("d",))
+    tok, exp = P("d"), P("d") if experts else P()
+    names = ("x", "ids", "w", "gate", "up", "down", "gate_a", "gate_b", "cot")
+    specs = (tok, tok, tok, exp, exp, exp, exp, exp, tok)
+
+    def shard_step(x, ids, w, gate, up, down, a, b, cot):
+        local = dict(x=x, w=w, gate=gate, up=up, down=down, gate_a=a, gate_b=b)
+        if experts:
+            ids = ids - jax.lax.axis_index("d") * (E // 2)  # global expert ids -> this shard's
+        value, grads = loss_and_grads(local, ids, cot)
+        return jax.lax.psum(value, "d"), grads
+
+    grad_specs = (tok, tok, exp, exp, exp, exp)  # x, w, gate, up, gate_a, gate_b
+    step = jax.jit(jax.shard_map(shard_step, mesh=mesh, in_specs=specs, out_specs=(P(), grad_specs)))
+    placed = [jax.device_put(p[n], NamedSharding(mesh, s)) for n, s in zip(names, specs)]
+    value, grads = step(*placed)
+
+    # the same kernels, shard by shard, outside shard_map
+    halves = []
+    for s in range(2):
+        rows = slice(s * T // 2, (s + 1) * T // 2)
+        local = {n: p[n][rows] for n in ("x", "w", "cot")}
+        ids = p["ids"][rows]
+        if experts:
+            cols = slice(s * E // 2, (s + 1) * E // 2)
+            local |= {n: p[n][cols] for n in ("gate", "up", "down", "gate_a", "gate_b")}
+            ids = ids - s * E // 2
+        else:
+            local |= {n: p[n] for n in ("gate", "up", "down", "gate_a", "gate_b")}
+        halves.append(jax.jit(loss_and_grads)(local, ids, local["cot"]))
+    want_value = halves[0][0] + halves[1][0]
+    want = []
+    for i in range(6):
+        a, b = halves[0][1][i], halves[1][1][i]
+        if i < 2 or experts:  # a token's (or a shard's own expert's) gradient: one shard's, in place
+            want.append(jnp.concatenate([a, b]))
+        else:  # a replicated weight's: the sum of the shards' shares
+            want.append(a + b)
+    assert np.array_equal(np.asarray(value), np.asarray(want_value)), (float(value), float(want_value))
+    for name, got, exp_ in zip(("x", "w", "gate", "up", "gate_a", "gate_b"), grads, want):
+        assert got.shape == exp_.shape, (layout, name, got.shape, exp_.shape)
+        assert np.array_equal(np.asarray(got), np.asarray(exp_)), (layout, name, np.abs(got - exp_).max())
+        assert np.abs(np.asarray(got, np.float32)).max() > 0, (layout, name, "all zeros")
+    print("ok", layout, jnp.dtype(dtype).name)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 2, jax.devices()
+    for dtype in (jnp.float32, jnp.bfloat16):
+        run("data_parallel", dtype)
+        run("expert_parallel", dtype)

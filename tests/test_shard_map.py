@@ -1,0 +1,20 @@
+"""moe_experts inside jax.shard_map (check_vma on, JAX's default): data- and expert-parallel layouts over
+2 host devices give the kernels' own results shard by shard, bit for bit, with the gradients of
+replicated weights summed over the shards (tests/shard_map_check.py, in its own process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("shard_map_check.py")
+
+
+def test_moe_experts_in_shard_map_matches_the_kernels_shard_by_shard_and_sums_replicated_gradients():
+    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")
+    for layout in ("data_parallel", "expert_parallel"):
+        for dtype in ("float32", "bfloat16"):
+            assert f"ok {layout} {dtype}" in lines, result.stdout

@@ -7,7 +7,11 @@ Two layouts, each checked against the same kernels run shard by shard outside sh
   one f32 addition, done here by hand in the same order).
 - expert parallel: the experts and their adapters split over the axis too, each shard's tokens routed
   to its own experts only. Every gradient stays with its shard.
-Prints "ok <layout>" for each layout that matches; raises otherwise.
+- all_to_all: ktjax.ops.moe_sharded's expert parallelism, each shard's tokens routed to experts on any
+  shard and exchanged with all_to_all, against moe_experts on one device with all the experts: the
+  expert gradients equal, the tokens' results within two f32 evaluations' bound (the slots of a token
+  are added in another order).
+Prints "ok <layout> <dtype>" for each layout that matches; raises otherwise.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from error_bounds import network_tolerance  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from ktjax.ops import moe_experts  # noqa: E402
+from ktjax.ops.moe_sharded import moe_experts_sharded  # noqa: E402
 
 T, H, I, E, K, R = 24, 32, 16, 4, 2, 4  # noqa: E741
 
@@ -47,11 +53,11 @@ def problem(seed: int, local_experts: bool, dtype) -> dict:
     )
 
 
-def loss_and_grads(p: dict, ids, cot):
+def loss_and_grads(p: dict, ids, cot, op=moe_experts):
     """The loss sum(y * cot) and its gradients w.r.t. x, w, gate, up (full) and gate's adapter."""
 
     def loss(x, w, gate, up, a, b):
-        y = moe_experts(x, ids, w, gate, up, p["down"], lora={"gate": (a, b)}, lora_scale=0.5)
+        y = op(x, ids, w, gate, up, p["down"], lora={"gate": (a, b)}, lora_scale=0.5)
         return jnp.sum(y.astype(jnp.float32) * cot)
 
     args = (p["x"], p["w"], p["gate"], p["up"], p["gate_a"], p["gate_b"])
@@ -107,8 +113,50 @@ def run(layout: str, dtype) -> None:
     print("ok", layout, jnp.dtype(dtype).name)
 
 
+def run_all_to_all() -> None:
+    p = problem(8, False, jnp.float32)
+    ids = np.asarray(p["ids"]).copy()
+    ids[::5, 1] = -1  # dropped slots
+    p["ids"] = jnp.asarray(ids)
+    mesh = jax.make_mesh((2,), ("d",))
+    names = ("x", "ids", "w", "gate", "up", "down", "gate_a", "gate_b", "cot")
+    d = P("d")
+
+    def shard_step(x, ids, w, gate, up, down, a, b, cot):
+        local = dict(x=x, w=w, gate=gate, up=up, down=down, gate_a=a, gate_b=b)
+        op = lambda *args, **kw: moe_experts_sharded(*args, axis_name="d", **kw)  # noqa: E731
+        value, grads = loss_and_grads(local, ids, cot, op)
+        return jax.lax.psum(value, "d"), grads
+
+    step = jax.jit(jax.shard_map(shard_step, mesh=mesh, in_specs=(d,) * 9, out_specs=(P(), (d,) * 6)))
+    value, grads = step(*[jax.device_put(p[n], NamedSharding(mesh, d)) for n in names])
+    want_value, want = jax.jit(loss_and_grads)(p, p["ids"], p["cot"])
+    # two f32 evaluations of the same sums in other orders: the longest chain of roundings is a gate
+    # sum (H + R), the down sum (I), the SiLU (8), a token's slots (K) and the loss's sum (T H)
+    depth = H + R + I + 8 + K + T * H
+    tol = network_tolerance(depth)
+    value, want_value = float(value), float(want_value)
+    assert abs(value - want_value) <= tol * abs(want_value), (value, want_value)
+    for name, got, exp_ in zip(("x", "w", "gate", "up", "gate_a", "gate_b"), grads, want):
+        got, exp_ = np.asarray(got, np.float64), np.asarray(exp_, np.float64)
+        assert got.shape == exp_.shape, (name, got.shape, exp_.shape)
+        err = np.abs(got - exp_).max() / np.abs(exp_).max()
+        assert err <= network_tolerance(depth - T * H + T * K), ("all_to_all", name, err)
+    # an expert id past the last shard's experts is refused by the kernels, not dropped
+    bad = p["ids"].at[3, 0].set(E)
+    args = [jax.device_put(bad if n == "ids" else p[n], NamedSharding(mesh, d)) for n in names]
+    try:
+        jax.block_until_ready(step(*args))
+    except Exception as e:  # noqa: BLE001 - the FFI's error, as XLA raises it
+        assert "topk_ids" in str(e), e
+    else:
+        raise AssertionError("an out-of-range expert id was accepted")
+    print("ok all_to_all float32")
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 2, jax.devices()
     for dtype in (jnp.float32, jnp.bfloat16):
         run("data_parallel", dtype)
         run("expert_parallel", dtype)
+    run_all_to_all()

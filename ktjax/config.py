@@ -98,6 +98,10 @@ class ModelConfig:
     # instead of kept from the forward, so a step holds one layer's at a time; experts recomputes only the
     # attention (the MoE block keeps its saved intermediates), full the whole layer
     remat: str = "off"
+    # Expert parallelism: the jax.shard_map mesh axis the routed experts are split over (each shard holds
+    # num_experts / P of them; ktjax.ops.moe_experts_sharded sends each routing slot to its expert's
+    # shard). "": every expert on this device.
+    expert_axis: str = ""
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()  # subset of LORA_TARGETS

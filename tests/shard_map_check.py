@@ -11,11 +11,14 @@ Two layouts, each checked against the same kernels run shard by shard outside sh
   shard and exchanged with all_to_all, against moe_experts on one device with all the experts: the
   expert gradients equal, the tokens' results within two f32 evaluations' bound (the slots of a token
   are added in another order).
+- model: a tiny Qwen3-MoE with ModelConfig.expert_axis, experts split and sequences split, against the
+  same model on one device: logits' loss and every parameter's gradient within the network bound.
 Prints "ok <layout> <dtype>" for each layout that matches; raises otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
@@ -23,7 +26,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from error_bounds import network_tolerance  # noqa: E402
+from error_bounds import network_tolerance, transformer_depth  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -154,9 +157,65 @@ def run_all_to_all() -> None:
     print("ok all_to_all float32")
 
 
+def run_model() -> None:
+    """A tiny Qwen3-MoE (f32, LoRA on the experts and attention) with ModelConfig.expert_axis: each
+    shard holds half the experts and one of the batch's two sequences; logits and every parameter's
+    gradient against the same model on one device."""
+    from ktjax.models import build_model
+    from ktjax.models.presets import qwen3_moe
+    from ktjax.params import merge_model, split_model
+
+    tiny = dict(vocab_size=29, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=8)
+    cfg = qwen3_moe(**tiny, moe_intermediate_size=16, lora_rank=4, lora_targets=("experts", "q_proj"))
+    defn, params = split_model(build_model(cfg, seed=3))
+    sharded_defn, _ = split_model(build_model(dataclasses.replace(cfg, expert_axis="d"), seed=3))
+    rng = np.random.default_rng(9)
+    # LoRA's B starts at zero, which would make every A's gradient zero: random Bs instead
+    params = {
+        n: jnp.asarray(rng.normal(size=a.shape) * 0.1, a.dtype) if n.endswith("lora_B") else a
+        for n, a in params.items()
+    }
+    ids = jnp.asarray(rng.integers(0, 29, size=(2, 10)), jnp.int32)
+    cot = jnp.asarray(rng.normal(size=(2, 10, 29)), jnp.float32)
+
+    def loss(params, defn, ids, cot):
+        return jnp.sum(merge_model(defn, params)(ids) * cot)
+
+    want_value, want = jax.jit(jax.value_and_grad(lambda p, i, c: loss(p, defn, i, c)))(params, ids, cot)
+    mesh = jax.make_mesh((2,), ("d",))
+    specs = {name: P("d") if ".experts." in name else P() for name in params}
+
+    def shard_step(params, ids, cot):
+        value, grads = jax.value_and_grad(loss)(params, sharded_defn, ids, cot)
+        return jax.lax.psum(value, "d"), grads
+
+    step = jax.jit(
+        jax.shard_map(shard_step, mesh=mesh, in_specs=(specs, P("d"), P("d")), out_specs=(P(), specs))
+    )
+    place = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    value, grads = step(
+        {n: place(a, specs[n]) for n, a in params.items()}, place(ids, P("d")), place(cot, P("d"))
+    )
+    # two f32 evaluations of the same network in other orders (a token's expert slots, the shards' sums)
+    tol = network_tolerance(2 * transformer_depth(layers=2, hidden=32, ffn=16, seq=10, experts=8, vocab=29))
+    assert abs(float(value) - float(want_value)) <= tol * abs(float(want_value)), (
+        float(value),
+        float(want_value),
+    )
+    assert sum(".experts." in n for n in params) > 0
+    for name in params:
+        got, exp_ = np.asarray(grads[name], np.float64), np.asarray(want[name], np.float64)
+        assert got.shape == exp_.shape, (name, got.shape, exp_.shape)
+        scale = np.abs(exp_).max()
+        assert scale > 0, (name, "all zeros")
+        assert np.abs(got - exp_).max() <= tol * max(scale, 1e-30), (name, np.abs(got - exp_).max(), scale)
+    print("ok model float32")
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 2, jax.devices()
     for dtype in (jnp.float32, jnp.bfloat16):
         run("data_parallel", dtype)
         run("expert_parallel", dtype)
     run_all_to_all()
+    run_model()

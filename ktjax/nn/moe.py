@@ -3,6 +3,8 @@ ktjax.ops.moe_experts, and optional shared experts."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,7 +14,7 @@ from ktjax.nn.init import normal
 from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
 from ktjax.nn.router import Router
-from ktjax.ops import moe_experts
+from ktjax.ops import moe_experts, moe_experts_sharded
 from ktjax.quant.init import random_quantized
 
 
@@ -52,6 +54,7 @@ class Experts(nnx.Module):
         self.backend = cfg.expert_backend
         self.policy = cfg.expert_policy
         self.intermediates = cfg.expert_intermediates
+        self.expert_axis = cfg.expert_axis
 
     def __call__(self, x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array) -> jax.Array:
         """x: [T, H] f32 -> [T, H] f32; the experts run in the model's parameter dtype."""
@@ -60,7 +63,13 @@ class Experts(nnx.Module):
             for name, proj in (("gate", self.gate_proj), ("up", self.up_proj), ("down", self.down_proj))
             if proj.lora_A is not None
         }
-        y = moe_experts(
+        # split over a shard_map axis: this shard's experts, every slot sent to its expert's shard
+        op = (
+            functools.partial(moe_experts_sharded, axis_name=self.expert_axis)
+            if self.expert_axis
+            else moe_experts
+        )
+        y = op(
             x.astype(self.dtype),
             topk_ids,
             topk_weights,

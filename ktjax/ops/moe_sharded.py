@@ -31,6 +31,7 @@ def moe_experts_sharded(
     axis_name: str,
     lora: LoraDict | None = None,
     lora_scale: float = 1.0,
+    backend: str = "cpu",
     policy: str = "retain",
     intermediates: str = "auto",
 ) -> jax.Array:
@@ -41,7 +42,7 @@ def moe_experts_sharded(
       topk_ids: [T, K] int32 — global expert ids in [0, E) (E = P E_l), -1 drops the slot.
       topk_weights: [T, K] f32 — router weights.
       gate, up: [E_l, I, H]; down: [E_l, H, I] — this shard's experts; lora as for moe_experts, [E_l, ...].
-      policy, intermediates: as for ``moe_experts``.
+      backend, policy, intermediates: as for ``moe_experts``.
 
     Returns:
       y: [T, H], x's dtype — this shard's tokens through all of their experts, wherever they live.
@@ -79,6 +80,7 @@ def moe_experts_sharded(
         down,
         lora=lora,
         lora_scale=lora_scale,
+        backend=backend,
         policy=policy,
         intermediates=intermediates,
     )

@@ -1,7 +1,7 @@
 """QLoRA at Qwen3-30B-A3B's exact shapes on a small machine: int4 routed experts, LoRA adapters.
 
     python -m experiments.run qlora_30b                                    # 48 layers: ~19 GB of weights
-    python -m experiments.run qlora_30b --set model.num_hidden_layers=2    # the same code, 2 layers (CI)
+    python -m experiments.run qlora_30b --set model.num_hidden_layers=2    # the same code, 2 layers
     python -m experiments.run qlora_30b --set model.expert_quant=int8      # 1.9x the bytes: 2 layers only
 
 The model: 48 layers, 128 routed experts (top-8), H=2048, moe I=768, 32 query / 4 key-value heads of

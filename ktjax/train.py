@@ -83,11 +83,29 @@ def masked_cross_entropy_sum(logits: jax.Array, batch: Batch) -> jax.Array:
     return jnp.sum(ce * batch["loss_mask"])
 
 
-def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
-    n_micro = cfg.micro_batches
+def expert_specs(params: Params, axis: str) -> dict:
+    """Expert parallelism's layout of a parameter dict: the routed experts' tensors ([E, ...]: weights,
+    adapters, a quantized weight's data and scales) split over mesh axis `axis` along E, the rest
+    replicated."""
+    P = jax.sharding.PartitionSpec
+    return {name: P(axis) if ".experts." in name else P() for name in params}
 
-    def step(trainable: Params, opt_state: Any, frozen: Params, batch: Batch):
-        n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+def make_train_step(
+    defn: ModelDef, tx: optax.GradientTransformation, cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
+    """The jitted step's function. With `mesh` (one axis, the model's expert_axis), the gradients are
+    computed inside ``jax.shard_map``: each shard its share of the batch and of the routed experts, the
+    loss normalised by the whole batch's targets; the optimizer then updates the sharded arrays."""
+    n_micro = cfg.micro_batches
+    axis = mesh.axis_names[0] if mesh is not None else ""
+
+    def total(a: jax.Array) -> jax.Array:  # over every shard's batch
+        return jax.lax.psum(a, axis) if axis else a
+
+    def gradients(trainable: Params, frozen: Params, batch: Batch):
+        shards = jax.lax.axis_size(axis) if axis else 1
+        n_targets = jnp.maximum(total(jnp.sum(batch["loss_mask"])), 1.0)
         micro = jax.tree.map(lambda a: a.reshape(n_micro, a.shape[0] // n_micro, *a.shape[1:]), batch)
 
         def micro_loss(trainable: Params, mb: Batch):
@@ -96,7 +114,9 @@ def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: Train
             )
             ce_sum = masked_cross_entropy_sum(logits, mb)
             # Normalised by the whole batch's targets: micro-batch gradients then sum to the batch gradient.
-            loss = ce_sum / n_targets + cfg.aux_loss_coef * aux["load_balance_loss"] / n_micro
+            # Split over shards, every shard's loss holds the whole load-balancing loss (its statistics
+            # are summed over the shards) and the shards' gradients of it add up: a share of it each.
+            loss = ce_sum / n_targets + cfg.aux_loss_coef * aux["load_balance_loss"] / (n_micro * shards)
             return loss, (ce_sum, aux)
 
         def accumulate(carry, mb):
@@ -110,9 +130,31 @@ def make_train_step(defn: ModelDef, tx: optax.GradientTransformation, cfg: Train
                 jnp.maximum(load_acc, aux["max_load"]),
             ), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        def varying(a: jax.Array, name: str = "") -> jax.Array:  # a shard's own share: typed so in shard_map
+            return (
+                jax.lax.pcast(a, (axis,), to="varying") if axis and (not name or ".experts." in name) else a
+            )
+
+        zeros = {
+            n: jax.tree.map(lambda p, n=n: varying(jnp.zeros(p.shape, jnp.float32), n), v)
+            for n, v in trainable.items()
+        }
+        init = (zeros, varying(jnp.zeros(())), jnp.zeros(()), jnp.zeros(()))
         (grads, ce_sum, lb_sum, max_load), _ = jax.lax.scan(accumulate, init, micro)
+        return grads, total(ce_sum), lb_sum, max_load, n_targets
+
+    def step(trainable: Params, opt_state: Any, frozen: Params, batch: Batch):
+        grads_of = gradients
+        if mesh is not None:
+            P = jax.sharding.PartitionSpec
+            specs = expert_specs(trainable, axis)
+            grads_of = jax.shard_map(
+                gradients,
+                mesh=mesh,
+                in_specs=(specs, expert_specs(frozen, axis), P(axis)),
+                out_specs=(specs, P(), P(), P(), P()),
+            )
+        grads, ce_sum, lb_sum, max_load, n_targets = grads_of(trainable, frozen, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(ce_sum) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, trainable)
@@ -178,12 +220,20 @@ def train(
     Raises TrainingStopped on a non-finite step (cfg.on_nonfinite="stop") and CheckpointError when a
     checkpoint cannot be saved. With `keep_model=False` the first step takes over the memory of the
     model's trainable parameters (in full mode, one copy of the model less) and `model` is unusable
-    afterwards: use the result's params."""
+    afterwards: use the result's params. A model whose config names an expert_axis trains with its routed
+    experts split over every device JAX sees (expert_mesh; one device: as without)."""
     if cfg.batch_size % cfg.micro_batches:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     defn, params = split_model(model)
+    mesh = expert_mesh(model, cfg)
+    if mesh is not None:  # the routed experts split over the devices, the rest replicated
+        shardings = {
+            n: jax.sharding.NamedSharding(mesh, s)
+            for n, s in expert_specs(params, mesh.axis_names[0]).items()
+        }
+        params = jax.device_put(params, shardings)
     labels, trainable, frozen, tx, opt_state = _initial_state(params, cfg)
     if keep_model:  # the step donates its trainable buffers: copy them once, for the caller's model
         trainable = jax.tree.map(jnp.copy, trainable)
@@ -198,7 +248,14 @@ def train(
                     f"checkpoint was trained with seed {restored.meta['data_seed']}, config says {cfg.seed}"
                 )
             start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
+            like = (trainable, opt_state, frozen)
             trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
+            if mesh is not None:  # restored onto one device: back onto the mesh, as a fresh start has them
+                trainable, opt_state, frozen = jax.tree.map(
+                    lambda r, a: jax.device_put(r, _mesh_sharding(a, mesh)),
+                    (trainable, opt_state, frozen),
+                    like,
+                )
             print(f"resumed from step {start} ({ckpt.directory})")
             if start >= cfg.steps:
                 print(
@@ -209,7 +266,7 @@ def train(
             ckpt.start_fresh(frozen)
         history, evals = _load_logs(workdir, start) if start else ([], [])
 
-        train_step = jax.jit(make_train_step(defn, tx, cfg), donate_argnums=(0, 1))
+        train_step = jax.jit(make_train_step(defn, tx, cfg, mesh), donate_argnums=(0, 1))
         eval_step = jax.jit(make_eval_step(defn))
         eval_batch = data.eval_batch(cfg.eval_batch_size)
         log_file = (workdir / "metrics.jsonl").open("a" if start else "w")
@@ -246,6 +303,8 @@ def train(
             for step in range(start + 1, end + 1):
                 batch = data.batch(step - 1, cfg.batch_size)
                 tokens += int((batch["segment_ids"] > 0).sum())
+                if mesh is not None:
+                    batch = shard_batch(batch, mesh, cfg.micro_batches)
                 trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch)
                 finite = bool(metrics.pop("finite"))
                 skipped += not finite
@@ -276,6 +335,47 @@ def train(
         return TrainResult(
             params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals
         )
+
+
+def expert_mesh(model: nnx.Module, cfg: TrainConfig) -> jax.sharding.Mesh | None:
+    """The mesh of expert parallelism: every device on the model's expert_axis (ModelConfig), or None
+    (no expert_axis, or one device). Checks that the experts and the batch split evenly."""
+    axis = getattr(getattr(model, "config", None), "expert_axis", "")
+    devices = jax.device_count()
+    if not axis or devices == 1:
+        return None
+    experts = model.config.num_experts
+    if experts % devices:
+        raise ValueError(
+            f"expert_axis {axis!r}: {experts} routed experts do not split over {devices} devices"
+        )
+    if cfg.batch_size % (devices * cfg.micro_batches):
+        raise ValueError(
+            f"expert_axis {axis!r}: batch_size {cfg.batch_size} must split into {devices} devices x "
+            f"{cfg.micro_batches} micro-batches"
+        )
+    return jax.make_mesh((devices,), (axis,))
+
+
+def _mesh_sharding(a: jax.Array, mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
+    """a's sharding where it is laid out on `mesh`, else replicated over it (optimizer counters)."""
+    if isinstance(a.sharding, jax.sharding.NamedSharding) and a.sharding.mesh == mesh:
+        return a.sharding
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def shard_batch(batch: Batch, mesh: jax.sharding.Mesh, micro_batches: int) -> Batch:
+    """The batch's sequences split over the mesh's axis so that each micro-batch is the one a single
+    device would take (its sequences spread over the shards): shard s holds, micro-batch by micro-batch,
+    its share of each, which its step splits again in order."""
+    shards = mesh.devices.size
+
+    def order(a: np.ndarray) -> np.ndarray:  # [B, ...]: micro-batch m's rows, shard s's part of them
+        parts = a.reshape(micro_batches, shards, a.shape[0] // (micro_batches * shards), *a.shape[1:])
+        return np.swapaxes(parts, 0, 1).reshape(a.shape)
+
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+    return jax.device_put({k: order(np.asarray(v)) for k, v in batch.items()}, sharding)
 
 
 def _initial_state(params: Params, cfg: TrainConfig) -> tuple:

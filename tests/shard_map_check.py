@@ -13,6 +13,8 @@ Two layouts, each checked against the same kernels run shard by shard outside sh
   are added in another order).
 - model: a tiny Qwen3-MoE with ModelConfig.expert_axis, experts split and sequences split, against the
   same model on one device: logits' loss and every parameter's gradient within the network bound.
+- training: ktjax.train's step with the experts split over the 2 devices against one device, full and
+  hybrid rules; and a run stopped and resumed from its checkpoint on the mesh, bit for bit.
 Prints "ok <layout> <dtype>" for each layout that matches; raises otherwise.
 """
 
@@ -212,6 +214,64 @@ def run_model() -> None:
     print("ok model float32")
 
 
+def run_training(tmp: str) -> None:
+    """One SGD step of ktjax.train with ModelConfig.expert_axis on 2 devices (experts, adapters and the
+    batch's sequences split; the load-balancing loss over every shard's tokens) against the same step on
+    one device, for full and hybrid rules: the loss, the load-balancing loss and every parameter
+    after the step (SGD: the update is -lr times the gradient) within the network bound."""
+    from ktjax.data import SortTask
+    from ktjax.models import build_model, qwen3_moe
+    from ktjax.optim import FULL_RULES, HYBRID_RULES, GroupConfig
+    from ktjax.params import split_model
+    from ktjax.train import TrainConfig, train
+
+    task = SortTask(length=5, num_values=6)
+    tiny = dict(vocab_size=task.vocab_size, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=4)
+    cfg = qwen3_moe(**tiny, moe_intermediate_size=16, lora_rank=4, lora_targets=("experts", "q_proj"))
+    sgd = {g: GroupConfig("sgd", lr_peak=0.5, schedule="constant") for g in ("full", "lora")}
+    depth = transformer_depth(layers=2, hidden=32, ffn=16, seq=11, experts=4, vocab=task.vocab_size)
+    # full: every expert weight's gradient; hybrid: adapters (lora), attention and router (full), the
+    # rest frozen (LoRA rules alone are a subset of these)
+    for name, rules in (("full", FULL_RULES), ("hybrid", HYBRID_RULES)):
+        opts = dict(steps=1, batch_size=8, micro_batches=2, log_every=1, eval_every=0, checkpoint_every=0)
+        tcfg = TrainConfig(**opts, progress=False, groups=sgd, clip_norm=0, rules=rules)
+        before = split_model(build_model(cfg, seed=1))[1]
+        one = train(build_model(cfg, seed=1), task, tcfg, f"{tmp}/{name}_one")
+        two = train(
+            build_model(dataclasses.replace(cfg, expert_axis="d"), seed=1), task, tcfg, f"{tmp}/{name}_two"
+        )
+        tol = network_tolerance(2 * depth + 1)
+        for key in ("loss", "load_balance_loss"):
+            a, b = one.history[0][key], two.history[0][key]
+            assert abs(a - b) <= tol * abs(a), (name, key, a, b)
+        moved = 0
+        for pname, label in one.labels.items():
+            want = np.asarray(one.params[pname], np.float64) - np.asarray(before[pname], np.float64)
+            got = np.asarray(two.params[pname], np.float64) - np.asarray(before[pname], np.float64)
+            if label == "frozen" or not np.any(want):
+                assert not np.any(got), (name, pname, "moved")
+                continue
+            moved += ".experts." in pname
+            assert np.abs(got - want).max() <= tol * np.abs(want).max(), (
+                name,
+                pname,
+                np.abs(got - want).max(),
+            )
+        assert moved > 0, (name, "no expert parameter was trained")
+        print("ok training", name)
+    # resume: 3 steps in one go against 1 step, a checkpoint restored onto the mesh, and 2 more
+    tcfg = TrainConfig(**{**opts, "steps": 3, "checkpoint_every": 1}, progress=False, rules=HYBRID_RULES)
+    split = dataclasses.replace(cfg, expert_axis="d")
+    whole = train(build_model(split, seed=1), task, tcfg, f"{tmp}/whole")
+    train(build_model(split, seed=1), task, tcfg, f"{tmp}/resumed", stop_after=1)
+    resumed = train(build_model(split, seed=1), task, tcfg, f"{tmp}/resumed", resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history], (
+        resumed.history,
+        whole.history,
+    )
+    print("ok resume")
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 2, jax.devices()
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -219,3 +279,7 @@ if __name__ == "__main__":
         run("expert_parallel", dtype)
     run_all_to_all()
     run_model()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_training(tmp)

@@ -2,8 +2,8 @@
 expert-parallel layouts give the kernels' own results shard by shard, bit for bit, with the gradients
 of replicated weights summed over the shards; and ktjax.ops.moe_sharded's expert parallelism (slots
 sent to their experts' shards with all_to_all) gives one device's results, alone and in a model with
-ModelConfig.expert_axis (tests/shard_map_check.py, in its own process: the device count is fixed when
-JAX starts)."""
+ModelConfig.expert_axis, and in a training step (tests/shard_map_check.py, in its own process: the
+device count is fixed when JAX starts)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,6 @@ def test_moe_experts_in_shard_map_matches_the_kernels_shard_by_shard_and_sums_re
             assert f"ok {layout} {dtype}" in lines, result.stdout
     assert "ok all_to_all float32" in lines, result.stdout
     assert "ok model float32" in lines, result.stdout
+    for rules in ("full", "hybrid"):
+        assert f"ok training {rules}" in lines, result.stdout
+    assert "ok resume" in lines, result.stdout

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
+from ktjax.nn.expert_axis import axis_bound
 from ktjax.nn.init import normal
 from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
@@ -63,10 +64,11 @@ class Experts(nnx.Module):
             for name, proj in (("gate", self.gate_proj), ("up", self.up_proj), ("down", self.down_proj))
             if proj.lora_A is not None
         }
-        # split over a shard_map axis: this shard's experts, every slot sent to its expert's shard
+        # inside a shard_map over the expert axis: this shard's experts, every slot sent to its expert's
+        # shard; elsewhere every expert here (a sharded array's whole value)
         op = (
             functools.partial(moe_experts_sharded, axis_name=self.expert_axis)
-            if self.expert_axis
+            if axis_bound(self.expert_axis)
             else moe_experts
         )
         y = op(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
+from ktjax.nn.expert_axis import axis_bound
 
 
 class Router(nnx.Module):
@@ -53,10 +54,12 @@ class Router(nnx.Module):
         weights = jnp.where(token_mask[:, None], weights, 0.0)
 
         m = token_mask.astype(jnp.float32)
-        n_tokens = jnp.maximum(jnp.sum(m), 1.0)
-        load = jnp.sum(jax.nn.one_hot(ids, E) * m[:, None, None], axis=(0, 1)) / (n_tokens * K)  # [E]
+        # over every shard's tokens when the experts are split over a shard_map axis (tokens split too)
+        total = (lambda a: jax.lax.psum(a, cfg.expert_axis)) if axis_bound(cfg.expert_axis) else (lambda a: a)
+        n_tokens = jnp.maximum(total(jnp.sum(m)), 1.0)
+        load = total(jnp.sum(jax.nn.one_hot(ids, E) * m[:, None, None], axis=(0, 1))) / (n_tokens * K)  # [E]
         probs = scores / jnp.sum(scores, -1, keepdims=True)
-        mean_prob = jnp.sum(probs * m[:, None], 0) / n_tokens
+        mean_prob = total(jnp.sum(probs * m[:, None], 0)) / n_tokens
         stats = {
             "load_balance_loss": E * jnp.sum(jax.lax.stop_gradient(load) * mean_prob),
             "max_load": E * jnp.max(load),

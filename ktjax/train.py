@@ -130,7 +130,9 @@ def make_train_step(
                 jnp.maximum(load_acc, aux["max_load"]),
             ), None
 
-        def varying(a: jax.Array, name: str = "") -> jax.Array:  # a shard's own share: typed so in shard_map
+        # The scan's carry has its updates' types: inside shard_map the experts' gradients and the
+        # cross-entropy sum differ from shard to shard (the other gradients and statistics are summed).
+        def varying(a: jax.Array, name: str = "") -> jax.Array:
             return (
                 jax.lax.pcast(a, (axis,), to="varying") if axis and (not name or ".experts." in name) else a
             )

@@ -421,17 +421,6 @@ void gemm_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
   }
 }
 
-// The quantized dot paths read 4 weight rows at a time; each step fetches into L2 the same columns of the
-// rows kQuantGroupsAhead groups later (the first step: of the groups before those too). One group ahead
-// arrived late: a step's work is short next to the memory's latency, and the hardware prefetchers miss
-// the jump from row to row.
-constexpr int64_t kQuantGroupsAhead = 2;
-void prefetch_quant_ahead(const QuantWeight& q, int64_t N, int64_t n0, int64_t c, int64_t n) {
-  const int64_t first = n0 == 0 ? 4 : n0 + 4 * kQuantGroupsAhead;
-  const int64_t last = std::min(N, n0 + 4 * kQuantGroupsAhead + 4);
-  if (first < last) prefetch_quant_rows(q, first, last - first, c, n);
-}
-
 // The quantized dot path (F32DotKernel in gemm.h): A's rows packed per block of the reduction in the dot
 // layout's tiles with each block of 32 in column order, then each group of 4 weight rows dequantized
 // kQuantDotKC columns at a time into an f32 buffer (L1-sized, zero past the edges) and multiplied there.
@@ -454,7 +443,15 @@ void gemm_quant_dot(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha
       for (int64_t i = 0; i < M; ++i) crow[i] = C.row_ptr(i) + n0;
       for (int64_t k0 = 0; k0 < kc; k0 += kQuantDotKC) {
         const int64_t len = std::min(kQuantDotKC, kc - k0), len32 = (len + 31) / 32 * 32;
-        prefetch_quant_ahead(B.quant, N, n0, pc + k0, len);
+        // the next step's bytes (these 4 rows' next columns, else the next 4 rows' first), into L2 while
+        // these are multiplied (as the bf16 dot kernel fetches its next rows: the hardware prefetchers miss
+        // the jump from row to row)
+        const bool same_rows = k0 + kQuantDotKC < kc;
+        const int64_t r = same_rows ? n0 : n0 + 4, next_k0 = same_rows ? k0 + kQuantDotKC : 0;
+        if (r < N) {
+          prefetch_quant_rows(B.quant, r, std::min<int64_t>(4, N - r), pc + next_k0,
+                              std::min(kQuantDotKC, kc - next_k0));
+        }
         for (int j = 0; j < 4; ++j) {
           float* row = wbuf + j * kQuantDotKC;
           const int64_t n = j < nw ? len : 0;

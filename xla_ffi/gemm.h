@@ -178,8 +178,8 @@ using PairDirectKernel = void (*)(int64_t kc, const uint32_t* a, const uint16_t*
 // an L1 buffer, and vdpbf16ps multiplies them by the token values (each product exact in f32); the
 // scales apply to the sums of each segment, and the driver adds the int4 mins times the token sums.
 // QuantCodeReader: dst[0:n] = the bf16 codes of view row r, columns c .. c + n - 1 (c0 + c even).
-// QuantPairDotKernel: m <= 96 token rows (as PairDotKernel's a: lda values apart, zero-padded past the
-// codes' end) against nw <= 4 rows of codes q (ldq apart, kc <= 32 kQuantSegments values, a multiple of
+// QuantPairDotKernel: m token rows (the driver passes up to 384; as PairDotKernel's a: lda values apart,
+// zero-padded past the codes' end) against nw <= 4 rows of codes q (ldq apart, kc <= 32 kQuantSegments values, a multiple of
 // 32, zero-padded), segment g being the values [g seg, (g + 1) seg) (seg a multiple of 32; seg >= kc: one
 // segment), with QuantScales sc:
 //   c[i][j] = (acc ? c[i][j] : 0) + alpha * sum_g (scale[j][g] * sum_{k in segment g} a[i * lda + k] q[j * ldq + k]

@@ -26,4 +26,4 @@ def test_moe_experts_in_shard_map_matches_the_kernels_shard_by_shard_and_sums_re
     assert "ok model float32" in lines, result.stdout
     for rules in ("full", "hybrid"):
         assert f"ok training {rules}" in lines, result.stdout
-    assert "ok resume" in lines, result.stdout
+    assert "ok training bf16" in lines and "ok resume" in lines, result.stdout

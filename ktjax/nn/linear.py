@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.nn.init import normal
+from ktjax.ops.vma import cotangent_like
 
 
 @jax.custom_vjp
@@ -27,7 +28,9 @@ def _bf16_dense_bwd(res, g):
     g = g.astype(w.dtype)
     dx = jnp.einsum("...o,oi->...i", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
     dw = jnp.einsum("...o,...i->oi", g, x, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw  # dw is dead code (removed by XLA) where w is not differentiated
+    # dw is dead code (removed by XLA) where w is not differentiated; inside shard_map a replicated w's
+    # gradient is the sum of the shards' (cotangent_like)
+    return cotangent_like(dx, x), cotangent_like(dw, w)
 
 
 bf16_dense.defvjp(_bf16_dense_fwd, _bf16_dense_bwd)

@@ -28,6 +28,7 @@ from ktjax.ops.moe_checks import (
     float_weight_dtype,
 )
 from ktjax.ops.moe_reference import moe_experts_xla
+from ktjax.ops.vma import cotangent_like, varying, varying_over
 from ktjax.quant.formats import QuantizedWeight, is_quantized
 
 # The kernels' contract (xla_ffi/moe_contract.h), read from the extension: argument and result names
@@ -152,8 +153,8 @@ def _forward_call(
     )
     # inside jax.shard_map the kernels' results are typed as varying over no mesh axis: they vary as
     # their inputs do
-    axes = _varying_over(*args)
-    return {name: _varying(o, axes) for name, o in zip(_CONTRACT["forward_results"], out)}
+    axes = varying_over(*args)
+    return {name: varying(o, axes) for name, o in zip(_CONTRACT["forward_results"], out)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -226,9 +227,9 @@ def _moe_cpu_bwd(lora_scale: float, policy: str, intermediates: str, res, dy):
     # of an input that does not vary over a mesh axis the computation varies over (a weight replicated
     # across data-parallel shards) is summed over that axis, as JAX's transpose of its implicit pvary
     # would; the others keep the varying axes of their input.
-    axes = _varying_over(dy, *args)
+    axes = varying_over(dy, *args)
     by_name = {
-        name: _summed_to(_varying(g, axes), values[name])
+        name: cotangent_like(varying(g, axes), values[name])
         for name, g in zip(_CONTRACT["grads"], grads)
         if name in needed
     }
@@ -238,29 +239,3 @@ def _moe_cpu_bwd(lora_scale: float, policy: str, intermediates: str, res, dy):
 
 
 _moe_cpu.defvjp(_moe_cpu_fwd, _moe_cpu_bwd, symbolic_zeros=True)
-
-
-def _varying_over(*arrays: jax.Array) -> frozenset:
-    """The mesh axes any of `arrays` varies over inside a ``jax.shard_map`` (none outside one)."""
-    return frozenset().union(*(_varying_axes(a) for a in arrays))
-
-
-def _varying(x: jax.Array, axes: frozenset) -> jax.Array:
-    """x typed as varying over `axes` too (``check_vma``); the same array outside a shard_map."""
-    missing = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _summed_to(g: jax.Array, primal: jax.Array) -> jax.Array:
-    """A cotangent g summed over the mesh axes it varies over and `primal` does not: the type a custom
-    VJP's cotangent must have (its primal's varying axes), and the sum of every shard's share."""
-    extra = tuple(sorted(_varying_axes(g) - _varying_axes(primal)))
-    return jax.lax.psum(g, extra) if extra else g
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The mesh axes x varies over inside a shard_map (jax 0.10: its type's ``mat.varying``; earlier
-    releases called it ``vma``)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             dense = HEADS * S * S * 4 / 1e9 <= args.dense_limit
             print(f"  S={S} {dname}: compiling", file=sys.stderr, flush=True)
             cases = {**jax_cases(S, dtypes[dname], dense), **torch_cases(S, dtypes[dname])}
-            for fn, _ in cases.values():
-                fn()  # warm-up
+            for fn, _ in cases.values():  # warm-up, each to its end: JAX dispatches asynchronously, and a
+                jax.block_until_ready(fn())  # call still running would be timed with the next case
             best = {name: float("inf") for name in cases}
             for _ in range(args.reps):
                 for name, (fn, _) in cases.items():

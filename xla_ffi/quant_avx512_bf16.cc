@@ -14,9 +14,8 @@ namespace ktjax {
 namespace {
 
 // The driver reads the codes 4 rows at a time, a block of columns of each in turn: each step fetches into
-// L2 the same columns of the row this many rows on, spread over the steps (a burst of prefetches at each
-// group's start stalled; so did prefetching a fixed distance ahead in memory, which mostly fell on
-// the rows of the same group).
+// L2 the same columns of the row this many rows on (two groups later), one line per step, so that the
+// requests are spread over the work (docs/performance-log.md has the alternatives measured).
 constexpr int64_t kQuantRowsAhead = 8;
 
 // bf16 bits of 0..15 (the int4 codes), looked up by vpermw (indices 16..31 unused).

@@ -130,15 +130,15 @@ def make_train_step(
                 jnp.maximum(load_acc, aux["max_load"]),
             ), None
 
-        # The scan's carry has its updates' types: inside shard_map the experts' gradients and the
-        # cross-entropy sum differ from shard to shard (the other gradients and statistics are summed).
-        def varying(a: jax.Array, name: str = "") -> jax.Array:
-            return (
-                jax.lax.pcast(a, (axis,), to="varying") if axis and (not name or ".experts." in name) else a
-            )
+        # The scan's carry has its updates' types: inside shard_map the split parameters' gradients
+        # (expert_specs) and the cross-entropy sum differ from shard to shard (the other gradients and
+        # statistics are summed).
+        def varying(a: jax.Array, split: bool = True) -> jax.Array:
+            return jax.lax.pcast(a, (axis,), to="varying") if axis and split else a
 
+        split = {n: spec != jax.sharding.PartitionSpec() for n, spec in expert_specs(trainable, axis).items()}
         zeros = {
-            n: jax.tree.map(lambda p, n=n: varying(jnp.zeros(p.shape, jnp.float32), n), v)
+            n: jax.tree.map(lambda p, n=n: varying(jnp.zeros(p.shape, jnp.float32), split[n]), v)
             for n, v in trainable.items()
         }
         init = (zeros, varying(jnp.zeros(())), jnp.zeros(()), jnp.zeros(()))

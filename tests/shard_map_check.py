@@ -166,6 +166,7 @@ def run_model() -> None:
     from ktjax.models import build_model
     from ktjax.models.presets import qwen3_moe
     from ktjax.params import merge_model, split_model
+    from ktjax.train import expert_specs
 
     tiny = dict(vocab_size=29, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=8)
     cfg = qwen3_moe(**tiny, moe_intermediate_size=16, lora_rank=4, lora_targets=("experts", "q_proj"))
@@ -185,7 +186,7 @@ def run_model() -> None:
 
     want_value, want = jax.jit(jax.value_and_grad(lambda p, i, c: loss(p, defn, i, c)))(params, ids, cot)
     mesh = jax.make_mesh((2,), ("d",))
-    specs = {name: P("d") if ".experts." in name else P() for name in params}
+    specs = expert_specs(params, "d")
 
     def shard_step(params, ids, cot):
         value, grads = jax.value_and_grad(loss)(params, sharded_defn, ids, cot)

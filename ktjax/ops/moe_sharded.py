@@ -14,6 +14,8 @@ an ``all_to_all``); the experts' gradients stay with their owner.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -68,7 +70,7 @@ def moe_experts_sharded(
     send_w = jnp.zeros((shards, slots), weights.dtype).at[where].set(weights, mode="drop")
     send_x = jnp.zeros((shards, slots, x.shape[1]), x.dtype).at[where].set(x[token], mode="drop")
     # to the owners: recv[s] is what shard s sent here
-    recv_x = jax.lax.all_to_all(send_x, axis_name, 0, 0, tiled=False)
+    recv_x = exchange(send_x, axis_name)
     recv_ids = jax.lax.all_to_all(send_ids, axis_name, 0, 0, tiled=False)
     recv_w = jax.lax.all_to_all(send_w, axis_name, 0, 0, tiled=False)
     y = moe_experts(
@@ -84,7 +86,33 @@ def moe_experts_sharded(
         policy=policy,
         intermediates=intermediates,
     )
-    back = jax.lax.all_to_all(y.reshape(shards, slots, -1), axis_name, 0, 0, tiled=False)
+    back = exchange(y.reshape(shards, slots, -1), axis_name)
     # each slot's result from where it was sent; dropped slots read zeros
     per_slot = jnp.where((ids >= 0)[:, None], back[jnp.minimum(dest, shards - 1), row], 0)
     return jnp.sum(per_slot.reshape(T, K, -1).astype(jnp.float32), axis=1).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def exchange(a: jax.Array, axis_name: str) -> jax.Array:
+    """``all_to_all`` over axis 0 ([P, ...]: part p goes to shard p, and the result's part p came from
+    shard p) in the array's own width: XLA's CPU collectives widen 16-bit floats to f32 on the wire,
+    so bf16 travels as uint16 bits. Its transpose is the same exchange."""
+    return _exchange_bits(a, axis_name)
+
+
+def _exchange_bits(a: jax.Array, axis_name: str) -> jax.Array:
+    if a.dtype.itemsize != 2 or not jnp.issubdtype(a.dtype, jnp.floating):
+        return jax.lax.all_to_all(a, axis_name, 0, 0, tiled=False)
+    bits = jax.lax.all_to_all(jax.lax.bitcast_convert_type(a, jnp.uint16), axis_name, 0, 0, tiled=False)
+    return jax.lax.bitcast_convert_type(bits, a.dtype)
+
+
+def _exchange_fwd(a: jax.Array, axis_name: str):
+    return _exchange_bits(a, axis_name), None
+
+
+def _exchange_bwd(axis_name: str, _, g: jax.Array):
+    return (_exchange_bits(g, axis_name),)
+
+
+exchange.defvjp(_exchange_fwd, _exchange_bwd)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ktjax.distributed import is_main, sync
 from ktjax.params import Params
 
 
@@ -49,31 +50,82 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+
+
+def _owned_shards(a: Any) -> list[tuple[int, np.ndarray | None]]:
+    """The distinct parts of a (possibly sharded) array in the order of their indices, as (owner's process,
+    the part's bytes where this process owns it, else None); a host array is one part of process 0."""
+    if not isinstance(a, jax.Array):
+        return [(0, np.asarray(a))]
+    parts: dict[tuple, tuple[int, Any]] = {}
+    for device, index in a.sharding.devices_indices_map(a.shape).items():
+        key = tuple((i.start, i.stop) for i in index)
+        if key not in parts or device.id < parts[key][1].id:
+            parts[key] = (device.process_index, device)
+    local = {s.device: s for s in a.addressable_shards}
+    owned = []
+    for key in sorted(parts):
+        process, device = parts[key]
+        owned.append((process, np.asarray(local[device].data) if device in local else None))
+    return owned
+
+
+def _per_part(tree: Any, fn) -> dict[str, list]:
+    """fn(part) -> int in [0, 2^32) of every distinct part of every leaf of `tree`, keyed by the leaf's
+    path in `tree` (e.g. "['layers.0.attn.q_proj']"): each process computes its own parts', and with
+    several processes they exchange them, so that every process returns the same."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in flat]
+    names, values, owners = [], [], []
+    me = jax.process_index()
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        for process, part in _owned_shards(leaf):
+            names.append(name)
+            owners.append(process)
+            values.append(fn(part) if process == me and part is not None else 0)
+    values = np.asarray(values, np.uint32)  # (JAX without x64 exchanges 32-bit integers)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(values))  # [processes, parts]
+        values = every[np.asarray(owners, np.int64), np.arange(len(values))] if len(values) else values
+    result: dict[str, list] = {}
+    for name, value in zip(names, values.tolist()):
+        result.setdefault(name, []).append(value)
+    return result
 
 
-def checksums(tree: Any) -> dict[str, int]:
-    """CRC-32 of every leaf's bytes, keyed by its path in `tree` (e.g. "['layers.0.attn.q_proj']")."""
-    return {
-        name: zlib.crc32(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
-        for name, a in _leaves(tree)
-    }
+def checksums(tree: Any) -> dict[str, int | list[int]]:
+    """CRC-32 of every leaf's bytes, keyed by its path in `tree` (e.g. "['layers.0.attn.q_proj']"): one
+    number for a leaf held in one piece, a list (one per distinct part, in index order) for a
+    leaf split over devices (expert parallelism); the same on every process."""
+
+    return {name: v[0] if len(v) == 1 else v for name, v in _per_part(tree, _crc).items()}
 
 
 def first_nonfinite(tree: Any) -> str | None:
-    """The path of the first floating-point leaf holding a NaN or an infinity, else None."""
-    for name, a in _leaves(tree):
-        if jax.numpy.issubdtype(a.dtype, jax.numpy.floating) and not np.isfinite(a).all():
-            return name
-    return None
+    """The path of the first floating-point leaf holding a NaN or an infinity, else None (the same on
+    every process)."""
+
+    def bad(a: np.ndarray) -> int:
+        return int(jax.numpy.issubdtype(a.dtype, jax.numpy.floating) and not np.isfinite(a).all())
+
+    return next((name for name, flags in _per_part(tree, bad).items() if any(flags)), None)
 
 
-def _verify(what: str, tree: Any, expected: dict[str, int]) -> None:
+def _verify(what: str, tree: Any, expected: dict[str, int | list[int]]) -> None:
+    """Raises _Unusable naming the first leaf whose checksums differ from `expected`. A leaf saved in
+    parts (a list) and read whole, by one process, is compared part by part: the parts of expert
+    parallelism are its equal slices along the first axis."""
     got = checksums(tree)
+    leaves = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     for name, crc in expected.items():
-        if got.get(name) != crc:
+        mine = got.get(name)
+        if isinstance(crc, list) and not isinstance(mine, list) and name in leaves:
+            mine = [_crc(part) for part in np.split(np.asarray(leaves[name]), len(crc))]
+        if mine != crc:
             raise _Unusable(f"{what} {name} does not match its checksum")
 
 
@@ -177,8 +229,18 @@ def _handler() -> ocp.StandardCheckpointHandler:
 class Checkpoints:
     """Save and restore one run's state. `max_to_keep` step checkpoints are kept."""
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        expert_shards: int = 1,
+    ):
+        """`expert_shards`: the devices the routed experts are split over (expert parallelism), saved
+        with each step: several processes resume only a checkpoint split as they split it."""
         self.directory = pathlib.Path(directory).absolute()
+        self.expert_shards = expert_shards
         self.errors = _orbax_errors()
         self.frozen_checksums: dict[str, int] = {}
         self._saving: int | None = None  # the step of the pending async save
@@ -225,8 +287,9 @@ class Checkpoints:
                 f"train in a new directory"
             )
         self.frozen_checksums = checksums(frozen)
-        if self.frozen_path.exists():  # from a run killed before its first step checkpoint
+        if is_main() and self.frozen_path.exists():  # from a run killed before its first step checkpoint
             shutil.rmtree(self.frozen_path)
+        sync("ktjax_checkpoint_start_fresh")
         if frozen:
             with ocp.Checkpointer(_handler()) as ckptr:
                 ckptr.save(self.frozen_path, args=ocp.args.StandardSave(frozen))
@@ -251,7 +314,7 @@ class Checkpoints:
                 args=ocp.args.Composite(
                     trainable=ocp.args.StandardSave(trainable),
                     opt_state=ocp.args.StandardSave(opt_state),
-                    meta=ocp.args.JsonSave({**meta, "checksums": sums}),
+                    meta=ocp.args.JsonSave({**meta, "expert_shards": self.expert_shards, "checksums": sums}),
                 ),
             )
         except Exception as e:
@@ -275,7 +338,8 @@ class Checkpoints:
             raise self._failed(_reason(e)) from e
         if self._saving is None or self.manager.is_saving_in_progress():
             return
-        if not (pathlib.Path(self.manager.directory) / str(self._saving)).is_dir():
+        # Process 0 finishes the step's directory (others may see their own part done before it is).
+        if is_main() and not (pathlib.Path(self.manager.directory) / str(self._saving)).is_dir():
             raise self._failed("orbax did not finish writing it")
         self._saving = None
 
@@ -316,6 +380,13 @@ class Checkpoints:
         meta = r["meta"]
         if not isinstance(meta, dict) or "checksums" not in meta:
             raise _Unusable("its meta has no checksums")
+        saved_shards = meta.get("expert_shards", 1)
+        if jax.process_count() > 1 and saved_shards != self.expert_shards:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds the routed experts split over "
+                f"{saved_shards} devices, this run splits them over {self.expert_shards}: resume with the "
+                f"processes it was saved with (one process can also read it whole)"
+            )
         sums = meta["checksums"]
         _verify("trainable", r["trainable"], sums["trainable"])
         _verify("opt_state", r["opt_state"], sums["opt_state"])
@@ -323,8 +394,11 @@ class Checkpoints:
 
     def _frozen(self, frozen: Params, expected: dict[str, int]) -> Params:
         """The model's frozen parameters if they are the run's, else those saved in `frozen/`."""
-        if checksums(frozen) == expected:
+        try:
+            _verify("frozen", frozen, expected)
             return frozen
+        except _Unusable:
+            pass
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 saved = ckptr.metadata(self.frozen_path).item_metadata
@@ -354,8 +428,11 @@ class Checkpoints:
         while target.exists():
             n += 1
             target = self.directory / "rejected" / f"step_{step}.{n}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(source), target)
+        sync(f"ktjax_checkpoint_set_aside_{step}")  # every process has found it unusable: move it once
+        if is_main():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), target)
+        sync(f"ktjax_checkpoint_set_aside_{step}_done")
         self.manager.reload()
         return target
 

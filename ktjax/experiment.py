@@ -21,6 +21,7 @@ import numpy as np
 
 from ktjax.data import SortTask, answer_accuracy
 from ktjax.decoding import Generator
+from ktjax.distributed import is_main, to_host
 from ktjax.files import write_atomically
 from ktjax.models import ModelConfig, build_model
 from ktjax.models.hf_config import config_from_hf, read_hf_config
@@ -32,8 +33,9 @@ from ktjax.overrides import from_json, to_json
 from ktjax.params import is_lora, merge_model
 from ktjax.plots import plot_run
 from ktjax.sft import SFTData
+from ktjax.sharding import expert_mesh
 from ktjax.tokenizer import load_tokenizer, model_tokenizer
-from ktjax.train import TrainConfig, TrainResult, load_trained, make_eval_step, train
+from ktjax.train import TrainConfig, TrainResult, evaluator, load_trained, train
 
 MODES = {"full": FULL_RULES, "lora": LORA_RULES, "hybrid": HYBRID_RULES}
 # ModelConfig fields that are not architecture: they still apply when model.path supplies the rest.
@@ -181,15 +183,35 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     """The default driver: train on the task, eval before and after, plot, summarise, export."""
     task = make_task(cfg.data, cfg.model.path)
     cfg = resolve(cfg, task)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_atomically(workdir / "config.json", json.dumps(to_json(cfg), indent=2))
+    main = is_main()
+    processes = jax.process_count()
+    if processes > 1 and cfg.export_merged:
+        raise ValueError(
+            "export_merged with several processes: export the merged model from the run directory in one "
+            "process afterwards (ktjax.experiment.load_run, then ktjax.models.hf_export.export_hf)"
+        )
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_atomically(workdir / "config.json", json.dumps(to_json(cfg), indent=2))
     print(f"experiment {cfg.name}: {cfg.mode} mode -> {workdir}")
     print(format_config(cfg))
     print(f"task: {task.describe()}")
     start = time.perf_counter()
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    sizes = {
+        "train.batch_size / micro_batches": cfg.train.batch_size // cfg.train.micro_batches,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+    }
+    mesh = expert_mesh(cfg.model, sizes)
+    if mesh is not None:
+        print(
+            f"expert parallelism: {cfg.model.num_experts} routed experts over {mesh.devices.size} devices "
+            f"of {processes} process{'es' if processes > 1 else ''} (axis {cfg.model.expert_axis!r})"
+        )
+    model = build_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
     generated, gen = {}, None
-    if cfg.generate_eval:
+    if cfg.generate_eval and processes > 1:
+        print("generation eval skipped: it runs in one process (generate from the run directory afterwards)")
+    elif cfg.generate_eval:
         gen = Generator(model)  # compiled once, used again after training
         generated["before"] = generated_answers(gen, task, cfg.generate_eval)
         gen.release()  # training takes the model's parameters over
@@ -203,7 +225,8 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         keep_model=False,
     )
     seconds = time.perf_counter() - start
-    plot_run(workdir / "metrics.jsonl", workdir / "curves.png", title=f"{cfg.name} ({cfg.mode})")
+    if main:
+        plot_run(workdir / "metrics.jsonl", workdir / "curves.png", title=f"{cfg.name} ({cfg.mode})")
     before, after = result.evals[0], result.evals[-1]
     head = f"before (step {before['step']})   after (step {after['step']})"
     print(f"\neval on {cfg.train.eval_batch_size} held-out sequences      {head}")
@@ -211,17 +234,17 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         print(f"  {key:<38} {before[key]:>16.4f} {after[key]:>16.4f}")
     if isinstance(task, SortTask):
         print(f"  (chance token accuracy: {1 / cfg.data.num_values:.2f})")
-    if cfg.generate_eval:
+    if gen is not None:
         gen.use(merge_model(result.defn, result.params))
         generated["after"] = generated_answers(gen, task, cfg.generate_eval)
         rates = (generated["before"][0], generated["after"][0])
         label = f"generated_exact_match ({cfg.generate_eval} greedy)"
         print(f"  {label:<38} {rates[0]:>16.4f} {rates[1]:>16.4f}")
-    batch = task.eval_batch(8)
-    _, logits = jax.jit(make_eval_step(result.defn))(result.params, batch)
+    batch = task.eval_batch(8 * (mesh.devices.size if mesh is not None else 1))
+    _, logits = evaluator(result.defn, mesh)(result.params, batch)
     print("examples (teacher-forced):")
-    print(show_examples(task, np.asarray(logits), batch))
-    if cfg.generate_eval:
+    print(show_examples(task, logits, batch))
+    if generated:
         print("examples (generated, before training):")
         print(generated["before"][1])
         print("examples (generated, after training):")
@@ -235,13 +258,15 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
         **{f"generated_exact_match_{k}": v[0] for k, v in generated.items()},
         "final_train": result.history[-1] if result.history else None,
     }
-    write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
-    if cfg.export_peft and any(is_lora(n) for n in result.params):
-        print(
-            f"LoRA adapters (PEFT format): {export_peft(result.params, cfg.model, workdir / 'peft_adapter')}"
-        )
-    if cfg.export_merged:
-        print(f"merged Hugging Face model: {export_hf(result.params, cfg.model, workdir / 'merged')}")
+    adapters = {n: to_host(v) for n, v in result.params.items() if is_lora(n)}  # on every process
+    if main:
+        write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
+        if cfg.export_peft and adapters:
+            print(
+                f"LoRA adapters (PEFT format): {export_peft(adapters, cfg.model, workdir / 'peft_adapter')}"
+            )
+        if cfg.export_merged:
+            print(f"merged Hugging Face model: {export_hf(result.params, cfg.model, workdir / 'merged')}")
     print(f"\nrun directory: {workdir} ({run_contents(workdir)}) — {seconds:.0f} s")
     return result
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ktjax.checkpoint import Checkpoints, Restored
 from ktjax.data import Batch
+from ktjax.distributed import is_main, to_host
 from ktjax.files import write_atomically
 from ktjax.optim import (
     HYBRID_RULES,
@@ -30,6 +31,7 @@ from ktjax.optim import (
     split_trainable,
 )
 from ktjax.params import ModelDef, Params, merge_model, split_model
+from ktjax.sharding import expert_mesh, expert_specs, onto_mesh, place_params, shard_batch
 
 
 @dataclass
@@ -81,14 +83,6 @@ def masked_cross_entropy_sum(logits: jax.Array, batch: Batch) -> jax.Array:
     """Sum over trained targets of -log p(target). logits: [B, S, V] f32."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(ce * batch["loss_mask"])
-
-
-def expert_specs(params: Params, axis: str) -> dict:
-    """Expert parallelism's layout of a parameter dict: the routed experts' tensors ([E, ...]: weights,
-    adapters, a quantized weight's data and scales) split over mesh axis `axis` along E, the rest
-    replicated."""
-    P = jax.sharding.PartitionSpec
-    return {name: P(axis) if ".experts." in name else P() for name in params}
 
 
 def make_train_step(
@@ -177,13 +171,43 @@ def make_train_step(
     return step
 
 
-def make_eval_step(defn: ModelDef) -> Callable:
+def make_eval_step(defn: ModelDef, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """(params, batch) -> (mean cross-entropy over the batch's targets, logits [B, S, V] f32), to jit.
+    With `mesh` the model runs inside ``jax.shard_map`` as the train step's does (the batch's sequences
+    and the routed experts split over the mesh's axis): pass the batch through shard_batch; the
+    logits come back split the same way (to_host gathers them)."""
+    axis = mesh.axis_names[0] if mesh is not None else ""
+
     def evaluate(params: Params, batch: Batch):
         logits = merge_model(defn, params)(batch["input_ids"], batch["segment_ids"], batch["positions"])
-        n = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        return masked_cross_entropy_sum(logits, batch) / n, logits
+        ce, n = masked_cross_entropy_sum(logits, batch), jnp.sum(batch["loss_mask"])
+        if axis:
+            ce, n = jax.lax.psum(ce, axis), jax.lax.psum(n, axis)
+        return ce / jnp.maximum(n, 1.0), logits
 
-    return evaluate
+    if mesh is None:
+        return evaluate
+
+    def sharded(params: Params, batch: Batch):
+        P = jax.sharding.PartitionSpec
+        specs = expert_specs(params, axis)
+        return jax.shard_map(evaluate, mesh=mesh, in_specs=(specs, P(axis)), out_specs=(P(), P(axis)))(
+            params, batch
+        )
+
+    return sharded
+
+
+def evaluator(defn: ModelDef, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """The jitted eval step as (params, batch of host arrays) -> (loss: float, logits: np.ndarray): with
+    a mesh the batch is split over it and the logits gathered (on every process: call it on all)."""
+    step = jax.jit(make_eval_step(defn, mesh))
+
+    def run(params: Params, batch: Batch) -> tuple[float, np.ndarray]:
+        loss, logits = step(params, shard_batch(batch, mesh) if mesh is not None else batch)
+        return float(loss), to_host(logits)
+
+    return run
 
 
 def _to_float(tree: dict) -> dict:
@@ -227,21 +251,28 @@ def train(
     if cfg.batch_size % cfg.micro_batches:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batches {cfg.micro_batches}")
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    main = is_main()
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
     defn, params = split_model(model)
-    mesh = expert_mesh(model, cfg)
-    if mesh is not None:  # the routed experts split over the devices, the rest replicated
-        shardings = {
-            n: jax.sharding.NamedSharding(mesh, s)
-            for n, s in expert_specs(params, mesh.axis_names[0]).items()
+    mesh = None
+    if hasattr(model, "config"):
+        sizes = {
+            "train.batch_size / micro_batches": cfg.batch_size // cfg.micro_batches,
+            "train.eval_batch_size": cfg.eval_batch_size,
         }
-        params = jax.device_put(params, shardings)
+        mesh = expert_mesh(model.config, sizes)
+    if mesh is not None:  # the routed experts split over the devices, the rest replicated
+        params = place_params(params, mesh)
     labels, trainable, frozen, tx, opt_state = _initial_state(params, cfg)
+    if mesh is not None:
+        opt_state = onto_mesh(opt_state, mesh)
     if keep_model:  # the step donates its trainable buffers: copy them once, for the caller's model
         trainable = jax.tree.map(jnp.copy, trainable)
     print(parameter_summary(params, labels))
     # Closing the checkpointer on any error keeps a pending save from outliving it (or printing its own).
-    with Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints) as ckpt:
+    shards = mesh.devices.size if mesh is not None else 1
+    with Checkpoints(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints, expert_shards=shards) as ckpt:
         restored: Restored | None = ckpt.restore_latest(trainable, opt_state, frozen) if resume else None
         start, skipped = 0, 0
         if restored is not None:
@@ -250,14 +281,7 @@ def train(
                     f"checkpoint was trained with seed {restored.meta['data_seed']}, config says {cfg.seed}"
                 )
             start, skipped = restored.step, restored.meta.get("skipped_steps", 0)
-            like = (trainable, opt_state, frozen)
             trainable, opt_state, frozen = restored.trainable, restored.opt_state, restored.frozen
-            if mesh is not None:  # restored onto one device: back onto the mesh, as a fresh start has them
-                trainable, opt_state, frozen = jax.tree.map(
-                    lambda r, a: jax.device_put(r, _mesh_sharding(a, mesh)),
-                    (trainable, opt_state, frozen),
-                    like,
-                )
             print(f"resumed from step {start} ({ckpt.directory})")
             if start >= cfg.steps:
                 print(
@@ -266,22 +290,23 @@ def train(
                 )
         elif cfg.checkpoint_every >= 0:  # frozen parameters are saved once, when a run starts
             ckpt.start_fresh(frozen)
-        history, evals = _load_logs(workdir, start) if start else ([], [])
+        history, evals = _load_logs(workdir, start, rewrite=main) if start else ([], [])
 
         train_step = jax.jit(make_train_step(defn, tx, cfg, mesh), donate_argnums=(0, 1))
-        eval_step = jax.jit(make_eval_step(defn))
+        eval_step = evaluator(defn, mesh)
         eval_batch = data.eval_batch(cfg.eval_batch_size)
-        log_file = (workdir / "metrics.jsonl").open("a" if start else "w")
+        log_file = (workdir / "metrics.jsonl").open("a" if start else "w") if main else None
 
         def log(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
 
         def run_eval(step: int) -> None:
             loss, logits = eval_step({**trainable, **frozen}, eval_batch)
-            record = {"step": step, "eval_loss": float(loss)}
+            record = {"step": step, "eval_loss": loss}
             if eval_metrics is not None:
-                record.update(eval_metrics(np.asarray(logits), eval_batch))
+                record.update(eval_metrics(logits, eval_batch))
             evals.append(record)
             log({"kind": "eval", **record})
 
@@ -295,7 +320,7 @@ def train(
         bar = tqdm(
             total=cfg.steps,
             initial=start,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and main),
             desc="train",
             unit="step",
             mininterval=1.0,
@@ -333,51 +358,11 @@ def train(
         if end == cfg.steps and (not evals or evals[-1]["step"] != cfg.steps):
             run_eval(cfg.steps)
         ckpt.wait()
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         return TrainResult(
             params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals
         )
-
-
-def expert_mesh(model: nnx.Module, cfg: TrainConfig) -> jax.sharding.Mesh | None:
-    """The mesh of expert parallelism: every device on the model's expert_axis (ModelConfig), or None
-    (no expert_axis, or one device). Checks that the experts and the batch split evenly."""
-    axis = getattr(getattr(model, "config", None), "expert_axis", "")
-    devices = jax.device_count()
-    if not axis or devices == 1:
-        return None
-    experts = model.config.num_experts
-    if experts % devices:
-        raise ValueError(
-            f"expert_axis {axis!r}: {experts} routed experts do not split over {devices} devices"
-        )
-    if cfg.batch_size % (devices * cfg.micro_batches):
-        raise ValueError(
-            f"expert_axis {axis!r}: batch_size {cfg.batch_size} must split into {devices} devices x "
-            f"{cfg.micro_batches} micro-batches"
-        )
-    return jax.make_mesh((devices,), (axis,))
-
-
-def _mesh_sharding(a: jax.Array, mesh: jax.sharding.Mesh) -> jax.sharding.Sharding:
-    """a's sharding where it is laid out on `mesh`, else replicated over it (optimizer counters)."""
-    if isinstance(a.sharding, jax.sharding.NamedSharding) and a.sharding.mesh == mesh:
-        return a.sharding
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def shard_batch(batch: Batch, mesh: jax.sharding.Mesh, micro_batches: int) -> Batch:
-    """The batch's sequences split over the mesh's axis so that each micro-batch is the one a single
-    device would take (its sequences spread over the shards): shard s holds, micro-batch by micro-batch,
-    its share of each, which its step splits again in order."""
-    shards = mesh.devices.size
-
-    def order(a: np.ndarray) -> np.ndarray:  # [B, ...]: micro-batch m's rows, shard s's part of them
-        parts = a.reshape(micro_batches, shards, a.shape[0] // (micro_batches * shards), *a.shape[1:])
-        return np.swapaxes(parts, 0, 1).reshape(a.shape)
-
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
-    return jax.device_put({k: order(np.asarray(v)) for k, v in batch.items()}, sharding)
 
 
 def _initial_state(params: Params, cfg: TrainConfig) -> tuple:
@@ -404,10 +389,11 @@ def load_trained(model: nnx.Module, cfg: TrainConfig, workdir: str | pathlib.Pat
     return merge_model(defn, {**restored.trainable, **restored.frozen}), restored.step
 
 
-def _load_logs(workdir: pathlib.Path, upto: int) -> tuple[list[dict], list[dict]]:
+def _load_logs(workdir: pathlib.Path, upto: int, rewrite: bool = True) -> tuple[list[dict], list[dict]]:
     """Train and eval records logged up to step `upto`; later ones (from an interrupted run past its
-    last checkpoint) are dropped from the file too, so the log matches the resumed state. A last line
-    torn by a kill is dropped; any other line that is not a record is an error naming it."""
+    last checkpoint) are dropped from the file too (with `rewrite`: by one process only), so the log
+    matches the resumed state. A last line torn by a kill is dropped; any other line that is not a record
+    is an error naming it."""
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return [], []
@@ -426,6 +412,7 @@ def _load_logs(workdir: pathlib.Path, upto: int) -> tuple[list[dict], list[dict]
             raise ValueError(f"{path}:{n}: not a metrics record ({e}): {line[:80]!r}") from None
         records.append(record)
     kept = [r for r in records if r["step"] <= upto]
-    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+    if rewrite:
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     strip = lambda r: {k: v for k, v in r.items() if k != "kind"}  # noqa: E731
     return [strip(r) for r in kept if r["kind"] == "train"], [strip(r) for r in kept if r["kind"] == "eval"]

@@ -166,7 +166,7 @@ def run_model() -> None:
     from ktjax.models import build_model
     from ktjax.models.presets import qwen3_moe
     from ktjax.params import merge_model, split_model
-    from ktjax.train import expert_specs
+    from ktjax.sharding import expert_specs
 
     tiny = dict(vocab_size=29, hidden_size=32, num_hidden_layers=2, head_dim=8, num_experts=8)
     cfg = qwen3_moe(**tiny, moe_intermediate_size=16, lora_rank=4, lora_targets=("experts", "q_proj"))

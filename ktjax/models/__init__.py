@@ -1,21 +1,30 @@
 """Model presets and constructors: random (build_model) or from a Hugging Face directory (from_hf)."""
 
+import jax
 from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.models.hf_load import from_hf, load_params
 from ktjax.models.presets import deepseek_v3, mixtral, qwen3_moe
 from ktjax.nn.decoder import MoeForCausalLM
-from ktjax.params import merge_model
+from ktjax.nn.init import experts_sharded
+from ktjax.params import merge_model, split_model
+from ktjax.sharding import place_params
 
 __all__ = ["ModelConfig", "deepseek_v3", "mixtral", "qwen3_moe", "build_model", "from_hf"]
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> MoeForCausalLM:
+def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> MoeForCausalLM:
     """A MoeForCausalLM for `cfg`: randomly initialised, or with the weights of the Hugging Face
     checkpoint at cfg.path (then cfg's architecture fields must match that checkpoint's config.json;
-    ``ktjax.models.hf_config.config_from_hf`` gives them)."""
+    ``ktjax.models.hf_config.config_from_hf`` gives them). With `mesh` (ktjax.sharding.expert_mesh) its
+    routed experts are split over the mesh: random ones are made there, each process drawing only its
+    own (the values are those of one device); loaded ones are read whole by every process, then split."""
     if cfg.path:
         defn, params = load_params(cfg, cfg.path, seed=seed)
-        return merge_model(defn, params)
-    return MoeForCausalLM(cfg, rngs=nnx.Rngs(seed))
+        return merge_model(defn, params if mesh is None else place_params(params, mesh))
+    if mesh is None:
+        return MoeForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    with experts_sharded(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(cfg.expert_axis))):
+        defn, params = split_model(MoeForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+    return merge_model(defn, place_params(params, mesh))

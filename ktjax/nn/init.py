@@ -1,12 +1,50 @@
-"""Random normal initialisation that stays within the weight's own size in memory."""
+"""Random initialisation that stays within the weight's own size in memory, and, for the routed
+experts of expert parallelism, within each process's share of them (``experts_sharded``)."""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 CHUNK = 1 << 24  # elements generated at once for large weights
+
+# Where the routed experts' weights are made: None, on this process's default device, whole; else laid
+# out by this sharding (each process computing only its own devices' parts).
+_EXPERTS_SHARDING: contextvars.ContextVar[jax.sharding.Sharding | None] = contextvars.ContextVar(
+    "ktjax_experts_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def experts_sharded(sharding: jax.sharding.Sharding) -> Iterator[None]:
+    """Within this block, models draw their routed experts' [E, ...] weights laid out by `sharding`
+    (expert parallelism: split along E), with the values they would have on one device."""
+    token = _EXPERTS_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _EXPERTS_SHARDING.reset(token)
+
+
+def draw_experts(draw: Callable, key: jax.Array, *static) -> jax.Array:
+    """draw(key, *static): a routed experts' weight [E, ...] (an array or a pytree of them), made where
+    ``experts_sharded`` says: by default as it is, else compiled with that layout for its result, one
+    weight at a time (so that no process holds more than its part, plus one weight's temporaries)."""
+    sharding = _EXPERTS_SHARDING.get()
+    if sharding is None:
+        return draw(key, *static)
+    return _compiled(draw, sharding, len(static))(key, *static)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(draw: Callable, sharding: jax.sharding.Sharding, n_static: int) -> Callable:
+    return jax.jit(draw, static_argnums=tuple(range(1, 1 + n_static)), out_shardings=sharding)
 
 
 def normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
@@ -15,12 +53,18 @@ def normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Arr
     generating it needs its own bytes plus one block's f32 temporaries, not several f32 copies of it."""
     size = int(np.prod(shape))
     if size <= CHUNK or len(shape) < 2:
-        return (jax.random.normal(key, shape) * std).astype(dtype)
+        return _scaled_normal(key, tuple(shape), std, dtype)
     rows = max(1, CHUNK // int(np.prod(shape[1:])))
     starts = range(0, shape[0], rows)
     keys = jax.random.split(key, len(starts))
     blocks = [
-        (jax.random.normal(k, (min(rows, shape[0] - s), *shape[1:])) * std).astype(dtype)
-        for k, s in zip(keys, starts)
+        _scaled_normal(k, (min(rows, shape[0] - s), *shape[1:]), std, dtype) for k, s in zip(keys, starts)
     ]
     return jnp.concatenate(blocks)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _scaled_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    # One compiled computation, called alone or inside draw_experts' program: the same values either
+    # way (the scaling compiled apart from the draw can round differently than fused with it).
+    return (jax.random.normal(key, shape) * std).astype(dtype)

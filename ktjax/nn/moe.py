@@ -11,7 +11,7 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.nn.expert_axis import axis_bound
-from ktjax.nn.init import normal
+from ktjax.nn.init import draw_experts, normal
 from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
 from ktjax.nn.router import Router
@@ -26,14 +26,15 @@ class ExpertProjection(nnx.Module):
     def __init__(
         self, E: int, out_dim: int, in_dim: int, *, rngs: nnx.Rngs, dtype, lora_rank: int, quant: str = "none"
     ):
+        std = in_dim**-0.5
         if quant == "none":
-            self.weight = nnx.Param(normal(rngs.params(), (E, out_dim, in_dim), in_dim**-0.5, dtype))
+            self.weight = nnx.Param(draw_experts(normal, rngs.params(), (E, out_dim, in_dim), std, dtype))
         else:
             self.weight = nnx.Param(
-                random_quantized(rngs.params(), quant, (E, out_dim, in_dim), in_dim**-0.5)
+                draw_experts(random_quantized, rngs.params(), quant, (E, out_dim, in_dim), std)
             )
         if lora_rank:
-            self.lora_A = LoRAParam(normal(rngs.params(), (E, lora_rank, in_dim), in_dim**-0.5, dtype))
+            self.lora_A = LoRAParam(draw_experts(normal, rngs.params(), (E, lora_rank, in_dim), std, dtype))
             self.lora_B = LoRAParam(jnp.zeros((E, out_dim, lora_rank), dtype))
         else:
             self.lora_A = self.lora_B = None

@@ -3,11 +3,13 @@
     python -m experiments.run throughput
     python -m experiments.run throughput --set model.param_dtype=float32 --set train.steps=10
     python -m experiments.run throughput --set model.expert_intermediates=f32   # bf16 weights default to bf16
+    python -m experiments.run throughput --processes 2   # expert parallelism: half the experts each
 
 Routed experts: H=2048, I=768, E=32, top-8, bf16 weights, LoRA r=16 on the experts (attention and
 routers full). Reports tokens/s, the expert kernels' work per kind (GFLOP, from
 ktjax.ffi.kernel_counters) and host memory part by part against the measured peak (ktjax.memory): a
-quick look at where a real-width step spends time and memory.
+quick look at where a real-width step spends time and memory. Over several processes: process 0's
+tokens/s (of the whole batch), its peak RSS, and the bytes its step's all_to_all exchanges.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import jax
 from ktjax import ffi
 from ktjax.bench_decode import THROUGHPUT_SHAPES
 from ktjax.experiment import DataConfig, ExperimentConfig, make_task, resolve
-from ktjax.memory import current_rss_bytes, format_memory, training_memory
+from ktjax.memory import current_rss_bytes, format_memory, peak_rss_bytes, training_memory
 from ktjax.models import ModelConfig, build_model, qwen3_moe
 from ktjax.ops.moe_checks import default_intermediates
-from ktjax.optim import GroupConfig
-from ktjax.train import TrainConfig, train
+from ktjax.optim import GroupConfig, init_optimizer_state, make_optimizer, split_trainable
+from ktjax.sharding import all_to_all_bytes, expert_mesh, onto_mesh, shard_batch
+from ktjax.train import TrainConfig, TrainResult, make_train_step, train
 
 
 def get_config() -> ExperimentConfig:
@@ -61,7 +64,9 @@ def resolved_intermediates(model: ModelConfig) -> str:
 def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> dict:
     cfg = resolve(cfg)
     runtime = current_rss_bytes()
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    sizes = {"train.batch_size / micro_batches": cfg.train.batch_size // cfg.train.micro_batches}
+    mesh = expert_mesh(cfg.model, {**sizes, "train.eval_batch_size": cfg.train.eval_batch_size})
+    model = build_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
     print(
         f"expert backend {cfg.model.expert_backend}, {cfg.model.param_dtype} weights, "
         f"{resolved_intermediates(cfg.model)} intermediates, "
@@ -89,7 +94,27 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     for kind in ("forward", "recompute", "input_grad", "lora_grad", "base_grad"):
         print(f"  {kind:<12}{counts[kind] / 1e9:>10.2f}")
     batch = make_task(cfg.data).batch(0, cfg.train.batch_size)
+    if mesh is not None:
+        exchanged = exchanged_bytes(result, cfg, mesh, batch)
+        shards = mesh.devices.size
+        print(
+            f"expert parallelism over {shards} devices of {jax.process_count()} process(es): each step's "
+            f"all_to_all results hold {exchanged / 2**20:.1f} MiB per device, {(shards - 1) / shards:.0%} "
+            f"of them from other devices; peak RSS of process 0: {peak_rss_bytes() / 2**30:.2f} GiB"
+        )
+        return {"tokens_per_s": tokens_per_s, "counters": counts, "all_to_all_bytes": exchanged}
     memory = training_memory(result.defn, result.labels, result.params, cfg.train, batch, runtime)
     print(f"host memory ({cfg.mode} mode; ktjax.memory):")
     print(format_memory(memory))
     return {"tokens_per_s": tokens_per_s, "counters": counts, "memory": memory}
+
+
+def exchanged_bytes(result: TrainResult, cfg: ExperimentConfig, mesh: jax.sharding.Mesh, batch: dict) -> int:
+    """Bytes of the all_to_all results of one training step on one device, read from the compiled step
+    (compiled again here: the same program as train's)."""
+    trainable, frozen = split_trainable(result.params, result.labels)
+    tx = make_optimizer(result.labels, cfg.train.groups, cfg.train.steps, cfg.train.clip_norm or None)
+    opt_state = onto_mesh(init_optimizer_state(tx, trainable), mesh)
+    step = jax.jit(make_train_step(result.defn, tx, cfg.train, mesh))
+    hlo = step.lower(trainable, opt_state, frozen, shard_batch(batch, mesh, cfg.train.micro_batches))
+    return all_to_all_bytes(hlo.compile().as_text()) * cfg.train.micro_batches

@@ -51,6 +51,28 @@ def param_shardings(params: Params, mesh: jax.sharding.Mesh) -> dict:
     return {n: jax.sharding.NamedSharding(mesh, s) for n, s in specs.items()}
 
 
+def local_experts(mesh: jax.sharding.Mesh, num_experts: int) -> range:
+    """The routed experts this process holds on `mesh` (split along E): a range of consecutive ids."""
+    sharding = jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
+    rows = sorted(
+        {
+            i[0].indices(num_experts)[:2]
+            for i in sharding.addressable_devices_indices_map((num_experts,)).values()
+        }
+    )
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ValueError(f"this process's experts on the mesh are not consecutive: {rows}")
+    return range(start, stop)
+
+
+def global_from_local(mesh: jax.sharding.Mesh, local: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+    """A global [E, ...] array split along E over `mesh`, from this process's experts (local_experts)
+    alone."""
+    sharding = jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(shape))
+
+
 def place_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
     """Parameters held in whole by every process, laid out on `mesh` (each process keeps its parts)."""
     shardings = param_shardings(params, mesh)

@@ -8,6 +8,8 @@ same mesh and the same layout. Writes what each process saw to OUT.<process>.jso
   expert parameters changed;
 - resume: the hybrid run again, stopped after 1 step (a checkpoint) and resumed for 2 more: this
   process checks that losses and parameters equal the uninterrupted run's;
+- hf: a Hugging Face directory of the tiny model loaded on the mesh equals the whole load split, and
+  how many routed-expert tensors this process read;
 - memory: the growth of this process's resident memory while a model with 201 MB of routed experts is
   built on the mesh, and those experts' bytes;
 - with --load DIR (the reference only): the 2-process run's checkpoint read whole by one process.
@@ -93,10 +95,34 @@ def init_matches_one_device() -> bool:
     return checksums(split) == checksums(whole)
 
 
+def loads_own_experts(workdir: str) -> dict:
+    """A Hugging Face directory of the tiny model (written by process 0) loaded on the mesh: whether it
+    equals the whole load split over the mesh, and how many routed-expert tensors this process read."""
+    import ktjax.models.hf_load as hf_load
+    from ktjax.distributed import is_main, sync
+    from ktjax.models.hf_export import export_hf
+
+    path = f"{workdir}/hf"
+    if is_main():
+        export_hf(split_model(build_model(TINY, seed=1))[1], TINY, path)
+    sync("hf checkpoint written")
+    cfg, mesh = TINY.replace(path=path), expert_mesh(TINY, {})
+    whole = place_params(split_model(build_model(cfg))[1], mesh)
+    read, reading = [], hf_load.read_into
+    hf_load.read_into = lambda info, out: (read.append(info.name), reading(info, out))[1]
+    try:
+        split = split_model(build_model(cfg, mesh=mesh))[1]
+    finally:
+        hf_load.read_into = reading
+    experts = [n for n in read if ".experts." in n]
+    return {"matches": checksums(split) == checksums(whole), "expert_tensors_read": len(experts)}
+
+
 def main() -> None:
     out, workdir = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 2, jax.devices()
     report = {"processes": jax.process_count(), "memory": memory(), "init": init_matches_one_device()}
+    report["hf"] = loads_own_experts(workdir)
     for name, rules in (("full", FULL_RULES), ("lora", LORA_RULES)):
         report[name] = trained(rules, f"{workdir}/{name}")
     whole = trained(HYBRID_RULES, f"{workdir}/hybrid", checkpoint_every=1)

@@ -51,6 +51,10 @@ def test_two_processes_train_as_one_process_with_the_same_mesh_and_hold_half_the
     ref = json.loads((tmp_path / "one.0.json").read_text())
     assert [p["processes"] for p in procs] == [2, 2] and ref["processes"] == 1
     assert procs[0]["init"] and procs[1]["init"] and ref["init"]
+    # a Hugging Face directory: 2 layers x 3 projections x 4 experts; each of 2 processes reads its 2
+    every = 2 * 3 * 4
+    assert ref["hf"] == {"matches": True, "expert_tensors_read": every}
+    assert [p["hf"] for p in procs] == [{"matches": True, "expert_tensors_read": every // 2}] * 2
     for rules in ("full", "lora", "hybrid"):
         for p in procs:  # every process logged the same, and it is what one process computes
             assert p[rules]["losses"] == ref[rules]["losses"], (
@@ -102,13 +106,14 @@ def test_a_failed_process_stops_the_others_and_is_named(tmp_path):
     assert elapsed < 60, elapsed  # the grace period (10 s), not JAX's timeouts (minutes)
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "experiments.run", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -150,3 +155,8 @@ def test_experiments_run_trains_over_two_processes_with_one_output(tmp_path):
     assert (workdir / "peft_adapter" / "adapter_model.safetensors").is_file()
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [4]  # written once, by process 0
+    # resumed by 2 processes of 2 devices each: the experts would be split 4 ways, the checkpoint's 2
+    four = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = run_cli("sort_hybrid", "--processes", "2", "--workdir", str(workdir), "--resume", env=four)
+    assert result.returncode != 0
+    assert "split over 2 devices, this run splits them over 4" in result.stderr, result.stderr[-2000:]

@@ -18,10 +18,11 @@ def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None 
     """A MoeForCausalLM for `cfg`: randomly initialised, or with the weights of the Hugging Face
     checkpoint at cfg.path (then cfg's architecture fields must match that checkpoint's config.json;
     ``ktjax.models.hf_config.config_from_hf`` gives them). With `mesh` (ktjax.sharding.expert_mesh) its
-    routed experts are split over the mesh: random ones are made there, each process drawing only its
-    own (the values are those of one device); loaded ones are read whole by every process, then split."""
+    routed experts are split over the mesh, each process making only its own: random ones drawn with
+    the values they have on one device, loaded ones read from their own tensors; the other parameters
+    are whole on every process."""
     if cfg.path:
-        defn, params = load_params(cfg, cfg.path, seed=seed)
+        defn, params = load_params(cfg, cfg.path, seed=seed, mesh=mesh)
         return merge_model(defn, params if mesh is None else place_params(params, mesh))
     if mesh is None:
         return MoeForCausalLM(cfg, rngs=nnx.Rngs(seed))

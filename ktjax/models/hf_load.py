@@ -33,6 +33,7 @@ from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import ModelDef, Params, is_lora, merge_model, split_model
 from ktjax.quant.formats import QuantizedWeight, is_quantized, spec_of
 from ktjax.quant.quantize import quantize
+from ktjax.sharding import global_from_local, local_experts
 
 # ktjax's stacked routed-expert parameters, and the per-expert names Hugging Face stores them under.
 EXPERT_PARAM = re.compile(
@@ -144,10 +145,12 @@ def load_quantized(
     tensors: dict[str, TensorInfo], sources: list[str], target: QuantizedWeight, block
 ) -> QuantizedWeight:
     """The stacked quantized weight shaped like `target` (a QuantizedWeight of shapes), one expert per
-    source tensor: FP8 bytes and scales copied when `target` is FP8 with the checkpoint's blocks, else
-    each expert read in f32 and quantized into its slot."""
-    data = aligned_empty(target.data.shape, np.dtype(target.data.dtype))
-    scales = aligned_empty(target.scales.shape, np.dtype(np.float32))
+    source tensor (all of target's experts, or a process's share of them): FP8 bytes and scales copied
+    when `target` is FP8 with the checkpoint's blocks, else each expert read in f32 and quantized into
+    its slot."""
+    n = len(sources)
+    data = aligned_empty((n, *target.data.shape[1:]), np.dtype(target.data.dtype))
+    scales = aligned_empty((n, *target.scales.shape[1:]), np.dtype(np.float32))
     for e, source in enumerate(sources):
         info = tensors[source]
         if target.format == "fp8" and info.code == "F8_E4M3" and tuple(target.block) == tuple(block or ()):
@@ -159,15 +162,22 @@ def load_quantized(
         q = quantize(w[None], spec_of(target))
         data[e], scales[e] = q.data[0], q.scales[0]
     return QuantizedWeight(
-        to_jax(data), to_jax(scales), target.format, target.shape, target.group, target.block
+        to_jax(data), to_jax(scales), target.format, (n, *target.shape[1:]), target.group, target.block
     )
 
 
 def load_params(
-    cfg: ModelConfig, path: str | pathlib.Path, *, seed: int = 0, progress: bool = True
+    cfg: ModelConfig,
+    path: str | pathlib.Path,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[ModelDef, Params]:
     """Reads the checkpoint at `path` into ktjax's parameter layout for `cfg`. Raises ValueError naming
-    the tensor when one is missing, has the wrong shape, or is not used by the model."""
+    the tensor when one is missing, has the wrong shape, or is not used by the model. With `mesh`
+    (ktjax.sharding.expert_mesh), each process reads only its own routed experts' tensors into its part
+    of global arrays split along E; the other parameters are read whole, as without."""
     defn, shapes = abstract_model(cfg, seed)
     tensors = index_checkpoint(path)
     block = fp8_block(read_hf_config(path))
@@ -195,16 +205,29 @@ def load_params(
             f"e.g. {unexpected[:3]} (a config field such as attention_bias or tie_word_embeddings may be off)"
         )
     params: Params = {n: _init_lora(n, shapes[n], seed) for n in shapes if is_lora(n)}
+    mine = range(cfg.num_experts) if mesh is None else local_experts(mesh, cfg.num_experts)
     for name in tqdm(sources, desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0):
         target = shapes[name]
+        stacked = len(sources[name]) > 1
+        split = stacked and len(mine) < cfg.num_experts  # this process's experts only
+        names = [sources[name][e] for e in mine] if split else sources[name]
         if is_quantized(target):
-            params[name] = load_quantized(tensors, sources[name], target, block)
+            q = load_quantized(tensors, names, target, block)
+            if split:
+                data, scales = (
+                    global_from_local(mesh, a, s.shape)
+                    for a, s in ((q.data, target.data), (q.scales, target.scales))
+                )
+                q = QuantizedWeight(data, scales, q.format, target.shape, q.group, q.block)
+            params[name] = q
             continue
-        array = aligned_empty(target.shape, np.dtype(target.dtype))
-        slots = [array] if len(sources[name]) == 1 else list(array)  # expert e -> array[e]
-        for source, slot in zip(sources[name], slots):
+        array = aligned_empty(
+            (len(names), *target.shape[1:]) if split else target.shape, np.dtype(target.dtype)
+        )
+        slots = list(array) if stacked else [array]  # expert e -> array[e]
+        for source, slot in zip(names, slots):
             read_float(tensors, tensors[source], slot, block)
-        params[name] = to_jax(array)
+        params[name] = global_from_local(mesh, array, target.shape) if split else to_jax(array)
     return defn, params
 
 

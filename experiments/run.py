@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = module.get_config()
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         if workdir is None and distributed.ENV_PROCESSES in os.environ:
-            parser.error("processes started one by one (JAX_NUM_PROCESSES) need the same --workdir on each")
+            return fail("processes started one by one (JAX_NUM_PROCESSES) need the same --workdir on each")
         workdir = workdir or RUNS / args.name / stamp
     try:
         cfg = apply_overrides(cfg, args.set)

@@ -26,8 +26,8 @@ from ktjax.memory import current_rss_bytes, format_memory, peak_rss_bytes, train
 from ktjax.models import ModelConfig, build_model, qwen3_moe
 from ktjax.ops.moe_checks import default_intermediates
 from ktjax.optim import GroupConfig, init_optimizer_state, make_optimizer, split_trainable
-from ktjax.sharding import all_to_all_bytes, expert_mesh, onto_mesh, shard_batch
-from ktjax.train import TrainConfig, TrainResult, make_train_step, train
+from ktjax.sharding import all_to_all_bytes, onto_mesh, shard_batch
+from ktjax.train import TrainConfig, TrainResult, make_train_step, train, training_mesh
 
 
 def get_config() -> ExperimentConfig:
@@ -64,8 +64,7 @@ def resolved_intermediates(model: ModelConfig) -> str:
 def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> dict:
     cfg = resolve(cfg)
     runtime = current_rss_bytes()
-    sizes = {"train.batch_size / micro_batches": cfg.train.batch_size // cfg.train.micro_batches}
-    mesh = expert_mesh(cfg.model, {**sizes, "train.eval_batch_size": cfg.train.eval_batch_size})
+    mesh = training_mesh(cfg.model, cfg.train)
     model = build_model(cfg.model, seed=cfg.train.seed, mesh=mesh)
     print(
         f"expert backend {cfg.model.expert_backend}, {cfg.model.param_dtype} weights, "

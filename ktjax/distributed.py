@@ -134,10 +134,17 @@ def core_shares(processes: int) -> list[set[int]] | None:
     return [set(cores[i * per : (i + 1) * per]) for i in range(processes)]
 
 
-def launch(command: Sequence[str], processes: int, *, port: int | None = None, pin: bool = True) -> int:
+def launch(
+    command: Sequence[str],
+    processes: int,
+    *,
+    port: int | None = None,
+    pin: bool = True,
+    grace_s: float = GRACE_S,
+) -> int:
     """Runs `command` as `processes` processes of one job on this host and returns the exit status:
     0 when every process succeeded, else the first failure's (it is reported on stderr naming the
-    process, and the others are stopped at most GRACE_S later). Each process gets the environment
+    process, and the others are stopped at most `grace_s` later). Each process gets the environment
     variables of the module docstring and, with `pin`, its share of the cores (KTJAX_NUM_THREADS and
     its CPU affinity). Process 0's output is the job's; the others' stdout is dropped, their stderr kept.
     """
@@ -167,7 +174,7 @@ def launch(command: Sequence[str], processes: int, *, port: int | None = None, p
                     preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None,
                 )
             )
-        return _watch(children)
+        return _watch(children, grace_s)
     finally:
         for child in children:
             if child.poll() is None:
@@ -184,7 +191,7 @@ def _describe(code: int) -> str:
     return f"exited with status {code}"
 
 
-def _watch(children: list[subprocess.Popen]) -> int:
+def _watch(children: list[subprocess.Popen], grace_s: float) -> int:
     """Waits for every child; after the first failure, stops the rest (see launch)."""
     failures: list[tuple[int, int]] = []  # (rank, status) in the order they were seen
     deadline = None
@@ -195,7 +202,7 @@ def _watch(children: list[subprocess.Popen]) -> int:
             seen = {rank for rank, _ in failures}
             failures += [(r, c) for r, c in enumerate(codes) if c not in (None, 0) and r not in seen]
             if failures and deadline is None:
-                deadline = time.monotonic() + GRACE_S
+                deadline = time.monotonic() + grace_s
             if all(code is not None for code in codes):
                 break
             if deadline is not None and time.monotonic() > deadline:

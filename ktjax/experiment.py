@@ -33,9 +33,8 @@ from ktjax.overrides import from_json, to_json
 from ktjax.params import is_lora, merge_model
 from ktjax.plots import plot_run
 from ktjax.sft import SFTData
-from ktjax.sharding import expert_mesh
 from ktjax.tokenizer import load_tokenizer, model_tokenizer
-from ktjax.train import TrainConfig, TrainResult, evaluator, load_trained, train
+from ktjax.train import TrainConfig, TrainResult, evaluator, load_trained, train, training_mesh
 
 MODES = {"full": FULL_RULES, "lora": LORA_RULES, "hybrid": HYBRID_RULES}
 # ModelConfig fields that are not architecture: they still apply when model.path supplies the rest.
@@ -197,11 +196,7 @@ def run_experiment(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = 
     print(format_config(cfg))
     print(f"task: {task.describe()}")
     start = time.perf_counter()
-    sizes = {
-        "train.batch_size / micro_batches": cfg.train.batch_size // cfg.train.micro_batches,
-        "train.eval_batch_size": cfg.train.eval_batch_size,
-    }
-    mesh = expert_mesh(cfg.model, sizes)
+    mesh = training_mesh(cfg.model, cfg.train)
     if mesh is not None:
         print(
             f"expert parallelism: {cfg.model.num_experts} routed experts over {mesh.devices.size} devices "

@@ -18,6 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ktjax.checkpoint import Checkpoints, Restored
+from ktjax.config import ModelConfig
 from ktjax.data import Batch
 from ktjax.distributed import is_main, to_host
 from ktjax.files import write_atomically
@@ -255,13 +256,7 @@ def train(
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
     defn, params = split_model(model)
-    mesh = None
-    if hasattr(model, "config"):
-        sizes = {
-            "train.batch_size / micro_batches": cfg.batch_size // cfg.micro_batches,
-            "train.eval_batch_size": cfg.eval_batch_size,
-        }
-        mesh = expert_mesh(model.config, sizes)
+    mesh = training_mesh(model.config, cfg) if hasattr(model, "config") else None
     if mesh is not None:  # the routed experts split over the devices, the rest replicated
         params = place_params(params, mesh)
     labels, trainable, frozen, tx, opt_state = _initial_state(params, cfg)
@@ -363,6 +358,16 @@ def train(
         return TrainResult(
             params={**trainable, **frozen}, defn=defn, labels=labels, history=history, evals=evals
         )
+
+
+def training_mesh(model: ModelConfig, cfg: TrainConfig) -> jax.sharding.Mesh | None:
+    """The expert mesh (ktjax.sharding.expert_mesh) a run of `model` with `cfg` trains on, checked
+    against the run's batch sizes: each micro-batch and the eval batch split over its devices."""
+    sizes = {
+        "train.batch_size / micro_batches": cfg.batch_size // cfg.micro_batches,
+        "train.eval_batch_size": cfg.eval_batch_size,
+    }
+    return expert_mesh(model, sizes)
 
 
 def _initial_state(params: Params, cfg: TrainConfig) -> tuple:

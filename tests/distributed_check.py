@@ -2,12 +2,12 @@
 ktjax.distributed.launch, one core each), or as the reference: one process with 2 host devices, the
 same mesh and the same layout. Writes what each process saw to OUT.<process>.json:
 
-- init: whether a model built on the mesh has the parameters it has built on one device;
+- init (the reference): whether a model built on the mesh has the parameters it has built on one
+  device;
 - training: for full, LoRA and hybrid rules, 3 steps of ktjax.train (f32, 2 micro-batches): the
   logged losses, the CRC-32 checksums of every parameter's parts after training and which routed
-  expert parameters changed;
-- resume: the hybrid run again, stopped after 1 step (a checkpoint) and resumed for 2 more: this
-  process checks that losses and parameters equal the uninterrupted run's;
+  expert parameters changed; with 2 processes the hybrid run stops after 1 step (and its
+  checkpoint) and resumes for 2 more, the reference runs it uninterrupted;
 - hf: a Hugging Face directory of the tiny model loaded on the mesh equals the whole load split, and
   how many routed-expert tensors this process read;
 - memory: the growth of this process's resident memory while a model with 201 MB of routed experts is
@@ -44,7 +44,7 @@ TASK = SortTask(length=5, num_values=6)
 TINY = qwen3_moe(
     vocab_size=TASK.vocab_size,
     hidden_size=32,
-    num_hidden_layers=2,
+    num_hidden_layers=1,
     head_dim=8,
     num_experts=4,
     moe_intermediate_size=16,
@@ -121,16 +121,18 @@ def loads_own_experts(workdir: str) -> dict:
 def main() -> None:
     out, workdir = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 2, jax.devices()
-    report = {"processes": jax.process_count(), "memory": memory(), "init": init_matches_one_device()}
+    report = {"processes": jax.process_count(), "memory": memory()}
+    if jax.process_count() == 1:  # the processes' runs equal the reference's, whose model is built so
+        report["init"] = init_matches_one_device()
     report["hf"] = loads_own_experts(workdir)
     for name, rules in (("full", FULL_RULES), ("lora", LORA_RULES)):
         report[name] = trained(rules, f"{workdir}/{name}")
-    whole = trained(HYBRID_RULES, f"{workdir}/hybrid", checkpoint_every=1)
-    trained(HYBRID_RULES, f"{workdir}/resumed", checkpoint_every=1, stop_after=1)
-    resumed = trained(HYBRID_RULES, f"{workdir}/resumed", checkpoint_every=1, resume=True)
-    assert resumed["losses"] == whole["losses"], (resumed["losses"], whole["losses"])
-    assert resumed["checksums"] == whole["checksums"]
-    report["hybrid"] = whole
+    hybrid = f"{workdir}/hybrid"
+    if jax.process_count() > 1:  # stopped after a step (and its checkpoint), then resumed
+        trained(HYBRID_RULES, hybrid, checkpoint_every=1, stop_after=1)
+        report["hybrid"] = trained(HYBRID_RULES, hybrid, checkpoint_every=1, resume=True)
+    else:  # the reference runs uninterrupted
+        report["hybrid"] = trained(HYBRID_RULES, hybrid, checkpoint_every=1)
     if "--load" in sys.argv:  # a checkpoint of 2 processes, read whole by this one
         tcfg = TrainConfig(steps=3, rules=HYBRID_RULES, **OPTS)
         model, step = load_trained(build_model(TINY, seed=1), tcfg, sys.argv[sys.argv.index("--load") + 1])

@@ -19,12 +19,13 @@ import time
 import numpy as np
 
 from ktjax.data import answer_accuracy
+from ktjax.distributed import is_main
 from ktjax.experiment import MODES, DataConfig, ExperimentConfig, make_task, resolve
 from ktjax.models import build_model, qwen3_moe
 from ktjax.optim import GroupConfig
 from ktjax.params import merge_model
 from ktjax.plots import plot_comparison
-from ktjax.train import TrainConfig, train
+from ktjax.train import TrainConfig, train, training_mesh
 
 PRETRAIN_RULES = (("*.lora_A", "frozen"), ("*.lora_B", "frozen"), ("*", "full"))
 
@@ -67,7 +68,7 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     print(f"stage 1: pretrain on {make_task(cfg.data).describe()} ({cfg.train.steps} steps, full)")
     pre_cfg = dataclasses.replace(cfg.train, rules=PRETRAIN_RULES)
     pretrained = train(
-        build_model(cfg.model, seed=cfg.train.seed),
+        build_model(cfg.model, seed=cfg.train.seed, mesh=training_mesh(cfg.model, cfg.train)),
         make_task(cfg.data),
         pre_cfg,
         workdir / "pretrain",
@@ -114,11 +115,12 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
             f"{b['sequence_accuracy']:>10.3f} -> {a['sequence_accuracy']:<6.3f}"
             f"{r['seconds']:>7.0f}{r['tokens_per_s']:>8.0f}"
         )
-    (workdir / "comparison.json").write_text(json.dumps(rows, indent=2))
-    plot_comparison(
-        {m: workdir / m / "metrics.jsonl" for m in MODES},
-        workdir / "comparison.png",
-        title="fine-tuning to descending sort",
-    )
+    if is_main():
+        (workdir / "comparison.json").write_text(json.dumps(rows, indent=2))
+        plot_comparison(
+            {m: workdir / m / "metrics.jsonl" for m in MODES},
+            workdir / "comparison.png",
+            title="fine-tuning to descending sort",
+        )
     print(f"\nrun directory: {workdir} (comparison.json, comparison.png, one sub-directory per stage)")
     return {"rows": rows}

@@ -20,6 +20,7 @@ import pathlib
 import random
 
 from experiments import sft_lora
+from ktjax.distributed import is_main, sync
 from ktjax.experiment import DataConfig, ExperimentConfig, run_experiment
 from ktjax.files import write_atomically
 from ktjax.memory import peak_rss_bytes
@@ -66,9 +67,10 @@ def long_records(n: int, length: int, seed: int = 0) -> list[dict]:
 
 def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> dict:
     data = workdir / "long_records.jsonl"
-    if not data.exists():
+    if not data.exists() and is_main():
         records = long_records(max(10, cfg.train.steps + 2), cfg.data.seq_len, cfg.data.seed)
         write_atomically(data, "".join(json.dumps(r) + "\n" for r in records))
+    sync("long_context records written")  # every process reads them
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data), tokenizer="bytes"))
     result = run_experiment(cfg, workdir, resume)
     timed = result.history[1:] or result.history  # the first step includes compilation
@@ -83,5 +85,6 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
     summary.update(
         seq_len=cfg.data.seq_len, tokens_per_s=round(tokens_per_s, 1), peak_rss_gb=round(peak / 1e9, 2)
     )
-    write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
+    if is_main():
+        write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
     return summary

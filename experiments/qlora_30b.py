@@ -25,12 +25,13 @@ import time
 
 import jax
 
+from ktjax.distributed import is_main
 from ktjax.experiment import DataConfig, ExperimentConfig, make_task, resolve
 from ktjax.files import write_atomically
 from ktjax.memory import current_rss_bytes, peak_rss_bytes
 from ktjax.models import build_model, qwen3_moe
 from ktjax.optim import GroupConfig
-from ktjax.train import TrainConfig, train
+from ktjax.train import TrainConfig, train, training_mesh
 
 DATA = pathlib.Path(__file__).parent / "data" / "arithmetic_sft.jsonl"
 VOCAB = 151936  # Qwen3's; the byte tokenizer uses the first few hundred ids
@@ -86,7 +87,7 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
         f"LoRA rank {cfg.model.lora_rank} on {', '.join(cfg.model.lora_targets)}"
     )
     start = time.perf_counter()
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    model = build_model(cfg.model, seed=cfg.train.seed, mesh=training_mesh(cfg.model, cfg.train))
     jax.effects_barrier()
     built = time.perf_counter() - start
     print(f"built in {built:.0f} s; resident {current_rss_bytes() / 1e9:.2f} GB")
@@ -113,5 +114,6 @@ def run(cfg: ExperimentConfig, workdir: pathlib.Path, resume: bool = False) -> d
         f"{len(timed)} steps after the first; losses {losses}; eval loss "
         f"{summary['eval_loss'][0]} -> {summary['eval_loss'][-1]}; {seconds:.0f} s training"
     )
-    write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
+    if is_main():
+        write_atomically(workdir / "summary.json", json.dumps(summary, indent=2))
     return summary

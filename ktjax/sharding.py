@@ -51,9 +51,13 @@ def param_shardings(params: Params, mesh: jax.sharding.Mesh) -> dict:
     return {n: jax.sharding.NamedSharding(mesh, s) for n, s in specs.items()}
 
 
-def local_experts(mesh: jax.sharding.Mesh, num_experts: int) -> range:
-    """The routed experts this process holds on `mesh` (split along E): a range of consecutive ids."""
-    sharding = jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
+def experts_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The layout of a routed experts' tensor [E, ...] on `mesh`: split along E."""
+    return jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def local_experts(sharding: jax.sharding.Sharding, num_experts: int) -> range:
+    """The routed experts this process holds under `sharding` (experts_sharding): consecutive ids."""
     rows = sorted(
         {
             i[0].indices(num_experts)[:2]
@@ -62,14 +66,15 @@ def local_experts(mesh: jax.sharding.Mesh, num_experts: int) -> range:
     )
     start, stop = rows[0][0], rows[-1][1]
     if sum(b - a for a, b in rows) != stop - start:
-        raise ValueError(f"this process's experts on the mesh are not consecutive: {rows}")
+        raise ValueError(f"this process's experts are not consecutive: {rows}")
     return range(start, stop)
 
 
-def global_from_local(mesh: jax.sharding.Mesh, local: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
-    """A global [E, ...] array split along E over `mesh`, from this process's experts (local_experts)
-    alone."""
-    sharding = jax.sharding.NamedSharding(mesh, P(mesh.axis_names[0]))
+def global_from_local(
+    sharding: jax.sharding.Sharding, local: np.ndarray, shape: tuple[int, ...]
+) -> jax.Array:
+    """A global [E, ...] array laid out by `sharding` (experts_sharding), from this process's experts
+    (local_experts) alone."""
     return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(shape))
 
 
@@ -81,8 +86,13 @@ def place_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
 
 def _place_tree(value, sharding: jax.sharding.NamedSharding):
     def leaf(a):
-        if isinstance(a, jax.Array) and a.sharding == sharding:
+        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
             return a
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:  # laid out otherwise over processes
+            return jax.device_put(a, sharding)
+        if isinstance(a, jax.Array) and sharding.is_fully_replicated:  # this process's copy, not another
+            parts = [a if a.devices() == {d} else jax.device_put(a, d) for d in sharding.addressable_devices]
+            return jax.make_array_from_single_device_arrays(a.shape, sharding, parts)
         return place(np.asarray(a), sharding)
 
     return jax.tree.map(leaf, value)

@@ -2,8 +2,8 @@
 ktjax.distributed.launch, one core each), or as the reference: one process with 2 host devices, the
 same mesh and the same layout. Writes what each process saw to OUT.<process>.json:
 
-- init (the reference): whether a model built on the mesh has the parameters it has built on one
-  device;
+- init (the reference) and init_int4 (every process, the model with int4 routed experts): whether a
+  model built on the mesh has the parameters it has built on one device;
 - training: for full, LoRA and hybrid rules, 3 steps of ktjax.train (f32, 2 micro-batches): the
   logged losses, the CRC-32 checksums of every parameter's parts after training and which routed
   expert parameters changed; with 2 processes the hybrid run stops after 1 step (and its
@@ -86,12 +86,12 @@ def memory() -> dict:
     return {"rss_growth": grown, "expert_bytes": sum(p.nbytes for p in experts)}
 
 
-def init_matches_one_device() -> bool:
+def init_matches_one_device(cfg=TINY) -> bool:
     """Whether the model built on the mesh has, part for part, the parameters of the one built whole
     on this process's default device."""
-    mesh = expert_mesh(TINY, {})
-    split = split_model(build_model(TINY, seed=1, mesh=mesh))[1]
-    whole = place_params(split_model(build_model(TINY, seed=1))[1], mesh)
+    mesh = expert_mesh(cfg, {})
+    split = split_model(build_model(cfg, seed=1, mesh=mesh))[1]
+    whole = place_params(split_model(build_model(cfg, seed=1))[1], mesh)
     return checksums(split) == checksums(whole)
 
 
@@ -124,6 +124,8 @@ def main() -> None:
     report = {"processes": jax.process_count(), "memory": memory()}
     if jax.process_count() == 1:  # the processes' runs equal the reference's, whose model is built so
         report["init"] = init_matches_one_device()
+    # int4 experts: each process draws only its own (their codes come from one stream per expert)
+    report["init_int4"] = init_matches_one_device(TINY.replace(expert_quant="int4:32"))
     report["hf"] = loads_own_experts(workdir)
     for name, rules in (("full", FULL_RULES), ("lora", LORA_RULES)):
         report[name] = trained(rules, f"{workdir}/{name}")

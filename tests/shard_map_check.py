@@ -215,6 +215,36 @@ def run_model() -> None:
     print("ok model float32")
 
 
+def run_quantized_model() -> None:
+    """The tiny model with int8 routed experts (a QuantizedWeight: its arrays split along E, its static
+    shape the whole E) and ModelConfig.expert_axis: logits on the mesh against one device."""
+    from ktjax.models import build_model
+    from ktjax.models.presets import qwen3_moe
+    from ktjax.params import merge_model, split_model
+    from ktjax.sharding import expert_specs, place_params
+
+    tiny = dict(vocab_size=29, hidden_size=32, num_hidden_layers=1, head_dim=8, num_experts=8)
+    cfg = qwen3_moe(**tiny, moe_intermediate_size=16, expert_quant="int8")
+    defn, params = split_model(build_model(cfg, seed=3))
+    sharded_defn, _ = split_model(build_model(dataclasses.replace(cfg, expert_axis="d"), seed=3))
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 29, size=(2, 10)), jnp.int32)
+    want = np.asarray(jax.jit(lambda p, i: merge_model(defn, p)(i))(params, ids), np.float64)
+    mesh = jax.make_mesh((2,), ("d",))
+    specs = expert_specs(params, "d")
+    step = jax.jit(
+        jax.shard_map(
+            lambda p, i: merge_model(sharded_defn, p)(i),
+            mesh=mesh,
+            in_specs=(specs, P("d")),
+            out_specs=P("d"),
+        )
+    )
+    got = np.asarray(step(place_params(params, mesh), jax.device_put(ids, NamedSharding(mesh, P("d")))))
+    tol = network_tolerance(2 * transformer_depth(layers=1, hidden=32, ffn=16, seq=10, experts=8, vocab=29))
+    assert np.abs(got - want).max() <= tol * np.abs(want).max(), np.abs(got - want).max()
+    print("ok quantized model")
+
+
 def run_training(tmp: str) -> None:
     """One SGD step of ktjax.train with ModelConfig.expert_axis on 2 devices (experts, adapters and the
     batch's sequences split; the load-balancing loss over every shard's tokens) against the same step on
@@ -290,6 +320,7 @@ if __name__ == "__main__":
         run("expert_parallel", dtype)
     run_all_to_all()
     run_model()
+    run_quantized_model()
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,7 +55,7 @@ def test_two_processes_train_as_one_process_with_the_same_mesh_and_hold_half_the
     procs = [json.loads((tmp_path / f"two.{i}.json").read_text()) for i in (0, 1)]
     ref = json.loads((tmp_path / "one.0.json").read_text())
     assert [p["processes"] for p in procs] == [2, 2] and ref["processes"] == 1
-    assert ref["init"]
+    assert ref["init"] and ref["init_int4"] and all(p["init_int4"] for p in procs)
     # a Hugging Face directory: 1 layer x 3 projections x 4 experts; each of 2 processes reads its 2
     every = 1 * 3 * 4
     assert ref["hf"] == {"matches": True, "expert_tensors_read": every}
@@ -80,13 +80,14 @@ def test_two_processes_train_as_one_process_with_the_same_mesh_and_hold_half_the
     # the 2-process checkpoint, read whole by one process: the parameters the 2 processes trained
     assert ref["loaded"]["step"] == 3
     assert ref["loaded"]["checksums"] == procs[0]["hybrid"]["checksums"]
-    # memory: one process holds every expert; each of two, half of them (and a few MB besides: 1.5 MB
-    # measured on a Zen 4 VM, against 20 MB more than all the experts in one process)
+    # memory: one process holds every expert; each of two, half of them, plus what the runtime allocates
+    # meanwhile (measured on a Zen 4 VM: 1.5 to 27 MB beyond the half; one process: 20 to 27 MB beyond
+    # all of them)
     total = ref["memory"]["expert_bytes"]
     assert total > 200e6
     assert ref["memory"]["rss_growth"] >= total, ref["memory"]
     for p in procs:
-        assert p["memory"]["rss_growth"] <= 0.55 * total, p["memory"]
+        assert p["memory"]["rss_growth"] <= total / 2 + 32 * 2**20, p["memory"]
 
 
 FAULTY = """

@@ -23,7 +23,7 @@ def test_moe_experts_in_shard_map_matches_the_kernels_shard_by_shard_and_sums_re
         for dtype in ("float32", "bfloat16"):
             assert f"ok {layout} {dtype}" in lines, result.stdout
     assert "ok all_to_all float32" in lines, result.stdout
-    assert "ok model float32" in lines, result.stdout
+    assert "ok model float32" in lines and "ok quantized model" in lines, result.stdout
     for rules in ("full", "hybrid"):
         assert f"ok training {rules}" in lines, result.stdout
     assert "ok training bf16" in lines and "ok resume" in lines, result.stdout

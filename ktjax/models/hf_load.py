@@ -33,7 +33,7 @@ from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import ModelDef, Params, is_lora, merge_model, split_model
 from ktjax.quant.formats import QuantizedWeight, is_quantized, spec_of
 from ktjax.quant.quantize import quantize
-from ktjax.sharding import global_from_local, local_experts
+from ktjax.sharding import experts_sharding, global_from_local, local_experts
 
 # ktjax's stacked routed-expert parameters, and the per-expert names Hugging Face stores them under.
 EXPERT_PARAM = re.compile(
@@ -205,7 +205,8 @@ def load_params(
             f"e.g. {unexpected[:3]} (a config field such as attention_bias or tie_word_embeddings may be off)"
         )
     params: Params = {n: _init_lora(n, shapes[n], seed) for n in shapes if is_lora(n)}
-    mine = range(cfg.num_experts) if mesh is None else local_experts(mesh, cfg.num_experts)
+    layout = experts_sharding(mesh) if mesh is not None else None
+    mine = range(cfg.num_experts) if layout is None else local_experts(layout, cfg.num_experts)
     for name in tqdm(sources, desc="loading weights", unit="tensor", disable=not progress, mininterval=1.0):
         target = shapes[name]
         stacked = len(sources[name]) > 1
@@ -215,7 +216,7 @@ def load_params(
             q = load_quantized(tensors, names, target, block)
             if split:
                 data, scales = (
-                    global_from_local(mesh, a, s.shape)
+                    global_from_local(layout, a, s.shape)
                     for a, s in ((q.data, target.data), (q.scales, target.scales))
                 )
                 q = QuantizedWeight(data, scales, q.format, target.shape, q.group, q.block)
@@ -227,7 +228,7 @@ def load_params(
         slots = list(array) if stacked else [array]  # expert e -> array[e]
         for source, slot in zip(names, slots):
             read_float(tensors, tensors[source], slot, block)
-        params[name] = global_from_local(mesh, array, target.shape) if split else to_jax(array)
+        params[name] = global_from_local(layout, array, target.shape) if split else to_jax(array)
     return defn, params
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ktjax.quant.formats import QuantizedWeight
+from ktjax.quant.init import random_quantized
+from ktjax.sharding import global_from_local, local_experts
 
 CHUNK = 1 << 24  # elements generated at once for large weights
 
@@ -40,6 +45,21 @@ def draw_experts(draw: Callable, key: jax.Array, *static) -> jax.Array:
     if sharding is None:
         return draw(key, *static)
     return _compiled(draw, sharding, len(static))(key, *static)
+
+
+def draw_quantized_experts(
+    key: jax.Array, spec: str, shape: tuple[int, int, int], std: float
+) -> QuantizedWeight:
+    """random_quantized's weight, made where ``experts_sharded`` says: a process draws only its own
+    experts (each expert has its own random stream: the values do not depend on the layout)."""
+    sharding = _EXPERTS_SHARDING.get()
+    if sharding is None:
+        return random_quantized(key, spec, shape, std)
+    local = random_quantized(key, spec, shape, std, experts=local_experts(sharding, shape[0]))
+    data, scales = (
+        global_from_local(sharding, a, (shape[0], *a.shape[1:])) for a in (local.data, local.scales)
+    )
+    return dataclasses.replace(local, data=data, scales=scales, shape=tuple(shape))
 
 
 @functools.lru_cache(maxsize=64)

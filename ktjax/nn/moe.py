@@ -11,12 +11,11 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.nn.expert_axis import axis_bound
-from ktjax.nn.init import draw_experts, normal
+from ktjax.nn.init import draw_experts, draw_quantized_experts, normal
 from ktjax.nn.linear import LoRAParam
 from ktjax.nn.mlp import MLP
 from ktjax.nn.router import Router
 from ktjax.ops import moe_experts, moe_experts_sharded
-from ktjax.quant.init import random_quantized
 
 
 class ExpertProjection(nnx.Module):
@@ -30,9 +29,7 @@ class ExpertProjection(nnx.Module):
         if quant == "none":
             self.weight = nnx.Param(draw_experts(normal, rngs.params(), (E, out_dim, in_dim), std, dtype))
         else:
-            self.weight = nnx.Param(
-                draw_experts(random_quantized, rngs.params(), quant, (E, out_dim, in_dim), std)
-            )
+            self.weight = nnx.Param(draw_quantized_experts(rngs.params(), quant, (E, out_dim, in_dim), std))
         if lora_rank:
             self.lora_A = LoRAParam(draw_experts(normal, rngs.params(), (E, lora_rank, in_dim), std, dtype))
             self.lora_B = LoRAParam(jnp.zeros((E, out_dim, lora_rank), dtype))

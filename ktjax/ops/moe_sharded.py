@@ -14,12 +14,14 @@ an ``all_to_all``); the experts' gradients stay with their owner.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from ktjax.ops.moe_experts import LoraDict, moe_experts
+from ktjax.quant.formats import is_quantized
 
 
 def moe_experts_sharded(
@@ -51,6 +53,7 @@ def moe_experts_sharded(
     """
     shards = jax.lax.axis_size(axis_name)
     T, K = topk_ids.shape
+    gate, up, down = (_this_shards(w) for w in (gate, up, down))
     local = gate.shape[0]
     slots = T * K
     ids = topk_ids.reshape(slots)
@@ -90,6 +93,14 @@ def moe_experts_sharded(
     # each slot's result from where it was sent; dropped slots read zeros
     per_slot = jnp.where((ids >= 0)[:, None], back[jnp.minimum(dest, shards - 1), row], 0)
     return jnp.sum(per_slot.reshape(T, K, -1).astype(jnp.float32), axis=1).astype(x.dtype)
+
+
+def _this_shards(w):
+    """A weight as this shard holds it: a quantized weight's arrays are split along E inside shard_map
+    but its (static) shape still says the whole E; it is given the shard's E."""
+    if is_quantized(w) and w.data.shape[0] != w.shape[0]:
+        return dataclasses.replace(w, shape=(w.data.shape[0], *w.shape[1:]))
+    return w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

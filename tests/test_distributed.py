@@ -26,30 +26,29 @@ LAUNCH = (
 HELD = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def run(*args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """python ARGS from the repository's root, its output captured."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+
+
 def launch(
     processes: int, *command: str, timeout: float = 400, grace_s: float = 10
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", LAUNCH, str(processes), str(grace_s), *command],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=HELD,
-    )
+    return run("-c", LAUNCH, str(processes), str(grace_s), *command, timeout=timeout, env=HELD)
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run("-m", "experiments.run", *args, timeout=timeout, env=env)
 
 
 def test_two_processes_train_as_one_process_with_the_same_mesh_and_hold_half_the_experts(tmp_path):
     two = launch(2, sys.executable, str(SCRIPT), str(tmp_path / "two"), str(tmp_path / "w2"))
     assert two.returncode == 0, two.stderr[-3000:]
     hybrid_run = str(tmp_path / "w2" / "hybrid")
-    one = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "one"), str(tmp_path / "w1"), "--load", hybrid_run],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=HELD,
+    one = run(
+        str(SCRIPT), str(tmp_path / "one"), str(tmp_path / "w1"), "--load", hybrid_run, timeout=300, env=HELD
     )
     assert one.returncode == 0, one.stderr[-3000:]
     procs = [json.loads((tmp_path / f"two.{i}.json").read_text()) for i in (0, 1)]
@@ -112,17 +111,6 @@ def test_a_failed_process_stops_the_others_and_is_named(tmp_path):
     assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
     assert "process 1 of 2 exited with status 3; stopped process 0" in result.stderr, result.stderr[-2000:]
     assert elapsed < 30, elapsed  # the start and the grace period (2 s), not JAX's timeouts (minutes)
-
-
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 def test_bad_process_count_and_busy_coordinator_port_are_one_line_errors(tmp_path):

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("distributed_check.py")
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = (
@@ -43,6 +45,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     return run("-m", "experiments.run", *args, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_the_same_mesh_and_hold_half_the_experts(tmp_path):
     two = launch(2, sys.executable, str(SCRIPT), str(tmp_path / "two"), str(tmp_path / "w2"))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -137,6 +140,7 @@ def test_bad_process_count_and_busy_coordinator_port_are_one_line_errors(tmp_pat
     assert len(lines) == 1 and f"coordinator port {port} is not free" in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_experiments_run_trains_over_two_processes_with_one_output(tmp_path):
     workdir = tmp_path / "run"
     settings = ["train.steps=4", "train.batch_size=8", "train.eval_batch_size=16", "generate_eval=0"]

@@ -101,7 +101,6 @@ def checksums(tree: Any) -> dict[str, int | list[int]]:
     """CRC-32 of every leaf's bytes, keyed by its path in `tree` (e.g. "['layers.0.attn.q_proj']"): one
     number for a leaf held in one piece, a list (one per distinct part, in index order) for a
     leaf split over devices (expert parallelism); the same on every process."""
-
     return {name: v[0] if len(v) == 1 else v for name, v in _per_part(tree, _crc).items()}
 
 
@@ -242,7 +241,7 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self.expert_shards = expert_shards
         self.errors = _orbax_errors()
-        self.frozen_checksums: dict[str, int] = {}
+        self.frozen_checksums: dict[str, int | list[int]] = {}
         self._saving: int | None = None  # the step of the pending async save
         self.manager = ocp.CheckpointManager(
             self.directory / "steps",
@@ -392,7 +391,7 @@ class Checkpoints:
         _verify("opt_state", r["opt_state"], sums["opt_state"])
         return Restored(step, r["trainable"], r["opt_state"], self._frozen(frozen, sums["frozen"]), meta)
 
-    def _frozen(self, frozen: Params, expected: dict[str, int]) -> Params:
+    def _frozen(self, frozen: Params, expected: dict[str, int | list[int]]) -> Params:
         """The model's frozen parameters if they are the run's, else those saved in `frozen/`."""
         try:
             _verify("frozen", frozen, expected)

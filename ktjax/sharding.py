@@ -81,21 +81,20 @@ def global_from_local(
 def place_params(params: Params, mesh: jax.sharding.Mesh) -> Params:
     """Parameters held in whole by every process, laid out on `mesh` (each process keeps its parts)."""
     shardings = param_shardings(params, mesh)
-    return {n: _place_tree(v, shardings[n]) for n, v in params.items()}
+    return {n: jax.tree.map(lambda a, s=shardings[n]: _place(a, s), v) for n, v in params.items()}
 
 
-def _place_tree(value, sharding: jax.sharding.NamedSharding):
-    def leaf(a):
-        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
-            return a
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:  # laid out otherwise over processes
-            return jax.device_put(a, sharding)
-        if isinstance(a, jax.Array) and sharding.is_fully_replicated:  # this process's copy, not another
-            parts = [a if a.devices() == {d} else jax.device_put(a, d) for d in sharding.addressable_devices]
-            return jax.make_array_from_single_device_arrays(a.shape, sharding, parts)
-        return place(np.asarray(a), sharding)
-
-    return jax.tree.map(leaf, value)
+def _place(a, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    """Array `a` laid out by `sharding`: as it is when it already is; a replicated array from this
+    process's own buffer; else each process copying its part."""
+    if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sharding, a.ndim):
+        return a
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:  # laid out otherwise over processes
+        return jax.device_put(a, sharding)
+    if isinstance(a, jax.Array) and sharding.is_fully_replicated:  # this process's copy, not another
+        parts = [a if a.devices() == {d} else jax.device_put(a, d) for d in sharding.addressable_devices]
+        return jax.make_array_from_single_device_arrays(a.shape, sharding, parts)
+    return place(np.asarray(a), sharding)
 
 
 def onto_mesh(tree, mesh: jax.sharding.Mesh):
@@ -107,7 +106,7 @@ def onto_mesh(tree, mesh: jax.sharding.Mesh):
         if isinstance(a, jax.Array) and isinstance(a.sharding, jax.sharding.NamedSharding):
             if a.sharding.mesh == mesh:
                 return a
-        return place(np.asarray(a), replicated)
+        return _place(a, replicated)
 
     return jax.tree.map(leaf, tree)
 

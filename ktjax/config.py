@@ -28,7 +28,7 @@ LORA_TARGETS = (
 )
 ATTENTIONS = ("gqa", "mla")
 REMAT_POLICIES = ("off", "full", "experts")  # ModelConfig.remat
-ATTENTION_BACKENDS = ("blockwise", "xla")  # ModelConfig.attention_backend (ktjax.ops.attention's backends)
+ATTENTION_BACKENDS = ("cpu", "blockwise", "xla")  # ModelConfig.attention_backend (ktjax.ops.attention's backends)
 ROPE_TYPES = ("default", "yarn")  # rope_scaling types the models compute (ktjax.nn.rope)
 # expert_quant values (ktjax.quant.formats.parse_spec reads them)
 EXPERT_QUANT = re.compile(r"none|int8|int4(:(32|64|128))?|fp8(:[1-9]\d*x[1-9]\d*)?")

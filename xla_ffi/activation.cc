@@ -1,4 +1,4 @@
-// Portable SiLU gating (activation.h): the generic kernel set uses it.
+// Portable SiLU gating and softmax rows (activation.h): the generic kernel set uses it.
 #include "activation.h"
 
 #include <cmath>
@@ -21,6 +21,20 @@ void silu_mul_grad_portable(const float* g, const float* u, const float* dh, flo
     du[i] = d * g[i] * sg;
     dg[i] = d * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
   }
+}
+
+float row_max_portable(const float* s, int64_t n, float m) {
+  for (int64_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;
+  return m;
+}
+
+float exp_shift_portable(const float* s, float m, float* p, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = std::exp(s[i] - m);
+    sum += p[i];
+  }
+  return sum;
 }
 
 }  // namespace ktjax

@@ -1,4 +1,4 @@
-// AVX2 SiLU gating (activation.h), compiled with -mavx2 -mfma: the AVX-512 version's arithmetic in 8
+// AVX2 SiLU gating and softmax rows (activation.h), compiled with -mavx2 -mfma: the AVX-512 version's arithmetic in 8
 // lanes, so both give the same bits.
 #include <immintrin.h>
 
@@ -84,6 +84,55 @@ void silu_mul_grad_avx2(const float* g, const float* u, const float* dh, float w
   _mm256_store_ps(out_du, duv);
   std::copy_n(out_dg, n - i, dg + i);
   std::copy_n(out_du, n - i, du + i);
+}
+
+namespace {
+
+inline float sum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+inline float max8(__m256 v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+}  // namespace
+
+// Whole groups of 8 in vectors, the last n % 8 values one by one (in 8 lanes, masked, for exp: the same
+// bits as the AVX-512 version).
+float row_max_avx2(const float* s, int64_t n, float m) {
+  __m256 best = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(s + i));
+  m = max8(best);
+  for (; i < n; ++i) m = s[i] > m ? s[i] : m;
+  return m;
+}
+
+float exp_shift_avx2(const float* s, float m, float* p, int64_t n) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+    _mm256_storeu_ps(p + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (i < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t t = i; t < n; ++t) tail[t - i] = s[t];
+    const __m256 keep = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(n - i)),
+                                      _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _CMP_GT_OQ);
+    const __m256 e = _mm256_and_ps(keep, exp8(_mm256_sub_ps(_mm256_load_ps(tail), mv)));
+    _mm256_store_ps(tail, e);
+    for (int64_t t = i; t < n; ++t) p[t] = tail[t - i];
+    sum = _mm256_add_ps(sum, e);
+  }
+  return sum8(sum);
 }
 
 }  // namespace ktjax

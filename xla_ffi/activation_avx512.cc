@@ -1,4 +1,4 @@
-// AVX-512 SiLU gating (activation.h), compiled with -mavx512f -mfma.
+// AVX-512 SiLU gating and softmax rows (activation.h), compiled with -mavx512f -mfma.
 #include <immintrin.h>
 
 #include "activation.h"
@@ -50,6 +50,27 @@ void silu_mul_grad_avx512(const float* g, const float* u, const float* dh, float
     const __m512 slope = _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, sg)));
     _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(d, uv), sg), slope));
   }
+}
+
+float row_max_avx512(const float* s, int64_t n, float m) {
+  __m512 best = _mm512_set1_ps(m);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = first_lanes(n - i);
+    best = _mm512_mask_max_ps(best, k, best, _mm512_maskz_loadu_ps(k, s + i));
+  }
+  return _mm512_reduce_max_ps(best);
+}
+
+float exp_shift_avx512(const float* s, float m, float* p, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = first_lanes(n - i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mv));
+    _mm512_mask_storeu_ps(p + i, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
 }
 
 }  // namespace ktjax

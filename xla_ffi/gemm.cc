@@ -70,6 +70,8 @@ const Isa kAvx512 = {"avx512",
                      round_bf16_avx512,
                      silu_mul_avx512,
                      silu_mul_grad_avx512,
+                     row_max_avx512,
+                     exp_shift_avx512,
                      dequant_row_avx2,
                      dot_f32_avx2};
 // AVX-512 with the bf16 pair path (vdpbf16ps) on top.
@@ -101,6 +103,8 @@ const Isa kAvx2 = {"avx2",
                    round_bf16_avx2,
                    silu_mul_avx2,
                    silu_mul_grad_avx2,
+                   row_max_avx2,
+                   exp_shift_avx2,
                    dequant_row_avx2,
                    dot_f32_avx2};
 #endif
@@ -119,6 +123,8 @@ const Isa kGeneric = {"generic",
                       nullptr,
                       silu_mul_portable,
                       silu_mul_grad_portable,
+                      row_max_portable,
+                      exp_shift_portable,
                       dequant_row_generic,
                       dot_f32_generic};
 

@@ -217,6 +217,9 @@ struct Isa {
   // The SiLU gating (activation.h), never null.
   SiluMul silu_mul;
   SiluMulGrad silu_mul_grad;
+  // The attention kernels' softmax rows (activation.h), never null.
+  RowMax row_max;
+  ExpShift exp_shift;
   // Quantized weights (quant.h), never null: the row dequantizer every product reading one uses, and
   // the quantized dot path's kernel.
   QuantRowReader dequant_row;

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "attention.h"
 #include "gemm.h"
 #include "moe_backward.h"
 #include "moe_contract.h"
@@ -44,6 +45,8 @@ void def_handlers(py::module_& m) {
     py::dict d;
     d["ktjax_moe_forward"] = encapsulate(KtjaxMoeForward);
     d["ktjax_moe_backward"] = encapsulate(KtjaxMoeBackward);
+    d["ktjax_attention_forward"] = encapsulate(KtjaxAttentionForward);
+    d["ktjax_attention_backward"] = encapsulate(KtjaxAttentionBackward);
     return d;
   });
   m.def("ffi_api_version", []() { return py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },

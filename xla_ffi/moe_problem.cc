@@ -11,15 +11,11 @@
 #include <sys/mman.h>
 
 namespace ktjax {
-namespace {
-
 std::string dims_str(ffi::AnyBuffer::Dimensions d) {
   std::string s = "[";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
   return s + "]";
 }
-
-}  // namespace
 
 int64_t MoeProblem::max_rank() const {
   return std::max({lora[0].rank, lora[1].rank, lora[2].rank});

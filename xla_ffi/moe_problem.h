@@ -75,6 +75,8 @@ struct MoeProblem {
 
 // The FFI element type of a DType.
 inline ffi::DataType ffi_dtype(DType d) { return d == DType::kBF16 ? ffi::DataType::BF16 : ffi::DataType::F32; }
+// A buffer's dimensions as text, e.g. "[2, 3]".
+std::string dims_str(ffi::AnyBuffer::Dimensions d);
 // Float type of a buffer, or an error naming it.
 ffi::Error float_dtype(const char* name, const ffi::AnyBuffer& b, DType* out);
 // Error unless b has exactly the given dimensions; `doc` names them, e.g. "[E, I, H]".

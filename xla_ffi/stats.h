@@ -17,11 +17,12 @@ enum class Work : int {
   kInputGrad = 2,  // dx and the chain leading to it (d hidden, through down and LoRA B)
   kLoraGrad = 3,   // gradients of LoRA A and B
   kBaseGrad = 4,   // gradients of the base weights gate, up, down
-  kCount = 5,
+  kAttention = 5,  // the attention kernels' products, forward and backward (attention.h)
+  kCount = 6,
 };
 
 inline constexpr const char* kWorkNames[] = {"forward", "recompute", "input_grad", "lora_grad",
-                                             "base_grad"};
+                                             "base_grad", "attention"};
 
 // The ways gemm (gemm.h) computes a product, each counted in Stats::path_flops so that tests can force
 // every one of them on every ISA (tests/test_kernel_paths.py lists a case for each name here).

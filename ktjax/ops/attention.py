@@ -7,7 +7,9 @@ visible(s, t): t <= s, the same segment (segment_ids, 0 = padding), and with win
 Query heads share key/value heads in groups (GQA: n // (N / G)); the key width Dk may differ from the
 value width Dv (DeepSeek's latent attention: 192 and 128).
 
-``backend="blockwise"`` (the default) streams blocks of keys past blocks of queries with an online
+``backend="cpu"`` (the default) is the flash attention kernels of xla_ffi/attention.cc
+(ktjax.ops.attention_cpu): the same tiles as the blockwise backend, computed in C++ on the GEMM driver.
+``backend="blockwise"`` streams blocks of keys past blocks of queries with an online
 softmax, flash-attention style: nothing of size S x S exists, only one [heads, block, block] tile at a
 time, and the backward recomputes the tiles from the saved log-sum-exp. It skips the key blocks that a
 query block cannot see (above the diagonal, before the window). A sequence no longer than one block is
@@ -29,8 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from ktjax.config import ATTENTION_BACKENDS
+from ktjax.ops.attention_cpu import flash_attention_cpu
 
 BACKENDS = ATTENTION_BACKENDS
+# The tile's rows and columns per backend (measured: docs/performance.md, "Attention at long sequences").
+DEFAULT_BLOCK = {"cpu": 256, "blockwise": 512, "xla": 512}
 MASKED_SCORE = -1e30  # the score of an invisible key (finite: a row with nothing visible stays NaN-free)
 
 
@@ -42,11 +47,12 @@ def attention(
     *,
     scale: float,
     window: int = 0,
-    block: int = 512,
-    backend: str = "blockwise",
+    block: int | None = None,
+    backend: str = "cpu",
 ) -> jax.Array:
-    """q: [B, S, N, Dk], k: [B, S, G, Dk], v: [B, S, G, Dv] (f32 or bf16; N a multiple of G);
-    segment_ids: [B, S] int (0 = padding) -> [B, S, N * Dv] f32. `block`: the tile size (blockwise)."""
+    """q: [B, S, N, Dk], k: [B, S, G, Dk], v: [B, S, G, Dv] (f32 or bf16; N a multiple of G; all f32 or all
+    bf16 for backend "cpu"); segment_ids: [B, S] int (0 = padding) -> [B, S, N * Dv] f32. `block`: the
+    tile's size (None: the backend's, DEFAULT_BLOCK)."""
     B, S, N, Dk = q.shape
     G, Dv = k.shape[2], v.shape[3]
     if k.shape != (B, S, G, Dk) or v.shape[:3] != (B, S, G) or N % G:
@@ -55,8 +61,15 @@ def attention(
         raise ValueError(f"attention: segment_ids must be [B, S] = {(B, S)}, got {segment_ids.shape}")
     if backend not in BACKENDS:
         raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
+    block = DEFAULT_BLOCK[backend] if block is None else block
     if window < 0 or block < 1:
         raise ValueError(f"attention: window must be >= 0 and block >= 1, got {window} and {block}")
+    if backend == "cpu":
+        out = flash_attention_cpu(q, k, v, segment_ids, scale=scale, window=window, block=block)
+        # a query that sees nothing: the mean of all values, as the dense softmax of an all-masked row
+        mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), N // G, axis=1)  # [B, N, Dv]
+        out = jnp.where((segment_ids > 0)[:, :, None, None], out, mean_v[:, None])
+        return out.reshape(B, S, N * Dv)
     if backend == "xla" or S <= block:  # a sequence within one block: the one tile is the dense product
         return dense_attention(q, k, v, segment_ids, scale=scale, window=window)
     # [B, G, R, S, D] queries (R = N / G heads per group) and [B, G, S, D] keys and values, in f32

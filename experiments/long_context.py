@@ -1,4 +1,4 @@
-"""Fine-tune on records of 8K tokens (blockwise attention, layer rematerialisation): tokens/s, peak RSS.
+"""Fine-tune on records of 8K tokens (flash attention kernels, layer rematerialisation): tokens/s, peak RSS.
 
     python -m experiments.run long_context                             # 8192-token records, ~3 min
     python -m experiments.run long_context --set data.seq_len=16384 --set model.remat=experts
@@ -7,7 +7,7 @@ Each record is a long document (random words, byte tokenizer) that states a secr
 followed by the question "What was the secret word?"; the loss is on the answer, so every step
 back-propagates through the whole 8K-token context. The data is written to <run dir>/long_records.jsonl
 (data.seq_len sets the record length). The model is sft_lora's (a small Qwen3-MoE-style model, hybrid
-mode) with the blockwise attention (memory linear in the sequence) and remat="full" (each layer's
+mode) with the attention kernels (memory linear in the sequence) and remat="full" (each layer's
 activations recomputed in the backward). The run prints tokens/s and the peak resident memory, and
 leaves them in summary.json beside the default driver's results.
 """

@@ -1,9 +1,9 @@
-"""Benchmark one causal attention layer: ktjax's blockwise attention against XLA's dense attention
-(``jax.nn.dot_product_attention``) and torch's CPU ``scaled_dot_product_attention`` when torch is
-installed, same run, same inputs.
+"""Benchmark one causal attention layer: ktjax's attention kernels (backend "cpu") and blockwise JAX
+attention against XLA's dense attention (``jax.nn.dot_product_attention``) and torch's CPU
+``scaled_dot_product_attention`` when torch is installed, same run, same inputs.
 
     python -m ktjax.bench_attention                              # S = 2048, 4096; bf16 and f32
-    python -m ktjax.bench_attention --seqs 2048,4096,16384 --reps 3
+    python -m ktjax.bench_attention --seqs 16384 --backends cpu --reps 1
 
 One layer of 16 heads of 64 (batch 1), forward and forward + backward (gradients of q, k, v), minimum
 over interleaved rounds. Beside each JAX time: XLA's temporary buffers of the compiled function (its
@@ -33,14 +33,17 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def jax_cases(S: int, dtype, dense: bool) -> dict[str, tuple[Callable, float]]:
+def jax_cases(S: int, dtype, dense: bool, backends: list[str]) -> dict[str, tuple[Callable, float]]:
     """name -> (a function of no arguments running one call, XLA's temporary bytes)."""
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((1, S, HEADS, HEAD_DIM)), dtype) for _ in range(3))
     cot = jnp.asarray(rng.standard_normal((1, S, HEADS * HEAD_DIM)), jnp.float32)
     seg = jnp.ones((1, S), jnp.int32)
     scale = HEAD_DIM**-0.5
-    impls = {"ktjax blockwise": lambda q, k, v: attention(q, k, v, seg, scale=scale)}
+    impls = {
+        f"ktjax {backend}": lambda q, k, v, b=backend: attention(q, k, v, seg, scale=scale, backend=b)
+        for backend in backends
+    }
     if dense:
         impls["jax.nn.dot_product_attention"] = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True
@@ -86,11 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqs", default="2048,4096", help="comma-separated sequence lengths")
     parser.add_argument("--dtypes", default="bf16,f32", help="comma-separated, of bf16, f32")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds (>= 1)")
+    parser.add_argument(
+        "--backends", default="cpu,blockwise", help="comma-separated ktjax backends, of cpu, blockwise"
+    )
     parser.add_argument("--dense-limit", type=float, default=4.0, help="GB of dense scores at most")
     args = parser.parse_args(argv)
     dtypes = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+    backends = args.backends.split(",")
     if args.reps < 1 or not set(args.dtypes.split(",")) <= set(dtypes):
         parser.error("--reps must be >= 1 and --dtypes a list of bf16, f32")
+    if not set(backends) <= {"cpu", "blockwise"}:
+        parser.error("--backends must be a list of cpu, blockwise")
     print(
         f"ktjax.bench_attention: one causal layer, {HEADS} heads of {HEAD_DIM}, batch 1; "
         f"jax {jax.__version__}"
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         for dname in args.dtypes.split(","):
             dense = HEADS * S * S * 4 / 1e9 <= args.dense_limit
             print(f"  S={S} {dname}: compiling", file=sys.stderr, flush=True)
-            cases = {**jax_cases(S, dtypes[dname], dense), **torch_cases(S, dtypes[dname])}
+            cases = {**jax_cases(S, dtypes[dname], dense, backends), **torch_cases(S, dtypes[dname])}
             for fn, _ in cases.values():  # warm-up, each to its end: JAX dispatches asynchronously, and a
                 jax.block_until_ready(fn())  # call still running would be timed with the next case
             best = {name: float("inf") for name in cases}

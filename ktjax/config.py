@@ -28,7 +28,7 @@ LORA_TARGETS = (
 )
 ATTENTIONS = ("gqa", "mla")
 REMAT_POLICIES = ("off", "full", "experts")  # ModelConfig.remat
-ATTENTION_BACKENDS = ("cpu", "blockwise", "xla")  # ModelConfig.attention_backend (ktjax.ops.attention's backends)
+ATTENTION_BACKENDS = ("cpu", "blockwise", "xla")  # ModelConfig.attention_backend (ktjax.ops.attention)
 ROPE_TYPES = ("default", "yarn")  # rope_scaling types the models compute (ktjax.nn.rope)
 # expert_quant values (ktjax.quant.formats.parse_spec reads them)
 EXPERT_QUANT = re.compile(r"none|int8|int4(:(32|64|128))?|fp8(:[1-9]\d*x[1-9]\d*)?")
@@ -58,8 +58,9 @@ class ModelConfig:
     attention_bias: bool = False  # biases on the attention projections
     sliding_window: int = 0  # >0: a query sees only the last `sliding_window` keys (Mixtral, Qwen3)
     attention: str = "gqa"  # gqa | mla (DeepSeek's multi-head latent attention, fields below)
-    # blockwise (keys streamed past queries, memory linear in the sequence) | xla (dense [S, S] reference)
-    attention_backend: str = "blockwise"
+    # cpu (the flash attention kernels, memory linear in the sequence) | blockwise (the same tiles in JAX)
+    # | xla (dense [S, S] reference)
+    attention_backend: str = "cpu"
     q_lora_rank: int = 0  # mla: 0 = a plain q_proj, else q_a_proj -> norm -> q_b_proj
     kv_lora_rank: int = 16  # mla: width of the compressed key/value latent
     qk_nope_head_dim: int = 16  # mla: per-head query/key width without position encoding

@@ -119,3 +119,14 @@ def test_decode_floor_counts_the_bytes_a_step_reads_and_decoding_is_timed():
         experts * distinct / 8 + 4 * embedding / 50 + rest + 40 * kv
     )
     assert time_decode(Generator(model), batch=2, prompt=5, new_tokens=3, vocab=50) > 0
+
+
+def test_the_attention_bench_times_every_backend_beside_the_references(capsys):
+    from ktjax import bench_attention
+
+    bench_attention.main(["--seqs", "40", "--dtypes", "f32", "--reps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("40 ")]
+    names = {" ".join(row.split()[2:-2]) for row in rows}
+    assert {"ktjax cpu forward", "ktjax cpu fwd+bwd", "ktjax blockwise forward"} <= names
+    assert {"jax.nn.dot_product_attention forward"} <= names
+    assert all(float(row.split()[-2]) > 0 for row in rows)

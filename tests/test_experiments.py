@@ -132,7 +132,7 @@ def test_long_context_trains_on_records_of_its_sequence_length_and_reports_speed
     )
     assert code in (0, None), err[-3000:]
     assert "rows of 512 tokens, 100% filled" in out and "0 truncated" in out
-    assert "long_context: 512-token records, remat full, attention blockwise" in out
+    assert "long_context: 512-token records, remat full, attention cpu" in out
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["seq_len"] == 512 and summary["tokens_per_s"] > 0 and summary["peak_rss_gb"] > 0
 

@@ -61,6 +61,10 @@ class ModelConfig:
     # cpu (the flash attention kernels, memory linear in the sequence) | blockwise (the same tiles in JAX)
     # | xla (dense [S, S] reference)
     attention_backend: str = "cpu"
+    # auto | f32 | bf16: q, k and v as the attention reads them (attention_dtype). auto: bf16 for bf16
+    # weights on the cpu backend (its kernels then multiply bf16 pairs, as a bf16 model's attention does
+    # in torch), f32 otherwise
+    attention_inputs: str = "auto"
     q_lora_rank: int = 0  # mla: 0 = a plain q_proj, else q_a_proj -> norm -> q_b_proj
     kv_lora_rank: int = 16  # mla: width of the compressed key/value latent
     qk_nope_head_dim: int = 16  # mla: per-head query/key width without position encoding
@@ -145,6 +149,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+        if self.attention_inputs not in ("auto", "f32", "bf16"):
+            raise ValueError(f"attention_inputs must be auto, f32 or bf16, got {self.attention_inputs!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention not in ATTENTIONS:
@@ -156,6 +162,15 @@ class ModelConfig:
         rope_type(self.rope_scaling)  # refuses scaling types the model cannot compute
         self.lora_targets = tuple(self.lora_targets)
         self.mlp_only_layers = tuple(self.mlp_only_layers)
+
+    @property
+    def attention_dtype(self) -> str:
+        """The dtype q, k and v are rounded to before the attention: "bfloat16" or "float32"."""
+        if self.attention_inputs == "auto":
+            bf16 = (self.param_dtype, self.attention_backend) == ("bfloat16", "cpu")
+        else:
+            bf16 = self.attention_inputs == "bf16"
+        return "bfloat16" if bf16 else "float32"
 
     @property
     def lora_scale(self) -> float:

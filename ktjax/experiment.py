@@ -44,6 +44,7 @@ RUN_FIELDS = (
     "expert_policy",
     "expert_intermediates",
     "attention_backend",
+    "attention_inputs",
     "remat",
     "lora_rank",
     "lora_alpha",

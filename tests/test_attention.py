@@ -228,3 +228,15 @@ def test_the_attention_kernels_refuse_bad_input_naming_the_argument(change, mess
     args.update(change)
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(ffi_forward(**args, block=block))
+
+
+def test_a_bf16_model_feeds_the_kernels_bf16_inputs_unless_told_otherwise():
+    from ktjax.config import ModelConfig
+
+    assert ModelConfig(param_dtype="bfloat16").attention_dtype == "bfloat16"
+    assert ModelConfig(param_dtype="float32").attention_dtype == "float32"
+    assert ModelConfig(param_dtype="bfloat16", attention_backend="blockwise").attention_dtype == "float32"
+    assert ModelConfig(param_dtype="bfloat16", attention_inputs="f32").attention_dtype == "float32"
+    assert ModelConfig(attention_inputs="bf16").attention_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="attention_inputs must be auto, f32 or bf16"):
+        ModelConfig(attention_inputs="fp8")

@@ -34,6 +34,7 @@ class Attention(nnx.Module):
         self.theta = cfg.rope_theta
         self.rope_scaling = cfg.rope_scaling
         self.window, self.backend = cfg.sliding_window, cfg.attention_backend
+        self.attention_dtype = cfg.attention_dtype
         self.scale = softmax_scale(hd, cfg.rope_scaling)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -63,7 +64,8 @@ class Attention(nnx.Module):
         return self.o_proj(out), cache
 
     def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x: [B, S, H] -> q [B, S, heads, D], k and v [B, S, kv heads, D], q and k rotated (f32)."""
+        """x: [B, S, H] -> q [B, S, heads, D], k and v [B, S, kv heads, D], q and k rotated (in
+        ModelConfig.attention_dtype)."""
         B, S, _ = x.shape
         nh, nkv, hd = self.shape
         q = self.q_proj(x).reshape(B, S, nh, hd)
@@ -73,4 +75,4 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions, self.theta, self.rope_scaling)
         k = rope(k, positions, self.theta, self.rope_scaling)
-        return q, k, v
+        return tuple(a.astype(self.attention_dtype) for a in (q, k, v))

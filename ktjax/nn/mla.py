@@ -42,6 +42,7 @@ class LatentAttention(nnx.Module):
         self.rope_scaling = cfg.rope_scaling
         self.interleave = cfg.rope_interleave
         self.window, self.backend = cfg.sliding_window, cfg.attention_backend
+        self.attention_dtype = cfg.attention_dtype
         self.scale = softmax_scale(dn + dr, cfg.rope_scaling)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -111,5 +112,5 @@ class LatentAttention(nnx.Module):
         kv = self.kv_b_proj(latent).reshape(B, S, nh, dn + dv)
         q = jnp.concatenate([q_pass, q_rot], -1)
         k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_rot[:, :, None], (B, S, nh, dr))], -1)
-        v = kv[..., dn:]
+        q, k, v = (a.astype(self.attention_dtype) for a in (q, k, kv[..., dn:]))
         return attention(q, k, v, segment_ids, scale=self.scale, window=self.window, backend=self.backend)

@@ -130,3 +130,18 @@ def test_the_attention_bench_times_every_backend_beside_the_references(capsys):
     assert {"ktjax cpu forward", "ktjax cpu fwd+bwd", "ktjax blockwise forward"} <= names
     assert {"jax.nn.dot_product_attention forward"} <= names
     assert all(float(row.split()[-2]) > 0 for row in rows)
+
+
+def test_the_sequence_bench_times_a_training_step_and_reads_its_peak_memory():
+    from ktjax.bench_sequence import one_step
+
+    result = one_step(32, "cpu", "full", steps=1)
+    assert result["step_s"] > 0 and result["first_s"] > 0 and result["peak_rss_gb"] > 0.2  # the weights
+
+
+def test_the_sequence_bench_refuses_bad_arguments(capsys):
+    from ktjax import bench_sequence
+
+    with pytest.raises(SystemExit):
+        bench_sequence.main(["--remat", "sometimes"])
+    assert "--remat of" in capsys.readouterr().err

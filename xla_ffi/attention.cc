@@ -44,10 +44,28 @@ struct AttentionProblem {
     m.ld = ld;
     return m;
   }
-  // The rows of block i of head n (q, dout) or group g (k, v) in sequence b.
-  MatView q_rows(int64_t b, int64_t i, int64_t n) const { return view(q, ((b * S + i * block) * N + n) * Dk, N * Dk); }
+  // The rows of key block j of group g of sequence b (k, v).
   MatView k_rows(int64_t b, int64_t j, int64_t g) const { return view(k, ((b * S + j * block) * G + g) * Dk, G * Dk); }
   MatView v_rows(int64_t b, int64_t j, int64_t g) const { return view(v, ((b * S + j * block) * G + g) * Dv, G * Dv); }
+  // The rows of query block i of every head of group g of sequence b, head by head (R * rows(i) rows:
+  // head g R + r's query s at row r rows(i) + s), from a [B, S, N, width] buffer: `rows` (written by
+  // group_rows) holds each one's row of that buffer counted from the group's first head in sequence b.
+  MatView group_rows(const void* base, int64_t b, int64_t g, int64_t width, const int32_t* rows) const {
+    MatView m = view(base, (b * S * N + g * R) * width, width);
+    m.rows = rows;
+    return m;
+  }
+  OutView group_out(float* base, int64_t b, int64_t g, int64_t width, const int32_t* rows) const {
+    return OutView{base + (b * S * N + g * R) * width, width, rows};
+  }
+  void group_rows(int64_t i, int32_t* rows) const {
+    const int64_t mq = this->rows(i);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t s = 0; s < mq; ++s) rows[r * mq + s] = static_cast<int32_t>((i * block + s) * N + r);
+    }
+  }
+  // Where the [B, N, S] statistics (lse, delta) of head g R + r's query i * block + s are.
+  int64_t stat(int64_t b, int64_t g, int64_t r, int64_t i, int64_t s) const { return (b * N + g * R + r) * S + i * block + s; }
 
   // The key blocks query block i can see at most: [first, i].
   int64_t first_key_block(int64_t i) const {
@@ -68,18 +86,19 @@ struct AttentionProblem {
     return one_segment && k1 <= q0 && (!window || q1 - k0 < window) ? Tile::kWhole : Tile::kMasked;
   }
 
-  // Sets the invisible scores of tile (i, j) of sequence b, s [rows(i), rows(j)], to -inf.
-  void mask(int64_t b, int64_t i, int64_t j, float* s) const {
-    const int64_t nk = rows(j), k0 = j * block;
+  // Sets the invisible scores of tile (i, j) of sequence b to -inf: s holds `heads` [rows(i), rows(j)]
+  // tiles one after the other (the same positions for every head).
+  void mask(int64_t b, int64_t i, int64_t j, float* s, int64_t heads) const {
+    const int64_t mq = rows(i), nk = rows(j), k0 = j * block;
     const int32_t* seg_b = seg + b * S;
-    for (int64_t r = 0; r < rows(i); ++r) {
+    for (int64_t r = 0; r < mq; ++r) {
       const int64_t pq = i * block + r;
       const int32_t sq = seg_b[pq];
-      float* row = s + r * nk;
       for (int64_t c = 0; c < nk; ++c) {
         const int64_t pk = k0 + c;
         const bool see = sq > 0 && seg_b[pk] == sq && pk <= pq && (!window || pq - pk < window);
-        if (!see) row[c] = -kInf;
+        if (see) continue;
+        for (int64_t h = 0; h < heads; ++h) s[(h * mq + r) * nk + c] = -kInf;
       }
     }
   }
@@ -150,10 +169,42 @@ MatView tile_operand(const Isa& isa, const AttentionProblem& p, const float* til
   return bf16_view(bf16, ld);
 }
 
-// Per worker: two f32 tiles and two bf16 tiles of block x block (scores or probabilities, their
-// gradients, and the bf16 copies of both), and two rows of block floats (the forward's running max and
-// sum).
-int64_t worker_floats(int64_t block) { return 3 * block * block + 2 * block; }
+// The scratch of one worker: the tiles of a query block's R heads against a key block, [R block, block]
+// each: f32 scores or probabilities, their gradients (backward), the bf16 copies of both; R block rows
+// of the running max and sum (forward) and of row indices (group_rows); the backward's three key-block
+// operands packed once for all query blocks.
+struct WorkerTiles {
+  float* s;
+  float* ds;
+  uint16_t* pb;
+  uint16_t* dsb;
+  float* m;
+  float* l;
+  int32_t* rows;
+  float* packed[3];
+
+  static int64_t floats(const Isa& isa, const AttentionProblem& p) {
+    const int64_t tile = p.R * p.block * p.block, rows = p.R * p.block;
+    return 3 * tile + 3 * rows + packed_floats(isa, p);
+  }
+  static int64_t packed_floats(const Isa& isa, const AttentionProblem& p) {
+    return packed_b_floats(isa, p.Dk, p.block) + packed_b_floats(isa, p.Dv, p.block) +
+           packed_b_floats(isa, p.block, p.Dk);
+  }
+  WorkerTiles(const Isa& isa, const AttentionProblem& p, float* base) {
+    const int64_t tile = p.R * p.block * p.block, n = p.R * p.block;
+    s = base;
+    ds = s + tile;
+    pb = reinterpret_cast<uint16_t*>(ds + tile);
+    dsb = pb + tile;
+    m = ds + 2 * tile;
+    l = m + n;
+    rows = reinterpret_cast<int32_t*>(l + n);
+    packed[0] = l + 2 * n;
+    packed[1] = packed[0] + packed_b_floats(isa, p.Dk, p.block);
+    packed[2] = packed[1] + packed_b_floats(isa, p.Dv, p.block);
+  }
+};
 
 }  // namespace
 
@@ -170,56 +221,56 @@ ffi::Error attention_forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuf
   prepare_output(*lse);
   float* o = static_cast<float*>(out->untyped_data());
   float* ls = static_cast<float*>(lse->untyped_data());
-  const int64_t bs = p.block, heads = p.B * p.N;
-  KernelContext ctx(pool, *isa, worker_floats(bs));
+  const int64_t groups = p.B * p.G;
+  KernelContext ctx(pool, *isa, WorkerTiles::floats(*isa, p));
 
-  // Items (b, n, i), the last query blocks (the most key blocks, causal) first.
-  ctx.run(heads * p.nb, [&](int64_t item, int worker) {
-    const int64_t i = p.nb - 1 - item / heads, b = item % heads / p.N, n = item % p.N, g = n / p.R;
-    const int64_t mq = p.rows(i), ld_o = p.N * p.Dv;
-    float* s = ctx.tile(worker);
-    uint16_t* pb = reinterpret_cast<uint16_t*>(s + bs * bs);
-    float* m = s + 3 * bs * bs;
-    float* l = m + bs;
-    float* o_rows = o + ((b * p.S + i * bs) * p.N + n) * p.Dv;
-    std::fill(m, m + mq, -kInf);
-    std::fill(l, l + mq, 0.0f);
-    for (int64_t r = 0; r < mq; ++r) std::fill(o_rows + r * ld_o, o_rows + r * ld_o + p.Dv, 0.0f);
-    const MatView qi = p.q_rows(b, i, n);
+  // Items (b, g, i): query block i of the R heads of group g, the last blocks (the most key blocks,
+  // causal) first. The heads' rows make one operand, so each key block is packed once for all of them.
+  ctx.run(groups * p.nb, [&](int64_t item, int worker) {
+    const int64_t i = p.nb - 1 - item / groups, b = item % groups / p.G, g = item % p.G;
+    const int64_t mq = p.rows(i), rows = p.R * mq;
+    WorkerTiles w(*isa, p, ctx.tile(worker));
+    p.group_rows(i, w.rows);
+    const MatView qi = p.group_rows(p.q, b, g, p.Dk, w.rows);
+    const OutView oi = p.group_out(o, b, g, p.Dv, w.rows);
+    std::fill(w.m, w.m + rows, -kInf);
+    std::fill(w.l, w.l + rows, 0.0f);
+    for (int64_t x = 0; x < rows; ++x) std::fill(oi.row_ptr(x), oi.row_ptr(x) + p.Dv, 0.0f);
     for (int64_t j = p.first_key_block(i); j <= i; ++j) {
       const Tile t = p.classify(b, i, j);
       if (t == Tile::kSkip) continue;
       const int64_t nk = p.rows(j);
-      ctx.gemm(worker, mq, nk, p.Dk, p.scale, qi, p.k_rows(b, j, g).t(), f32_out(s, nk), false, Work::kAttention);
-      if (t == Tile::kMasked) p.mask(b, i, j, s);
-      for (int64_t r = 0; r < mq; ++r) {
-        float* row = s + r * nk;
-        const float mr = isa->row_max(row, nk, m[r]);
-        if (mr == -kInf) {  // nothing visible to this query yet
+      ctx.gemm(worker, rows, nk, p.Dk, p.scale, qi, p.k_rows(b, j, g).t(), f32_out(w.s, nk), false,
+               Work::kAttention);
+      if (t == Tile::kMasked) p.mask(b, i, j, w.s, p.R);
+      for (int64_t x = 0; x < rows; ++x) {
+        float* row = w.s + x * nk;
+        const float mx = isa->row_max(row, nk, w.m[x]);
+        if (mx == -kInf) {  // nothing visible to this query yet
           std::fill(row, row + nk, 0.0f);
           continue;
         }
-        const float corr = std::exp(m[r] - mr);
-        l[r] = l[r] * corr + isa->exp_shift(row, mr, row, nk);
-        m[r] = mr;
+        const float corr = std::exp(w.m[x] - mx);
+        w.l[x] = w.l[x] * corr + isa->exp_shift(row, mx, row, nk);
+        w.m[x] = mx;
         if (corr != 1.0f) {
-          for (float *x = o_rows + r * ld_o, *end = x + p.Dv; x < end; ++x) *x *= corr;
+          for (float *y = oi.row_ptr(x), *end = y + p.Dv; y < end; ++y) *y *= corr;
         }
       }
-      ctx.gemm(worker, mq, p.Dv, nk, 1.0f, tile_operand(*isa, p, s, mq * nk, nk, pb), p.v_rows(b, j, g),
-               f32_out(o_rows, ld_o), true, Work::kAttention);
+      ctx.gemm(worker, rows, p.Dv, nk, 1.0f, tile_operand(*isa, p, w.s, rows * nk, nk, w.pb), p.v_rows(b, j, g),
+               oi, true, Work::kAttention);
     }
-    float* lse_rows = ls + (b * p.N + n) * p.S + i * bs;
-    for (int64_t r = 0; r < mq; ++r) {
-      float* row = o_rows + r * ld_o;
-      if (l[r] == 0.0f) {  // a query that sees nothing
+    for (int64_t x = 0; x < rows; ++x) {
+      float* row = oi.row_ptr(x);
+      float& stat = ls[p.stat(b, g, x / mq, i, x % mq)];
+      if (w.l[x] == 0.0f) {  // a query that sees nothing
         std::fill(row, row + p.Dv, 0.0f);
-        lse_rows[r] = kInf;
+        stat = kInf;
         continue;
       }
-      const float inv = 1.0f / l[r];
+      const float inv = 1.0f / w.l[x];
       for (int64_t d = 0; d < p.Dv; ++d) row[d] *= inv;
-      lse_rows[r] = m[r] + std::log(l[r]);
+      stat = w.m[x] + std::log(w.l[x]);
     }
   });
   return ffi::Error::Success();
@@ -246,17 +297,15 @@ ffi::Error attention_backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   float* dq_out = static_cast<float*>(dq->untyped_data());
   float* dk_out = static_cast<float*>(dk->untyped_data());
   float* dv_out = static_cast<float*>(dv->untyped_data());
-  const int64_t bs = p.block, groups = p.B * p.G, dq_size = p.B * p.S * p.N * p.Dk;
-  KernelContext ctx(pool, *isa, worker_floats(bs));
+  const int64_t groups = p.B * p.G, dq_size = p.B * p.S * p.N * p.Dk;
+  KernelContext ctx(pool, *isa, WorkerTiles::floats(*isa, p));
   const int64_t chunks = std::clamp<int64_t>((2 * ctx.workers + groups - 1) / groups, 1, std::min<int64_t>(p.nb, 8));
   float* dq_parts = chunks > 1 ? ctx.alloc((chunks - 1) * dq_size) : nullptr;
+  const bool bf16 = p.dtype == DType::kBF16;
 
   ctx.run(groups * chunks, [&](int64_t item, int worker) {
     const int64_t c = item % chunks, b = item / chunks / p.G, g = item / chunks % p.G;
-    float* s = ctx.tile(worker);
-    float* ds = s + bs * bs;
-    uint16_t* pb = reinterpret_cast<uint16_t*>(ds + bs * bs);
-    uint16_t* dsb = pb + bs * bs;
+    WorkerTiles w(*isa, p, ctx.tile(worker));
     float* dq_c = c == 0 ? dq_out : dq_parts + (c - 1) * dq_size;
     // This item's heads of dq (R * Dk consecutive values per row), zeroed before the blocks add to them.
     for (int64_t t = 0; t < p.S; ++t) {
@@ -265,37 +314,43 @@ ffi::Error attention_backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
     }
     for (int64_t j = c; j < p.nb; j += chunks) {
       const int64_t nk = p.rows(j);
-      const OutView dk_j = f32_out(dk_out + ((b * p.S + j * bs) * p.G + g) * p.Dk, p.G * p.Dk);
-      const OutView dv_j = f32_out(dv_out + ((b * p.S + j * bs) * p.G + g) * p.Dv, p.G * p.Dv);
+      const OutView dk_j = f32_out(dk_out + ((b * p.S + j * p.block) * p.G + g) * p.Dk, p.G * p.Dk);
+      const OutView dv_j = f32_out(dv_out + ((b * p.S + j * p.block) * p.G + g) * p.Dv, p.G * p.Dv);
       for (int64_t r = 0; r < nk; ++r) {
         std::fill(dk_j.row_ptr(r), dk_j.row_ptr(r) + p.Dk, 0.0f);
         std::fill(dv_j.row_ptr(r), dv_j.row_ptr(r) + p.Dv, 0.0f);
       }
+      // Key block j's operands, packed once for every query block and head: K_j^T (scores), V_j^T (dP),
+      // K_j (dq); as bf16 pairs where the tiles multiplying them are bf16 and the ISA has pairs.
       const MatView kj = p.k_rows(b, j, g), vj = p.v_rows(b, j, g);
-      for (int64_t n = g * p.R; n < (g + 1) * p.R; ++n) {
-        for (int64_t i = j; i <= p.last_query_block(j); ++i) {
-          const Tile t = p.classify(b, i, j);
-          if (t == Tile::kSkip) continue;
-          const int64_t mq = p.rows(i), row0 = (b * p.N + n) * p.S + i * bs;
-          const MatView qi = p.q_rows(b, i, n);
-          MatView doi = p.view(dout.untyped_data(), ((b * p.S + i * bs) * p.N + n) * p.Dv, p.N * p.Dv);
-          ctx.gemm(worker, mq, nk, p.Dk, p.scale, qi, kj.t(), f32_out(s, nk), false, Work::kAttention);
-          if (t == Tile::kMasked) p.mask(b, i, j, s);
-          for (int64_t r = 0; r < mq; ++r) isa->exp_shift(s + r * nk, ls[row0 + r], s + r * nk, nk);
-          ctx.gemm(worker, mq, nk, p.Dv, 1.0f, doi, vj.t(), f32_out(ds, nk), false, Work::kAttention);
-          for (int64_t r = 0; r < mq; ++r) {
-            const float d = dl[row0 + r];
-            float* dsr = ds + r * nk;
-            const float* pr = s + r * nk;
-            for (int64_t x = 0; x < nk; ++x) dsr[x] = pr[x] * (dsr[x] - d);
-          }
-          const MatView pt = tile_operand(*isa, p, s, mq * nk, nk, pb).t();
-          const MatView dst = tile_operand(*isa, p, ds, mq * nk, nk, dsb);
-          ctx.gemm(worker, nk, p.Dv, mq, 1.0f, pt, doi, dv_j, true, Work::kAttention);
-          ctx.gemm(worker, nk, p.Dk, mq, p.scale, dst.t(), qi, dk_j, true, Work::kAttention);
-          ctx.gemm(worker, mq, p.Dk, nk, p.scale, dst, kj,
-                   f32_out(dq_c + ((b * p.S + i * bs) * p.N + n) * p.Dk, p.N * p.Dk), true, Work::kAttention);
+      const PackedB kt = pack_b(*isa, p.Dk, nk, kj.t(), bf16, w.packed[0]);
+      const PackedB vt = pack_b(*isa, p.Dv, nk, vj.t(), bf16, w.packed[1]);
+      const PackedB kn = pack_b(*isa, nk, p.Dk, kj, bf16, w.packed[2]);
+      for (int64_t i = j; i <= p.last_query_block(j); ++i) {
+        const Tile t = p.classify(b, i, j);
+        if (t == Tile::kSkip) continue;
+        const int64_t mq = p.rows(i), rows = p.R * mq;
+        p.group_rows(i, w.rows);
+        const MatView qi = p.group_rows(p.q, b, g, p.Dk, w.rows);
+        const MatView doi = p.group_rows(dout.untyped_data(), b, g, p.Dv, w.rows);
+        gemm_packed(*isa, rows, p.scale, qi, kt, f32_out(w.s, nk), false, ctx.gemm_scratch(worker), Work::kAttention);
+        if (t == Tile::kMasked) p.mask(b, i, j, w.s, p.R);
+        for (int64_t x = 0; x < rows; ++x) {
+          isa->exp_shift(w.s + x * nk, ls[p.stat(b, g, x / mq, i, x % mq)], w.s + x * nk, nk);
         }
+        gemm_packed(*isa, rows, 1.0f, doi, vt, f32_out(w.ds, nk), false, ctx.gemm_scratch(worker), Work::kAttention);
+        for (int64_t x = 0; x < rows; ++x) {
+          const float d = dl[p.stat(b, g, x / mq, i, x % mq)];
+          float* dsr = w.ds + x * nk;
+          const float* pr = w.s + x * nk;
+          for (int64_t y = 0; y < nk; ++y) dsr[y] = pr[y] * (dsr[y] - d);
+        }
+        const MatView pt = tile_operand(*isa, p, w.s, rows * nk, nk, w.pb).t();
+        const MatView dst = tile_operand(*isa, p, w.ds, rows * nk, nk, w.dsb);
+        ctx.gemm(worker, nk, p.Dv, rows, 1.0f, pt, doi, dv_j, true, Work::kAttention);
+        ctx.gemm(worker, nk, p.Dk, rows, p.scale, dst.t(), qi, dk_j, true, Work::kAttention);
+        gemm_packed(*isa, rows, p.scale, dst, kn, p.group_out(dq_c, b, g, p.Dk, w.rows), true,
+                    ctx.gemm_scratch(worker), Work::kAttention);
       }
     }
   });

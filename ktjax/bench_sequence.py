@@ -19,6 +19,14 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
+from ktjax.config import ATTENTION_BACKENDS, REMAT_POLICIES, ModelConfig
+from ktjax.memory import peak_rss_bytes
+from ktjax.models import build_model
+from ktjax.params import is_lora, merge_model, split_model
+
 MODEL = dict(
     vocab_size=2048,
     hidden_size=1024,
@@ -37,14 +45,6 @@ MODEL = dict(
 
 def one_step(seq: int, backend: str, remat: str, steps: int) -> dict:
     """Builds the model, runs the step 1 + `steps` times; the times and this process's peak RSS."""
-    import jax
-    import jax.numpy as jnp
-
-    from ktjax.config import ModelConfig
-    from ktjax.memory import peak_rss_bytes
-    from ktjax.models import build_model
-    from ktjax.params import is_lora, merge_model, split_model
-
     cfg = ModelConfig(**MODEL, attention_backend=backend, remat=remat, max_position_embeddings=seq)
     defn, params = split_model(build_model(cfg, seed=0))
     lora = {n: p for n, p in params.items() if is_lora(n)}
@@ -87,8 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:  # the child process: one configuration, its result as a JSON line
         print(json.dumps(one_step(int(args.one[0]), args.one[1], args.one[2], args.steps)), flush=True)
         return
-    from ktjax.config import ATTENTION_BACKENDS, REMAT_POLICIES
-
     seqs = [int(s) for s in args.seqs.split(",")]
     backends, remats = args.backends.split(","), args.remat.split(",")
     if (

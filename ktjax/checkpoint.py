@@ -195,22 +195,33 @@ def _orbax_errors() -> _OrbaxErrors:
     return errors
 
 
+def _loop_closed(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
 def _quiet_stragglers() -> None:
     """After a failed save, orbax's remaining writes finish after their event loop closed and each
-    reports "Event loop is closed" through sys.unraisablehook (dozens of tracebacks as the process
-    exits), and its writes never started warn that they were never awaited. Those, and only those,
-    are dropped."""
+    reports "Event loop is closed" as the process exits (dozens of tracebacks): through
+    sys.unraisablehook, or through sys.excepthook where a native thread's callback prints its error
+    (tensorstore's, with no header). Its writes never started warn that they were never awaited.
+    Those, and only those, are dropped."""
     previous = sys.unraisablehook
     if getattr(previous, "ktjax_quiet", False):
         return
 
     def hook(unraisable) -> None:
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        if not _loop_closed(unraisable.exc_value):
             previous(unraisable)
+
+    previous_except = sys.excepthook
+
+    def excepthook(kind, value, tb) -> None:
+        if not _loop_closed(value):
+            previous_except(kind, value, tb)
 
     hook.ktjax_quiet = True
     sys.unraisablehook = hook
+    sys.excepthook = excepthook
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 

@@ -77,10 +77,24 @@ def normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Arr
     rows = max(1, CHUNK // int(np.prod(shape[1:])))
     starts = range(0, shape[0], rows)
     keys = jax.random.split(key, len(starts))
-    blocks = [
-        _scaled_normal(k, (min(rows, shape[0] - s), *shape[1:]), std, dtype) for k, s in zip(keys, starts)
-    ]
-    return jnp.concatenate(blocks)
+    if isinstance(key, jax.core.Tracer):  # inside a trace: one program, which XLA schedules itself
+        blocks = [
+            _scaled_normal(k, (min(rows, shape[0] - s), *shape[1:]), std, dtype) for k, s in zip(keys, starts)
+        ]
+        return jnp.concatenate(blocks)
+    # Called eagerly, each block is drawn and written into the result in place (donated) before the
+    # next is dispatched: JAX's asynchronous dispatch would otherwise run the blocks' draws side by
+    # side, their f32 temporaries together taking several times the weight's bytes.
+    out = jnp.empty(shape, dtype)
+    for k, s in zip(keys, starts):
+        block = _scaled_normal(k, (min(rows, shape[0] - s), *shape[1:]), std, dtype)
+        out = jax.block_until_ready(_put_rows(out, block, s))
+    return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(out: jax.Array, block: jax.Array, start: int) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -11,7 +11,7 @@ parameters, where bf16 would need 58 GB. Attention, embeddings and the head stay
 
 Trained: LoRA adapters of rank 1 on every routed expert's gate/up/down (52M parameters: at rank r the
 expert adapters, their gradients and bf16 Adam moments cost about 0.4 GB x r: rank 1 leaves the most
-room; the run peaks at 23 GB, docs/performance.md) and rank 8 on attention's q/k/v/o, for a few steps
+room; the run peaks at 22.2 GB, docs/performance.md) and rank 8 on attention's q/k/v/o, for a few steps
 of the arithmetic SFT set with the byte tokenizer. No checkpoints (saving 19 GB of frozen weights is
 not the point here). Prints the build time, peak RSS and tokens/s; writes them to summary.json.
 """

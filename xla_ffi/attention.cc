@@ -122,6 +122,9 @@ ffi::Error parse(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::An
                                        dims_str(qd) + ", k " + dims_str(kd));
   }
   p->R = p->N / p->G;
+  if (p->S * p->N > std::numeric_limits<int32_t>::max()) {  // group_rows' row indices are int32
+    return ffi::Error::InvalidArgument("q's S * N must be below 2^31, got " + dims_str(qd));
+  }
   if (auto e = expect_shape("k", k, {p->B, p->S, p->G, p->Dk}, "[B, S, G, Dk]"); e.failure()) return e;
   if (auto e = expect_shape("v", v, {p->B, p->S, p->G, p->Dv}, "[B, S, G, Dv]"); e.failure()) return e;
   if (auto e = expect_shape("segment_ids", seg, {p->B, p->S}, "[B, S]"); e.failure()) return e;

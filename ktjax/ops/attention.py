@@ -66,26 +66,30 @@ def attention(
         raise ValueError(f"attention: window must be >= 0 and block >= 1, got {window} and {block}")
     if backend == "cpu":
         out = flash_attention_cpu(q, k, v, segment_ids, scale=scale, window=window, block=block)
-        # a query that sees nothing: the mean of all values, as the dense softmax of an all-masked row
-        mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), N // G, axis=1)  # [B, N, Dv]
-        out = jnp.where((segment_ids > 0)[:, :, None, None], out, mean_v[:, None])
-        return out.reshape(B, S, N * Dv)
+        return _blind_queries_get_the_mean(out, v, segment_ids)
     if backend == "xla" or S <= block:  # a sequence within one block: the one tile is the dense product
         return dense_attention(q, k, v, segment_ids, scale=scale, window=window)
     # [B, G, R, S, D] queries (R = N / G heads per group) and [B, G, S, D] keys and values, in f32
     qg = jnp.moveaxis(q.astype(jnp.float32).reshape(B, S, G, N // G, Dk), 1, 3)
     kg = jnp.moveaxis(k.astype(jnp.float32), 1, 2)
-    vg = jnp.moveaxis(v.astype(jnp.float32), 1, 2)
+    vf = v.astype(jnp.float32)  # one f32 copy, for the tiles and the mean: its cotangents add in f32
+    vg = jnp.moveaxis(vf, 1, 2)
     bs = min(block, -(-S // 8) * 8)
     pad = -S % bs
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
     kg, vg = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (kg, vg))
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))
     out = _flash(float(scale), int(window), bs, qg, kg, vg, seg)[..., :S, :]  # [B, G, R, S, Dv]
-    # a query that sees nothing: the mean of all values, as the dense softmax of an all-masked row
-    mean_v = jnp.mean(vg[:, :, :S], axis=2)[:, :, None, None, :]
-    out = jnp.where((segment_ids > 0)[:, None, None, :, None], out, mean_v)
-    return jnp.moveaxis(out, 3, 1).reshape(B, S, N * Dv)
+    return _blind_queries_get_the_mean(jnp.moveaxis(out, 3, 1).reshape(B, S, N, Dv), vf, segment_ids)
+
+
+def _blind_queries_get_the_mean(out: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """out: [B, S, N, Dv] f32 -> [B, S, N * Dv], a query that sees nothing (segment 0) given the mean of
+    its group's values over the sequence, as the dense softmax of an all-masked row gives it."""
+    B, S, N, Dv = out.shape
+    mean_v = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), N // v.shape[2], axis=1)  # [B, N, Dv]
+    out = jnp.where((segment_ids > 0)[:, :, None, None], out, mean_v[:, None])
+    return out.reshape(B, S, N * Dv)
 
 
 def dense_attention(q, k, v, segment_ids, *, scale: float, window: int = 0) -> jax.Array:

@@ -25,7 +25,7 @@ from ktjax.model_args import add_model_arguments, load_model
 from ktjax.nn.decoder import MoeForCausalLM
 from ktjax.params import merge_model, split_model
 from ktjax.sft import pack, read_jsonl, tokenize_record
-from ktjax.train import masked_cross_entropy_sum
+from ktjax.train import loss_sum
 
 
 def evaluate_rows(model: MoeForCausalLM, rows: Batch, batch_size: int = 8, progress: bool = True) -> dict:
@@ -35,8 +35,7 @@ def evaluate_rows(model: MoeForCausalLM, rows: Batch, batch_size: int = 8, progr
 
     @jax.jit
     def nll_sum(params, batch):
-        logits = merge_model(defn, params)(batch["input_ids"], batch["segment_ids"], batch["positions"])
-        return masked_cross_entropy_sum(logits, batch), jnp.sum(batch["loss_mask"])
+        return loss_sum(merge_model(defn, params), batch)[0], jnp.sum(batch["loss_mask"])
 
     n = len(rows["input_ids"])
     total, count = 0.0, 0.0

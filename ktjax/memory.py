@@ -24,7 +24,7 @@ from ktjax import ffi
 from ktjax.data import Batch
 from ktjax.optim import init_optimizer_state, make_optimizer, split_trainable
 from ktjax.params import ModelDef, Params, merge_model
-from ktjax.train import TrainConfig, make_train_step, masked_cross_entropy_sum
+from ktjax.train import TrainConfig, loss_sum, make_train_step
 
 GIB = 2**30
 
@@ -62,10 +62,7 @@ def training_memory(
     opt_state = jax.eval_shape(lambda t: init_optimizer_state(tx, t), trainable)
 
     def loss(trainable: Params, frozen: Params, batch: Batch) -> jax.Array:
-        logits, _ = merge_model(defn, {**trainable, **frozen}).forward(
-            batch["input_ids"], batch["segment_ids"], batch["positions"]
-        )
-        return masked_cross_entropy_sum(logits, batch)
+        return loss_sum(merge_model(defn, {**trainable, **frozen}), batch, cfg.loss_chunk)[0]
 
     micro = jax.tree.map(lambda a: a[: a.shape[0] // cfg.micro_batches], batch)
     parts = {

@@ -40,6 +40,9 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 32  # sequences per optimizer step
     micro_batches: int = 1  # the batch is split into this many micro-batches; gradients summed in f32
+    # tokens whose logits exist at once in the loss ([rows, V] f32; the backward computes them again):
+    # 0 = all while they fit LOSS_CHUNK_BYTES (256 MiB: 441 tokens of Qwen3's 151936-token vocabulary)
+    loss_chunk: int = 0
     aux_loss_coef: float = 0.01  # weight of the router load-balancing loss
     clip_norm: float = 1.0  # global gradient-norm clip (0: off)
     log_every: int = 10
@@ -63,6 +66,8 @@ class TrainConfig:
                 "checkpoint_every must be -1 (never), 0 (at the end) or a step count, "
                 f"got {self.checkpoint_every}"
             )
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0 (0: automatic), got {self.loss_chunk}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
@@ -86,6 +91,35 @@ def masked_cross_entropy_sum(logits: jax.Array, batch: Batch) -> jax.Array:
     return jnp.sum(ce * batch["loss_mask"])
 
 
+LOSS_CHUNK_BYTES = 256 * 2**20  # f32 logits above this are taken in chunks (TrainConfig.loss_chunk = 0)
+
+
+def loss_chunk_rows(vocab_size: int, tokens: int, loss_chunk: int = 0) -> int:
+    """Tokens a chunk of the training loss over `tokens` tokens: `loss_chunk`, or for 0 all of them
+    while their f32 logits [tokens, vocab_size] fit LOSS_CHUNK_BYTES, else the largest power of two (at
+    least 256, so that a chunk's product amortises reading the output projection) whose logits fit."""
+    if loss_chunk:
+        return loss_chunk
+    if tokens * vocab_size * 4 <= LOSS_CHUNK_BYTES:
+        return tokens
+    rows = 256
+    while rows * 2 * vocab_size * 4 <= LOSS_CHUNK_BYTES:
+        rows *= 2
+    return rows
+
+
+def loss_sum(model: nnx.Module, batch: Batch, loss_chunk: int = 0) -> tuple[jax.Array, dict]:
+    """(sum over trained targets of -log p(target), router statistics) of `model` (merge_model's) on
+    `batch` ([B, S] arrays). The logits [B, S, V] f32 at once when loss_chunk_rows(V, B S, loss_chunk)
+    covers every token, else that many tokens at a time (MoeForCausalLM.cross_entropy_sum, whose
+    backward computes them again)."""
+    x, aux = model.hidden(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    rows = loss_chunk_rows(model.config.vocab_size, x.shape[0] * x.shape[1], loss_chunk)
+    if rows >= x.shape[0] * x.shape[1]:
+        return masked_cross_entropy_sum(model.logits(x), batch), aux
+    return model.cross_entropy_sum(x, batch["targets"], batch["loss_mask"], rows), aux
+
+
 def make_train_step(
     defn: ModelDef, tx: optax.GradientTransformation, cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None
 ) -> Callable:
@@ -104,10 +138,7 @@ def make_train_step(
         micro = jax.tree.map(lambda a: a.reshape(n_micro, a.shape[0] // n_micro, *a.shape[1:]), batch)
 
         def micro_loss(trainable: Params, mb: Batch):
-            logits, aux = merge_model(defn, {**trainable, **frozen}).forward(
-                mb["input_ids"], mb["segment_ids"], mb["positions"]
-            )
-            ce_sum = masked_cross_entropy_sum(logits, mb)
+            ce_sum, aux = loss_sum(merge_model(defn, {**trainable, **frozen}), mb, cfg.loss_chunk)
             # Normalised by the whole batch's targets: micro-batch gradients then sum to the batch gradient.
             # Split over shards, every shard's loss holds the whole load-balancing loss (its statistics
             # are summed over the shards) and the shards' gradients of it add up: a share of it each.

@@ -43,6 +43,6 @@ def dequantize(w, expert: int = 0) -> np.ndarray:
     """Expert `expert` of a QuantizedWeight [E, out, in], dequantized by the kernels' code: [out, in] f32."""
     E, rows, cols = w.shape
     data = np.ascontiguousarray(np.asarray(w.data)[expert]).view(np.uint8).reshape(-1)
-    scales = np.ascontiguousarray(np.asarray(w.scales)[expert], np.float32).reshape(-1)
+    scales = np.ascontiguousarray(np.asarray(w.scales)[expert]).view(np.uint8).reshape(-1)
     group = w.group if w.format == "int4" else w.block[0]
     return extension.dequantize(w.format, data, scales, rows, cols, group, w.block[1])

@@ -92,7 +92,7 @@ def test_the_quant_bench_times_every_base_against_bf16_and_counts_their_bytes(ca
     per_expert = result["bytes_per_expert"]  # 3 projections of 256 x 128 weights
     assert per_expert["bf16"] == 3 * 256 * 128 * 2
     assert per_expert["int8"] == 3 * 256 * 128 + (2 * 128 + 256) * 4  # + a scale per row
-    assert per_expert["int4"] == 3 * 256 * 64 + (2 * 128 * 2 + 256 * 1) * 2 * 4  # + (scale, min) per group
+    assert per_expert["int4"] == 3 * 256 * 64 + (2 * 128 * 2 + 256 * 1) * 2 * 2  # + bf16 (scale, min) pairs
     text = report_quant("tiny", shape, result, peak_gflops=100.0, bandwidth_gbs=10.0)
     assert all(f"\n{b} " in text for b in BASES) and "x bf16" in text
 
@@ -137,6 +137,8 @@ def test_the_sequence_bench_times_a_training_step_and_reads_its_peak_memory():
 
     result = one_step(32, "cpu", "full", steps=1)
     assert result["step_s"] > 0 and result["first_s"] > 0 and result["peak_rss_gb"] > 0.2  # the weights
+    chunked = one_step(32, "cpu", "off", steps=1, vocab=512, loss_chunk=8)  # the loss in 4 chunks
+    assert chunked["step_s"] > 0
 
 
 def test_the_sequence_bench_refuses_bad_arguments(capsys):
@@ -145,3 +147,6 @@ def test_the_sequence_bench_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench_sequence.main(["--remat", "sometimes"])
     assert "--remat of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_sequence.main(["--loss-chunks", "-1"])
+    assert "--loss-chunks >= 0" in capsys.readouterr().err

@@ -342,7 +342,7 @@ def test_realistic_layer_loads_within_1_3x_its_weights(expert_quant, tmp_path):
         f"baseline {(peak - base) / weight_bytes:.2f}x the weights"
     )
     if expert_quant:
-        # int4 at G=128 keeps 0.5625 of a byte a parameter, so the loaded layer is about a third of the
+        # int4 at G=128 keeps 0.53125 of a byte a parameter, so the loaded layer is about a third of the
         # bf16 one; on top of it at most one expert [768, 2048] in f32 and the quantizer's temporaries
         # of it (a few copies of 6.3 MB) exist at a time.
         assert loaded < 0.4 * weight_bytes

@@ -143,7 +143,7 @@ def test_a_quantized_weight_is_one_pytree_that_orbax_saves_and_restores(tmp_path
         (dict(format="int3"), "format must be one of"),
         (dict(group=48), "int4 group must be one of"),
         (dict(shape=(2, 7, 300)), r"data and scales of a \[2, 7, 300\] weight must have shapes"),
-        (dict(scales=np.ones((2, 7, 3, 2), np.float64)), "scales must be float32"),
+        (dict(scales=np.ones((2, 7, 3, 2), np.float32)), "int4 scales must be bfloat16, got float32"),
         (dict(data=np.zeros((2, 7, 151), np.int8)), "int4 data must be uint8"),
     ],
 )

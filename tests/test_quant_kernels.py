@@ -215,3 +215,6 @@ def test_the_kernels_check_quantized_data_against_the_quant_attribute():
     ]:
         with pytest.raises(Exception, match=pattern):
             raw_forward(args, quant=spec)
+    f32_scales = [*args[:-1], p.gate.scales.astype(jnp.float32)]  # the layout before bf16 pairs
+    with pytest.raises(Exception, match="gate scales must be bfloat16"):
+        raw_forward(f32_scales, quant=p.gate.kernel_spec("gate"))

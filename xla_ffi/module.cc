@@ -94,7 +94,8 @@ void def_isa_and_elementwise(py::module_& m) {
     return py::make_tuple(dg, du);
   }, "(dg, du) of h = silu(g) * u for the upstream gradient w * dh, as the kernels compute them.");
   m.def("dequantize", [](const std::string& format, py::array_t<uint8_t, py::array::c_style> data,
-                         F32Array scales, int64_t rows, int64_t cols, int64_t group, int64_t block_cols) {
+                         py::array_t<uint8_t, py::array::c_style> scales, int64_t rows, int64_t cols, int64_t group,
+                         int64_t block_cols) {
     ktjax::QuantWeight q;
     if (format == "int8") {
       q.format = ktjax::QuantFormat::kInt8;
@@ -111,19 +112,24 @@ void def_isa_and_elementwise(py::module_& m) {
     q.cols = cols;
     q.group = group;
     q.block_cols = block_cols;
+    const auto misfit = [] {
+      return std::invalid_argument("data, scales, rows, cols, group and block_cols do not fit the format");
+    };
+    if (rows < 1 || cols < 1 || group < 0 || block_cols < 0 || (format != "int8" && group < 1) ||
+        (format == "fp8" && block_cols < 1)) {
+      throw misfit();
+    }
     const int64_t scale_count = format == "int8"   ? rows
                                 : format == "int4" ? rows * ((cols + group - 1) / group) * 2
                                                    : ((rows + group - 1) / group) * ((cols + block_cols - 1) / block_cols);
-    if (rows < 1 || cols < 1 || group < 0 || block_cols < 0 || data.size() != rows * q.data_ld() ||
-        scales.size() != scale_count || (format != "int8" && group < 1) || (format == "fp8" && block_cols < 1)) {
-      throw std::invalid_argument("data, scales, rows, cols, group and block_cols do not fit the format");
-    }
+    if (data.size() != rows * q.data_ld() || scales.size() != scale_count * q.scale_bytes()) throw misfit();
     F32Array out({rows, cols});
     const ktjax::Isa* isa = ktjax::select_isa();
     if (isa == nullptr) throw std::invalid_argument("KTJAX_ISA names an ISA this CPU or build lacks");
     for (int64_t r = 0; r < rows; ++r) isa->dequant_row(q, r, 0, cols, 1.0f, out.mutable_data() + r * cols);
     return out;
-  }, "A quantized weight [rows, cols] (one expert, layouts in quant.h) dequantized as the selected ISA's kernels do.");
+  }, "A quantized weight [rows, cols] (one expert, layouts in quant.h; data and scales as bytes) dequantized as "
+     "the selected ISA's kernels do.");
 }
 
 // Machine probes for the benchmark: peak GEMM rate and memory read bandwidth.

@@ -137,19 +137,25 @@ ffi::Error parse_quantized(const QuantSpec& q, int j, const ffi::AnyBuffer& data
   const std::string scales_name = name + " scales";
   QuantWeight& qw = w->quant;
   qw = QuantWeight{q.format, static_cast<const uint8_t*>(data.untyped_data()),
-                   static_cast<const float*>(scales.untyped_data()), rows, cols, q.group, q.block_cols};
+                   scales.untyped_data(), rows, cols, q.group, q.block_cols};
   w->dtype = DType::kQuant;
   w->rows = rows;
   w->cols = cols;
   w->quant_data_stride = rows * qw.data_ld();
-  if (scales.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument(scales_name + " must be float32");
-  }
+  // the scales' dtype: checked after the data's, which names the format mismatch first
+  const auto scales_dtype = [&]() -> ffi::Error {
+    const bool bf16_scales = q.format == QuantFormat::kInt4;
+    if (scales.element_type() == (bf16_scales ? ffi::DataType::BF16 : ffi::DataType::F32)) {
+      return ffi::Error::Success();
+    }
+    return ffi::Error::InvalidArgument(scales_name + (bf16_scales ? " must be bfloat16" : " must be float32"));
+  };
   switch (q.format) {
     case QuantFormat::kInt8:
       if (data.element_type() != ffi::DataType::S8) return ffi::Error::InvalidArgument(name + " must be int8");
       if (auto e = expect_shape(name.c_str(), data, {E, rows, cols}, "[E, out, in]"); e.failure()) return e;
-      w->quant_scales_stride = rows;
+      if (auto e = scales_dtype(); e.failure()) return e;
+      w->quant_scales_stride = rows * qw.scale_bytes();
       return expect_shape(scales_name.c_str(), scales, {E, rows}, "[E, out]");
     case QuantFormat::kInt4: {
       if (data.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument(name + " must be uint8");
@@ -157,8 +163,9 @@ ffi::Error parse_quantized(const QuantSpec& q, int j, const ffi::AnyBuffer& data
           e.failure()) {
         return e;
       }
+      if (auto e = scales_dtype(); e.failure()) return e;
       const int64_t groups = (cols + q.group - 1) / q.group;
-      w->quant_scales_stride = rows * groups * 2;
+      w->quant_scales_stride = rows * groups * 2 * qw.scale_bytes();
       return expect_shape(scales_name.c_str(), scales, {E, rows, groups, 2}, "[E, out, ceil(in / G), 2]");
     }
     case QuantFormat::kFp8: {
@@ -166,8 +173,9 @@ ffi::Error parse_quantized(const QuantSpec& q, int j, const ffi::AnyBuffer& data
         return ffi::Error::InvalidArgument(name + " must be float8_e4m3fn");
       }
       if (auto e = expect_shape(name.c_str(), data, {E, rows, cols}, "[E, out, in]"); e.failure()) return e;
+      if (auto e = scales_dtype(); e.failure()) return e;
       const int64_t br = (rows + q.group - 1) / q.group, bc = (cols + q.block_cols - 1) / q.block_cols;
-      w->quant_scales_stride = br * bc;
+      w->quant_scales_stride = br * bc * qw.scale_bytes();
       return expect_shape(scales_name.c_str(), scales, {E, br, bc}, "[E, ceil(out / B0), ceil(in / B1)]");
     }
   }

@@ -18,13 +18,13 @@ namespace ktjax {
 namespace ffi = xla::ffi;
 
 // Expert weights stacked over experts: expert e's stored [rows, cols] matrix starts at e*rows*cols;
-// a quantized one (dtype kQuant) is `quant` for expert 0, its data and scales `quant_stride` apart.
+// a quantized one (dtype kQuant) is `quant` for expert 0, its data and scales the strides' bytes apart.
 struct Stacked {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0, cols = 0;
   QuantWeight quant;
-  int64_t quant_data_stride = 0, quant_scales_stride = 0;
+  int64_t quant_data_stride = 0, quant_scales_stride = 0;  // bytes
 
   MatView expert(int64_t e) const {
     MatView v;
@@ -33,7 +33,7 @@ struct Stacked {
     if (dtype == DType::kQuant) {
       v.quant = quant;
       v.quant.data += e * quant_data_stride;
-      v.quant.scales += e * quant_scales_stride;
+      v.quant.scales = static_cast<const char*>(quant.scales) + e * quant_scales_stride;
       return v;
     }
     v.data = static_cast<const char*>(data) + e * rows * cols * dtype_bytes(dtype);

@@ -4,7 +4,7 @@
 //
 //   int8  data [rows, cols] int8; scales [rows] f32:                   w[r, c] = q * scale[r]
 //   int4  data [rows, ceil(cols / 2)] uint8, column 2j in the low nibble, 2j + 1 in the high one;
-//         scales [rows, ceil(cols / G), 2] f32 (scale, min) per group of G columns:
+//         scales [rows, ceil(cols / G), 2] bf16 (scale, min) per group of G columns:
 //                                                                     w[r, c] = q * scale + min, q in 0..15
 //   fp8   data [rows, cols] float8_e4m3fn; scales [ceil(rows / B0), ceil(cols / B1)] f32 per block of
 //         B0 x B1 (the last blocks ragged), as DeepSeek-V3's checkpoints store weight_scale_inv:
@@ -15,9 +15,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dtype.h"
+
 namespace ktjax {
 
 enum class QuantFormat : uint8_t { kInt8, kInt4, kFp8 };
+
 
 // f32 value of an e4m3fn byte (sign, 4 exponent bits with bias 7, 3 mantissa bits; no infinities,
 // 0x7f and 0xff are NaN), exact.
@@ -52,14 +55,23 @@ struct Fp8Table {
 // by moving r0 / c0: an int4 row cannot be cut at an odd column by moving a pointer).
 struct QuantWeight {
   QuantFormat format = QuantFormat::kInt8;
-  const uint8_t* data = nullptr;  // this expert's data
-  const float* scales = nullptr;  // this expert's scales
+  const uint8_t* data = nullptr;   // this expert's data
+  const void* scales = nullptr;    // this expert's scales: f32 (int8, fp8) or bf16 pairs (int4)
   int64_t rows = 0, cols = 0;     // the whole expert weight
   int64_t group = 0;              // int4: G columns per scale; fp8: B0 rows per block
   int64_t block_cols = 0;         // fp8: B1 columns per block
   int64_t r0 = 0, c0 = 0;
 
   int64_t data_ld() const { return format == QuantFormat::kInt4 ? (cols + 1) / 2 : cols; }
+  // Bytes of one stored scale value: int4's (scale, min) pairs are bf16, the others' scales f32.
+  int64_t scale_bytes() const { return format == QuantFormat::kInt4 ? 2 : 4; }
+  const float* f32_scales() const { return static_cast<const float*>(scales); }
+  // int4: (scale, min) of stored row r's group g, exact in f32.
+  void int4_pair(int64_t r, int64_t g, float* scale, float* min) const {
+    const uint16_t* p = static_cast<const uint16_t*>(scales) + (r * ((cols + group - 1) / group) + g) * 2;
+    *scale = bf16_to_f32(p[0]);
+    *min = bf16_to_f32(p[1]);
+  }
   // The bytes that hold values c .. c + n - 1 of stored row r (view coordinates): from row_bytes(r, c), at
   // most span_bytes(n) of them.
   const uint8_t* row_bytes(int64_t r, int64_t c) const {
@@ -91,19 +103,19 @@ struct QuantWeight {
     r += r0;
     switch (format) {
       case QuantFormat::kInt8:
-        scale[0] = scales[r] * mul;
+        scale[0] = f32_scales()[r] * mul;
         min[0] = 0.0f;
         return;
       case QuantFormat::kInt4: {
-        const float* sm = scales + (r * ((cols + group - 1) / group) + g0) * 2;
         for (int64_t g = 0; g < count; ++g) {
-          scale[g] = sm[2 * g] * mul;
-          min[g] = sm[2 * g + 1] * mul;
+          int4_pair(r, g0 + g, scale + g, min + g);
+          scale[g] *= mul;
+          min[g] *= mul;
         }
         return;
       }
       case QuantFormat::kFp8: {
-        const float* s = scales + r / group * ((cols + block_cols - 1) / block_cols) + g0;
+        const float* s = f32_scales() + r / group * ((cols + block_cols - 1) / block_cols) + g0;
         for (int64_t g = 0; g < count; ++g) {
           scale[g] = s[g] * mul;
           min[g] = 0.0f;
@@ -120,17 +132,16 @@ struct QuantWeight {
     const uint8_t* row = data + r * data_ld();
     switch (format) {
       case QuantFormat::kInt8: {
-        const float s = scales[r] * mul;
+        const float s = f32_scales()[r] * mul;
         for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(static_cast<int8_t>(row[c + j])) * s;
         return;
       }
       case QuantFormat::kInt4: {  // group by group: one (scale, min) pair, then bytes two columns at a time
-        const int64_t groups = (cols + group - 1) / group;
-        const float* sm = scales + r * groups * 2;
         for (int64_t j = 0; j < n;) {
           const int64_t col = c + j, g = col / group;
           const int64_t len = std::min(n - j, (g + 1) * group - col);
-          const float s = sm[2 * g], m = sm[2 * g + 1];
+          float s, m;
+          int4_pair(r, g, &s, &m);
           float* out = dst + j;
           int64_t k = 0;
           if (col & 1) {  // an odd first column: its high nibble alone
@@ -151,7 +162,7 @@ struct QuantWeight {
       case QuantFormat::kFp8: {  // block by block, each byte through a table of the 256 e4m3 values
         static const Fp8Table table;
         const int64_t blocks = (cols + block_cols - 1) / block_cols;
-        const float* s = scales + r / group * blocks;
+        const float* s = f32_scales() + r / group * blocks;
         for (int64_t j = 0; j < n;) {
           const int64_t col = c + j, b = col / block_cols;
           const int64_t len = std::min(n - j, (b + 1) * block_cols - col);

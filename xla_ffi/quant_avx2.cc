@@ -46,7 +46,7 @@ void dequant_row_avx2(const QuantWeight& w, int64_t r, int64_t c, int64_t n, flo
   const uint8_t* data = w.data + row * w.data_ld();
   switch (w.format) {
     case QuantFormat::kInt8: {
-      const float s = w.scales[row] * mul;
+      const float s = w.f32_scales()[row] * mul;
       const __m256 vs = _mm256_set1_ps(s);
       int64_t j = 0;
       for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_mul_ps(int8x8(data + col0 + j), vs));
@@ -54,14 +54,14 @@ void dequant_row_avx2(const QuantWeight& w, int64_t r, int64_t c, int64_t n, flo
       return;
     }
     case QuantFormat::kInt4: {
-      const int64_t groups = (w.cols + w.group - 1) / w.group;
-      const float* sm = w.scales + row * groups * 2;
       for (int64_t j = 0; j < n;) {
         const int64_t col = col0 + j, g = col / w.group;
         const int64_t len = std::min(n - j, (g + 1) * w.group - col);
         int64_t k = 0;
         if (col % 2 == 0) {
-          const __m256 vs = _mm256_set1_ps(sm[2 * g]), vm = _mm256_set1_ps(sm[2 * g + 1]);
+          float scale, min;
+          w.int4_pair(row, g, &scale, &min);
+          const __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(min);
           const __m256 vmul = _mm256_set1_ps(mul);
           for (; k + 16 <= len; k += 16) {
             __m256 q[2];
@@ -79,7 +79,7 @@ void dequant_row_avx2(const QuantWeight& w, int64_t r, int64_t c, int64_t n, flo
     }
     case QuantFormat::kFp8: {
       const int64_t blocks = (w.cols + w.block_cols - 1) / w.block_cols;
-      const float* s = w.scales + row / w.group * blocks;
+      const float* s = w.f32_scales() + row / w.group * blocks;
       for (int64_t j = 0; j < n;) {
         const int64_t col = col0 + j, b = col / w.block_cols;
         const int64_t len = std::min(n - j, (b + 1) * w.block_cols - col);

@@ -150,7 +150,7 @@ def load_quantized(
     its slot."""
     n = len(sources)
     data = aligned_empty((n, *target.data.shape[1:]), np.dtype(target.data.dtype))
-    scales = aligned_empty((n, *target.scales.shape[1:]), np.dtype(np.float32))
+    scales = aligned_empty((n, *target.scales.shape[1:]), np.dtype(target.scales.dtype))
     for e, source in enumerate(sources):
         info = tensors[source]
         if target.format == "fp8" and info.code == "F8_E4M3" and tuple(target.block) == tuple(block or ()):

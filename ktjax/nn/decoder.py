@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from ktjax.config import ModelConfig
@@ -16,7 +17,7 @@ from ktjax.nn.mla import LatentAttention
 from ktjax.nn.mlp import MLP
 from ktjax.nn.moe import MoEBlock
 from ktjax.nn.norm import RMSNorm
-from ktjax.nn.remat import recomputed_call
+from ktjax.nn.remat import chunked_sum, recomputed_call
 
 
 class DecoderLayer(nnx.Module):
@@ -115,6 +116,14 @@ class MoeForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, dict]:
         """As ``__call__``, plus router statistics averaged over the MoE layers: load_balance_loss and
         max_load (both 1.0 when perfectly balanced)."""
+        x, aux = self.hidden(input_ids, segment_ids, positions)
+        return self.logits(x), aux
+
+    def hidden(
+        self, input_ids: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """As ``forward``, but the last layer's output x [B, S, H] f32 (before the final norm) in place
+        of the logits: for ``cross_entropy_sum``."""
         B, S = input_ids.shape
         if segment_ids is None:
             segment_ids = jnp.ones((B, S), jnp.int32)
@@ -130,13 +139,27 @@ class MoeForCausalLM(nnx.Module):
                 x, s = layer(x, positions, segment_ids, remat)
             if s is not None:
                 stats.append(s)
-        logits = self._logits(x)
         aux = (
             {k: jnp.mean(jnp.stack([s[k] for s in stats])) for k in ("load_balance_loss", "max_load")}
             if stats
             else {"load_balance_loss": jnp.zeros(()), "max_load": jnp.ones(())}
         )
-        return logits, aux
+        return x, aux
+
+    def cross_entropy_sum(
+        self, x: jax.Array, targets: jax.Array, loss_mask: jax.Array, rows: int
+    ) -> jax.Array:
+        """Sum over the tokens of loss_mask x -log p(target): x [B, S, H] f32 from ``hidden``, targets
+        [B, S] int32, loss_mask [B, S] f32. The logits exist `rows` tokens at a time ([rows, V] f32),
+        in the forward and in the backward, which recomputes them (ktjax.nn.remat.chunked_sum)."""
+        H = x.shape[-1]
+        return chunked_sum(
+            self._head(), _token_losses, rows, x.reshape(-1, H), targets.reshape(-1), loss_mask.reshape(-1)
+        )
+
+    def _head(self) -> tuple[RMSNorm, nnx.Module]:
+        """The final norm and the output projection (the token embedding when the model ties them)."""
+        return self.model.norm, self.lm_head if self.lm_head is not None else self.model.embed_tokens
 
     def init_cache(self, batch: int, length: int) -> list[dict[str, jax.Array]]:
         """An empty key/value cache for `batch` rows of up to `length` positions: one dict per layer."""
@@ -159,11 +182,23 @@ class MoeForCausalLM(nnx.Module):
             x, layer_cache = layer.cached(x, positions, segment_ids, layer_cache, prefill)
             new_cache.append(layer_cache)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, H]
-        return self._logits(last)[:, 0], new_cache
+        return self.logits(last)[:, 0], new_cache
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """x [B, S, H] f32 (before the final norm) -> logits [B, S, V] f32."""
-        x = self.model.norm(x)
-        if self.lm_head is None:
-            return jnp.einsum("bsh,vh->bsv", x, self.model.embed_tokens.weight[...].astype(jnp.float32))
-        return self.lm_head(x)
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x [..., H] f32 from ``hidden`` (before the final norm) -> logits [..., V] f32."""
+        return _head_logits(*self._head(), x)
+
+
+def _head_logits(norm: RMSNorm, head: nnx.Module, x: jax.Array) -> jax.Array:
+    """The final norm and the output projection: x [..., H] f32 -> logits [..., V] f32. head: the lm_head
+    Linear, or the token embedding when the model ties them."""
+    x = norm(x)
+    if isinstance(head, Linear):
+        return head(x)
+    return jnp.einsum("...h,vh->...v", x, head.weight[...].astype(jnp.float32))
+
+
+def _token_losses(head: tuple, x: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """sum(loss_mask x -log p(target)) of tokens x [N, H] f32, targets [N] int32, loss_mask [N] f32."""
+    logits = _head_logits(*head, x)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * loss_mask)

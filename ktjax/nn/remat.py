@@ -1,4 +1,5 @@
-"""Layer rematerialisation that holds on XLA:CPU (ModelConfig.remat).
+"""Rematerialisation that holds on XLA:CPU: of layers (ModelConfig.remat) and of the loss over the
+vocabulary, a chunk of tokens at a time (``chunked_sum``).
 
 ``jax.checkpoint`` saves only a function's inputs and recomputes the rest for the backward, but the
 recomputation depends on nothing the backward produces: XLA:CPU (jax 0.10) removes the optimization
@@ -85,3 +86,78 @@ def recomputed_call(modules: Any, method: Callable[..., Any], x: jax.Array, *con
         return method(nnx.merge(graphdef, jax.tree.unflatten(treedef, params)), x, *consts)
 
     return recomputed(fn)(leaves, x, consts)
+
+
+def _in_chunks(a: jax.Array, rows: int) -> jax.Array:
+    """a [N, ...] -> [ceil(N / rows), rows, ...], the last chunk padded with zeros."""
+    n = -(-a.shape[0] // rows)
+    a = jnp.pad(a, [(0, n * rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape(n, rows, *a.shape[1:])
+
+
+def recomputed_chunks(
+    fn: Callable[[list, jax.Array, tuple], jax.Array], rows: int
+) -> Callable[[list, jax.Array, tuple], jax.Array]:
+    """fn(params, x, consts) -> f32 scalar, pure, a sum over the rows of x [N, ...] and of consts (a tuple
+    of [N, ...] arrays never differentiated), such that rows of zeros in x and consts add 0. Returns a
+    function with fn's value and gradients that takes x `rows` rows at a time, in the forward and in the
+    backward (which recomputes each chunk's forward from the saved inputs): only one chunk's temporaries
+    exist at a time. For a loss over a large vocabulary, where fn's temporaries are [rows, V] logits."""
+
+    def total(params, x, consts):
+        def body(acc, chunk):
+            xc, cc = chunk
+            return acc + fn(params, xc, cc), None
+
+        chunks = (_in_chunks(x, rows), tuple(_in_chunks(c, rows) for c in consts))
+        return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)[0]
+
+    @jax.custom_vjp
+    def call(params, x, consts):
+        return total(params, x, consts)
+
+    def fwd(params, x, consts):
+        perturbed = _Perturbed(bool(p.perturbed) for p in params)
+        params, x, consts = [p.value for p in params], x.value, tuple(c.value for c in consts)
+        return total(params, x, consts), (params, x, consts, perturbed)
+
+    def bwd(res, ct):
+        params, x, consts, perturbed = res
+        ct = _instantiate(ct)
+        diff = [i for i, p in enumerate(perturbed) if p]
+
+        def body(acc, chunk):
+            xc, cc = chunk
+
+            def with_diff(diff_params, xc):
+                full = list(params)
+                for i, v in zip(diff, diff_params):
+                    full[i] = v
+                return fn(full, xc, cc)
+
+            _, vjp = jax.vjp(with_diff, [params[i] for i in diff], xc)
+            d_diff, dxc = vjp(ct)
+            return [a + d.astype(jnp.float32) for a, d in zip(acc, d_diff)], dxc
+
+        zeros = [jnp.zeros(params[i].shape, jnp.float32) for i in diff]
+        chunks = (_in_chunks(x, rows), tuple(_in_chunks(c, rows) for c in consts))
+        d_diff, dx = jax.lax.scan(body, zeros, chunks)
+        grads: list = [None] * len(params)
+        for i, g in zip(diff, d_diff):
+            grads[i] = g.astype(params[i].dtype)
+        return grads, dx.reshape(-1, *x.shape[1:])[: x.shape[0]], tuple(None for _ in consts)
+
+    call.defvjp(fwd, bwd, symbolic_zeros=True)
+    return call
+
+
+def chunked_sum(modules: Any, method: Callable[..., jax.Array], rows: int, x: jax.Array, *consts: jax.Array):
+    """method(modules, x, *consts) -> f32 scalar (a sum over the rows of x [N, ...] and consts [N, ...]),
+    taken `rows` rows at a time in the forward and the backward (``recomputed_chunks``)."""
+    graphdef, state = nnx.split(modules)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def fn(params, x, consts):
+        return method(nnx.merge(graphdef, jax.tree.unflatten(treedef, params)), x, *consts)
+
+    return recomputed_chunks(fn, rows)(leaves, x, consts)

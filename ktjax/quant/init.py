@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from ktjax.quant.formats import QuantizedWeight, parse_spec
@@ -52,8 +53,9 @@ def random_quantized(
         scales = jnp.full((n, out), std / np.sqrt((256**2 - 1) / 12), jnp.float32)
         return QuantizedWeight(random_codes(keys, (out, in_)).view(jnp.int8), scales, "int8", (n, out, in_))
     # int4, two codes a byte: uniform over 0..15: mean 15/2, sd sqrt((16^2 - 1) / 12)
-    scale = std / np.sqrt((16**2 - 1) / 12)
-    scales = jnp.broadcast_to(jnp.array([scale, -7.5 * scale], jnp.float32), (n, out, -(-in_ // group), 2))
+    scale = float(ml_dtypes.bfloat16(std / np.sqrt((16**2 - 1) / 12)))
+    pair = jnp.array([scale, -7.5 * scale], jnp.bfloat16)
+    scales = jnp.broadcast_to(pair, (n, out, -(-in_ // group), 2))
     return QuantizedWeight(
         random_codes(keys, (out, (in_ + 1) // 2)), scales, "int4", (n, out, in_), group=group
     )

@@ -29,9 +29,23 @@ def quantize_int8(w) -> QuantizedWeight:
     return QuantizedWeight(q, scales, "int8", w.shape)
 
 
+def _bf16_down(x: np.ndarray) -> np.ndarray:
+    """The largest bf16 value <= x (f32 in, bf16 out)."""
+    r = x.astype(ml_dtypes.bfloat16)
+    return np.where(r.astype(np.float32) > x, np.nextafter(r, ml_dtypes.bfloat16(-np.inf)), r)
+
+
+def _bf16_up(x: np.ndarray) -> np.ndarray:
+    """The smallest bf16 value >= x (f32 in, bf16 out)."""
+    r = x.astype(ml_dtypes.bfloat16)
+    return np.where(r.astype(np.float32) < x, np.nextafter(r, ml_dtypes.bfloat16(np.inf)), r)
+
+
 def quantize_int4(w, group: int = 128) -> QuantizedWeight:
-    """Asymmetric int4 per group of `group` consecutive input columns (the last group may be shorter):
-    scale = (max - min) / 15, min kept as is, q = round((w - min) / scale) in 0..15."""
+    """Asymmetric int4 per group of `group` consecutive input columns (the last group may be shorter),
+    (scale, min) stored in bf16: min = the group's min rounded down to bf16, scale = (max - min) / 15
+    rounded up to bf16 (1 for a constant group), q = round((w - min) / scale) in 0..15, so that the 16
+    levels cover the group and every value is within scale / 2 of its weight."""
     if group not in INT4_GROUPS:
         raise ValueError(f"int4 group must be one of {INT4_GROUPS}, got {group}")
     w = _f32(w)
@@ -40,14 +54,16 @@ def quantize_int4(w, group: int = 128) -> QuantizedWeight:
     padded = np.pad(w, ((0, 0), (0, 0), (0, groups * group - in_)), mode="edge").reshape(
         E, out, groups, group
     )
-    low, high = padded.min(axis=-1), padded.max(axis=-1)
-    scale = np.where(high > low, (high - low) / 15, 1).astype(np.float32)
-    q = np.clip(np.rint((padded - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    low = _bf16_down(padded.min(axis=-1))
+    span = padded.max(axis=-1) - low.astype(np.float32)
+    scale = np.where(span > 0, _bf16_up(span / np.float32(15)), ml_dtypes.bfloat16(1))
+    step = scale.astype(np.float32)[..., None]
+    q = np.clip(np.rint((padded - low.astype(np.float32)[..., None]) / step), 0, 15).astype(np.uint8)
     q = q.reshape(E, out, groups * group)[..., :in_]
     if in_ % 2:
         q = np.pad(q, ((0, 0), (0, 0), (0, 1)))
     data = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    scales = np.stack([scale, low.astype(np.float32)], axis=-1)
+    scales = np.stack([scale, low], axis=-1).astype(ml_dtypes.bfloat16)
     return QuantizedWeight(data, scales, "int4", (E, out, in_), group=group)
 
 

@@ -1,19 +1,22 @@
 """QLoRA at Qwen3-30B-A3B's exact shapes on a small machine: int4 routed experts, LoRA adapters.
 
-    python -m experiments.run qlora_30b                                    # 48 layers: ~19 GB of weights
+    python -m experiments.run qlora_30b                                    # 48 layers: ~18.5 GB of weights
     python -m experiments.run qlora_30b --set model.num_hidden_layers=2    # the same code, 2 layers
     python -m experiments.run qlora_30b --set model.expert_quant=int8      # 1.9x the bytes: 2 layers only
 
 The model: 48 layers, 128 routed experts (top-8), H=2048, moe I=768, 32 query / 4 key-value heads of
-128, vocab 151936, random weights. The routed experts are generated directly in int4 (G=128), expert
-stack by expert stack (ktjax.quant.init): 0.5625 bytes a parameter, 16.3 GB for the 29 billion expert
-parameters, where bf16 would need 58 GB. Attention, embeddings and the head stay bf16 and frozen.
+128, vocab 151936, random weights. The routed experts are generated directly in int4 (G=128, bf16
+(scale, min) pairs), expert stack by expert stack (ktjax.quant.init): 0.53125 bytes a parameter, 15.4 GB
+for the 29 billion expert parameters, where bf16 would need 58 GB. Attention, embeddings and the head
+stay bf16 and frozen.
 
 Trained: LoRA adapters of rank 1 on every routed expert's gate/up/down (52M parameters: at rank r the
 expert adapters, their gradients and bf16 Adam moments cost about 0.4 GB x r: rank 1 leaves the most
-room; the run peaks at 22.2 GB, docs/performance.md) and rank 8 on attention's q/k/v/o, for a few steps
-of the arithmetic SFT set with the byte tokenizer. No checkpoints (saving 19 GB of frozen weights is
-not the point here). Prints the build time, peak RSS and tokens/s; writes them to summary.json.
+room) and rank 8 on attention's q/k/v/o, for a few steps of the arithmetic SFT set with the byte
+tokenizer, each layer recomputed in the backward (remat "full": 0.27 GB less, no slower here) and glibc
+held to 2 malloc arenas (limit_malloc_arenas). The run peaks at 20.9 GB (docs/performance.md). No
+checkpoints (saving 18 GB of frozen weights is not the point here). Prints the build time, peak RSS and
+tokens/s; writes them to summary.json.
 """
 
 from __future__ import annotations

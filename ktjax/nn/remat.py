@@ -37,6 +37,45 @@ def _instantiate(ct):
     )
 
 
+def _primal_inputs(params, x, consts) -> tuple[list, jax.Array, tuple, _Perturbed]:
+    """A custom_vjp forward's inputs (symbolic_zeros: wrapped) as values, and which params are
+    differentiated."""
+    perturbed = _Perturbed(bool(p.perturbed) for p in params)
+    return [p.value for p in params], x.value, tuple(c.value for c in consts), perturbed
+
+
+def _vjp(
+    fn: Callable, params: list, perturbed: _Perturbed, x: jax.Array, consts: tuple, ct: Any
+) -> tuple[list, Any]:
+    """(gradients of fn's differentiated params, None for the others; dx) at (params, x, consts) for the
+    cotangent ct: fn's forward computed again."""
+    diff = [i for i, p in enumerate(perturbed) if p]
+
+    def with_diff(diff_params, x):
+        full = list(params)
+        for i, v in zip(diff, diff_params):
+            full[i] = v
+        return fn(full, x, consts)
+
+    _, vjp = jax.vjp(with_diff, [params[i] for i in diff], x)
+    d_diff, dx = vjp(ct)
+    grads: list = [None] * len(params)
+    for i, g in zip(diff, d_diff):
+        grads[i] = g
+    return grads, dx
+
+
+def _pure(modules: Any, method: Callable[..., Any]) -> tuple[Callable[[list, jax.Array, tuple], Any], list]:
+    """method(modules, x, *consts) as fn(params, x, consts) over the modules' state leaves, and those."""
+    graphdef, state = nnx.split(modules)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def fn(params, x, consts):
+        return method(nnx.merge(graphdef, jax.tree.unflatten(treedef, params)), x, *consts)
+
+    return fn, leaves
+
+
 def recomputed(fn: Callable[[list, jax.Array, tuple], Any]) -> Callable[[list, jax.Array, tuple], Any]:
     """fn(params, x, consts) -> out, pure: params a list of weights, x [B, S, H] the activation (f32), consts
     a tuple of arrays never differentiated (positions, masks). Returns a function with fn's values and
@@ -48,8 +87,7 @@ def recomputed(fn: Callable[[list, jax.Array, tuple], Any]) -> Callable[[list, j
         return fn(params, x, consts)
 
     def fwd(params, x, consts):
-        perturbed = _Perturbed(bool(p.perturbed) for p in params)
-        params, x, consts = [p.value for p in params], x.value, tuple(c.value for c in consts)
+        params, x, consts, perturbed = _primal_inputs(params, x, consts)
         return fn(params, x, consts), (params, x, consts, perturbed)
 
     def bwd(res, ct):
@@ -57,19 +95,7 @@ def recomputed(fn: Callable[[list, jax.Array, tuple], Any]) -> Callable[[list, j
         ct = _instantiate(ct)
         c = jax.tree.leaves(ct)[0].ravel()[0]
         x = jnp.where(c == c, x, jnp.zeros_like(x))  # x now depends on the cotangent (c == c is not foldable)
-        diff = [i for i, p in enumerate(perturbed) if p]
-
-        def with_diff(diff_params, x):
-            full = list(params)
-            for i, v in zip(diff, diff_params):
-                full[i] = v
-            return fn(full, x, consts)
-
-        _, vjp = jax.vjp(with_diff, [params[i] for i in diff], x)
-        d_diff, dx = vjp(ct)
-        grads: list = [None] * len(params)
-        for i, g in zip(diff, d_diff):
-            grads[i] = g
+        grads, dx = _vjp(fn, params, perturbed, x, consts, ct)
         return grads, dx, tuple(None for _ in consts)
 
     call.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -79,12 +105,7 @@ def recomputed(fn: Callable[[list, jax.Array, tuple], Any]) -> Callable[[list, j
 def recomputed_call(modules: Any, method: Callable[..., Any], x: jax.Array, *consts: jax.Array) -> Any:
     """method(modules, x, *consts) (modules: an nnx Module or a tuple of them) with its activations
     recomputed in the backward (``recomputed``)."""
-    graphdef, state = nnx.split(modules)
-    leaves, treedef = jax.tree.flatten(state)
-
-    def fn(params, x, consts):
-        return method(nnx.merge(graphdef, jax.tree.unflatten(treedef, params)), x, *consts)
-
+    fn, leaves = _pure(modules, method)
     return recomputed(fn)(leaves, x, consts)
 
 
@@ -104,47 +125,34 @@ def recomputed_chunks(
     backward (which recomputes each chunk's forward from the saved inputs): only one chunk's temporaries
     exist at a time. For a loss over a large vocabulary, where fn's temporaries are [rows, V] logits."""
 
+    def chunks(x, consts):
+        return _in_chunks(x, rows), tuple(_in_chunks(c, rows) for c in consts)
+
     def total(params, x, consts):
         def body(acc, chunk):
-            xc, cc = chunk
-            return acc + fn(params, xc, cc), None
+            return acc + fn(params, *chunk), None
 
-        chunks = (_in_chunks(x, rows), tuple(_in_chunks(c, rows) for c in consts))
-        return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks)[0]
+        return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks(x, consts))[0]
 
     @jax.custom_vjp
     def call(params, x, consts):
         return total(params, x, consts)
 
     def fwd(params, x, consts):
-        perturbed = _Perturbed(bool(p.perturbed) for p in params)
-        params, x, consts = [p.value for p in params], x.value, tuple(c.value for c in consts)
+        params, x, consts, perturbed = _primal_inputs(params, x, consts)
         return total(params, x, consts), (params, x, consts, perturbed)
 
     def bwd(res, ct):
         params, x, consts, perturbed = res
         ct = _instantiate(ct)
-        diff = [i for i, p in enumerate(perturbed) if p]
 
         def body(acc, chunk):
-            xc, cc = chunk
+            grads, dxc = _vjp(fn, params, perturbed, *chunk, ct)
+            return [a if g is None else a + g.astype(jnp.float32) for a, g in zip(acc, grads)], dxc
 
-            def with_diff(diff_params, xc):
-                full = list(params)
-                for i, v in zip(diff, diff_params):
-                    full[i] = v
-                return fn(full, xc, cc)
-
-            _, vjp = jax.vjp(with_diff, [params[i] for i in diff], xc)
-            d_diff, dxc = vjp(ct)
-            return [a + d.astype(jnp.float32) for a, d in zip(acc, d_diff)], dxc
-
-        zeros = [jnp.zeros(params[i].shape, jnp.float32) for i in diff]
-        chunks = (_in_chunks(x, rows), tuple(_in_chunks(c, rows) for c in consts))
-        d_diff, dx = jax.lax.scan(body, zeros, chunks)
-        grads: list = [None] * len(params)
-        for i, g in zip(diff, d_diff):
-            grads[i] = g.astype(params[i].dtype)
+        zeros = [jnp.zeros(p.shape, jnp.float32) if d else None for p, d in zip(params, perturbed)]
+        acc, dx = jax.lax.scan(body, zeros, chunks(x, consts))
+        grads = [None if a is None else a.astype(p.dtype) for a, p in zip(acc, params)]
         return grads, dx.reshape(-1, *x.shape[1:])[: x.shape[0]], tuple(None for _ in consts)
 
     call.defvjp(fwd, bwd, symbolic_zeros=True)
@@ -154,10 +162,5 @@ def recomputed_chunks(
 def chunked_sum(modules: Any, method: Callable[..., jax.Array], rows: int, x: jax.Array, *consts: jax.Array):
     """method(modules, x, *consts) -> f32 scalar (a sum over the rows of x [N, ...] and consts [N, ...]),
     taken `rows` rows at a time in the forward and the backward (``recomputed_chunks``)."""
-    graphdef, state = nnx.split(modules)
-    leaves, treedef = jax.tree.flatten(state)
-
-    def fn(params, x, consts):
-        return method(nnx.merge(graphdef, jax.tree.unflatten(treedef, params)), x, *consts)
-
+    fn, leaves = _pure(modules, method)
     return recomputed_chunks(fn, rows)(leaves, x, consts)

@@ -244,7 +244,11 @@ def _scatter_add(out: Tracked, rows: np.ndarray, part: Tracked) -> None:
 
 
 def tracked_reference(
-    p: Problem, dy: np.ndarray, intermediates: str = "f32", weights: dict[str, Tracked] | None = None
+    p: Problem,
+    dy: np.ndarray,
+    intermediates: str = "f32",
+    weights: dict[str, Tracked] | None = None,
+    backward_weights: dict[str, Tracked] | None = None,
 ) -> dict[str, Tracked]:
     """y and the gradients of sum(y * dy), each with the bound of the kernels' arithmetic (error_bounds.py).
 
@@ -258,6 +262,8 @@ def tracked_reference(
     dy: the upstream gradient the kernels receive (exact, see representable_cotangent).
     weights: Tracked values to use for gate / up / down instead of p's exact ones (a quantized weight's,
     whose kernels compute with its codes and scales: tests/test_quant_kernels.py).
+    backward_weights: the same for the products of the chain to dx (dy Down, dg Gate, du Up) where they
+    differ (a quantized weight read as a bf16 copy there), else `weights`.
     Returns {name: Tracked} keyed like loss_and_grads ("y", "x", "weights", "gate", ..., "gate_a", ...).
     """
     f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
@@ -265,6 +271,8 @@ def tracked_reference(
     x, G, U, D = (exact(a) for a in (p.x, p.gate, p.up, p.down))
     weights = weights or {}
     G, U, D = (weights.get(name, w) for name, w in (("gate", G), ("up", U), ("down", D)))
+    backward_weights = backward_weights or {}
+    Gb, Ub, Db = (backward_weights.get(name, w) for name, w in (("gate", G), ("up", U), ("down", D)))
     w_all = f64(p.weights)
     dy_all = Tracked.exact(np.asarray(dy, np.float64))
     lora = {k: (exact(a), exact(b)) for k, (a, b) in p.lora.items()}
@@ -313,7 +321,7 @@ def tracked_reference(
         _scatter_add(out["y"], t, y_e)
 
         # Backward.
-        dh = matmul(dye, D[e], H + rank["down"] + 2)
+        dh = matmul(dye, Db[e], H + rank["down"] + 2)
         if "down" in lora:
             a, b = lora["down"]
             q = matmul(dye, b[e], H)
@@ -322,7 +330,7 @@ def tracked_reference(
         out["weights"].v[t, k], out["weights"].e[t, k] = dw.v, dw.e
         dg, du = _silu_mul_grad(g, u, dh, w)
         dg_base, du_base = (round_mid(dg), round_mid(du)) if round_mid else (dg, du)
-        dx = add(matmul(dg_base, G[e], n_dx), matmul(du_base, U[e], n_dx))
+        dx = add(matmul(dg_base, Gb[e], n_dx), matmul(du_base, Ub[e], n_dx))
         for name, d in (("gate", dg), ("up", du)):
             if name in lora:
                 a, b = lora[name]

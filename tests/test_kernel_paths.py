@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kernels
 
 ISAS = ("avx512_bf16", "avx512", "avx2", "generic")
 # ISA avx512_bf16 only
-PAIR_PATHS = ("pairs", "pair_dot", "pair_direct", "packed_once_pairs", "quant_pair_dot")
+PAIR_PATHS = ("pairs", "pair_dot", "pair_direct", "packed_once_pairs", "quant_pair_dot", "quant_pairs")
 
 # Problems (make_problem arguments, and the dtype of x and of the weights).
 CASES = {
@@ -49,11 +49,13 @@ PATH_CASES = {
     "packed_once_pairs": "bf16_many_tokens",
     "quant_dot": "quantized_few_tokens",
     "quant_pair_dot": "quantized_bf16_few_tokens",
+    "quant_pairs": "quantized_bf16_few_tokens",
 }
 # A quantized base (int4, every projection; tests/test_quant_kernels.py builds it), ~15 tokens per expert:
 # the forward's products dequantize the weights into L1 (the quantized dot path).
 QUANTIZED_CASE = "quantized_few_tokens"
-# The same with bf16 tokens: the gate and up products multiply them by the codes as bf16 pairs.
+# The same with bf16 tokens: the gate and up products multiply them by the codes as bf16 pairs, and the
+# chain to dx its bf16 rows by bf16 copies of the weights (quant_pairs).
 QUANTIZED_BF16_CASE = "quantized_bf16_few_tokens"
 QUANTIZED_CASES = {QUANTIZED_CASE: jnp.float32, QUANTIZED_BF16_CASE: jnp.bfloat16}
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from error_bounds import U_F32, Tracked, assert_output_within
+from error_bounds import U_F32, Tracked, assert_output_within, bf16_rounding_as_error
 from moe_testing import make_problem, representable_cotangent, tracked_reference
 from test_moe_bad_input import raw_forward
 from test_quant_formats import dequantize_numpy, term_magnitudes
@@ -90,7 +90,11 @@ def check(p, exact, policy="retain"):
     # "auto": bf16 intermediates for bf16 tokens and bf16 float weights beside the quantized ones (the
     # rounding then applies to the quantized projections' products too) or none beside them.
     mode = default_intermediates(p.x.dtype, float_weight_dtype(p.gate, p.up, p.down), "cpu")
-    want = tracked_reference(exact, cot, mode, weights=quantized_weights(p))
+    weights = quantized_weights(p)
+    # bf16 intermediates: the chain to dx multiplies bf16 rows by a bf16 copy of the dequantized weights
+    # where the ISA has the pair path (the quant_pairs path), so each may be rounded there
+    backward = {n: bf16_rounding_as_error(w) for n, w in weights.items()} if mode == "bf16" else None
+    want = tracked_reference(exact, cot, mode, weights=weights, backward_weights=backward)
     assert y.dtype == p.x.dtype
     assert_output_within(y, want["y"], "forward")
     for name, g in grads.items():
@@ -119,6 +123,8 @@ def test_every_isa_reads_quantized_bases(fmt, isa, shape, use_isa):
     # where the ISA has them, else (few tokens) by the f32 weights dequantized in L1
     pairs = isa == "avx512_bf16"
     assert (paths["quant_dot"] > 0) == (shape is SHAPE and not pairs), paths
+    # and the chain to dx multiplies bf16 rows by bf16 copies of the weights where it has them
+    assert (paths["quant_pairs"] > 0) == pairs, paths
     assert (paths["quant_pair_dot"] > 0) == pairs, paths
 
 

@@ -605,11 +605,26 @@ bool pair_in_place(const MatView& A, const MatView& B) { return !A.trans && B.ro
 // Packs logical rows [i0, i0 + mc) of A (bf16), values [k0, k0 + kc), into panels of `width` rows of
 // pairs, zero-padded: buf[(p * kp + q) * width + ii] = pair q of row i0 + p * width + ii, kp = (kc + 1) / 2.
 // Stored (i, k): full panels through the ISA's panel packer, the last partial one word by word. Stored
-// (k, i) (B [K, N] packed as B^T): each two stored rows through its row packer.
+// (k, i) (B [K, N] packed as B^T): each two stored rows through its row packer; a quantized B's rows
+// dequantized first and rounded to bf16 (mc <= kNC).
 void pack_pairs(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
                 uint32_t* buf) {
   const auto* d = static_cast<const uint16_t*>(A.data);
   const int64_t panels = (mc + width - 1) / width, kp = (kc + 1) / 2;
+  if (A.dtype == DType::kQuant) {  // stored (k, i) (gemm_quant_pairs): rows dequantized, rounded to bf16
+    uint16_t pair_rows[2][kNC];
+    float row[kNC];
+    for (int64_t q = 0; q < kp; ++q) {
+      const int64_t k = k0 + 2 * q, n_rows = std::min<int64_t>(2, k0 + kc - k);
+      if (k + 2 * kQuantAhead < k0 + kc) prefetch_quant_rows(A.quant, k + 2 * kQuantAhead, 2, i0, mc);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        isa.dequant_row(A.quant, k + r, i0, mc, A.scale(k + r), row);
+        store_row(isa, row, pair_rows[r], DType::kBF16, mc);
+      }
+      isa.pack_pair_rows(pair_rows[0], n_rows == 2 ? pair_rows[1] : nullptr, mc, width, kp * width, buf + q * width);
+    }
+    return;
+  }
   if (A.trans) {
     constexpr int64_t kAhead = 4;  // pairs of rows prefetched ahead, as pack_panels does for f32
     for (int64_t q = 0; q < kp; ++q) {
@@ -744,6 +759,9 @@ Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const M
     return Path::kQuantPairDot;
   }
   if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) return Path::kQuantDot;
+  // a quantized weight stored [K, N] (the chain to dx) against bf16 rows: read as a bf16 copy, as bf16
+  // intermediates read every operand that would mix f32 and bf16 (gemm_pairs, pack_pairs)
+  if (direct && B.dtype == DType::kQuant && pair_operands(isa, A)) return Path::kQuantPairs;
   return Path::kPacked;
 }
 
@@ -752,14 +770,16 @@ void gemm_any(const Isa& isa, int64_t M, int64_t N, int64_t K, float alpha, cons
               const MatView& B, const OutView& C, bool accumulate, float* scratch) {
   const Path path = choose_path(isa, M, K, A, B);
   add_path_flops(path, 2 * M * N * K);
-  if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect || path == Path::kQuantPairDot) {
+  if (path == Path::kPairs || path == Path::kPairDot || path == Path::kPairDirect || path == Path::kQuantPairDot ||
+      path == Path::kQuantPairs) {
     stats().bf16_pair_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   }
-  if (path != Path::kPairs && path != Path::kPacked) {  // the dot, direct and quantized dot paths
+  if (path != Path::kPairs && path != Path::kPacked && path != Path::kQuantPairs) {  // the small-batch paths
     stats().small_batch_flops.fetch_add(2 * M * N * K, std::memory_order_relaxed);
   }
   switch (path) {
-    case Path::kPairs: return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
+    case Path::kPairs:
+    case Path::kQuantPairs: return gemm_pairs(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kPairDot: return gemm_pair_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kPairDirect: return gemm_pair_direct(isa, M, N, K, alpha, A, B, C, accumulate, scratch);
     case Path::kDot: return gemm_dot(isa, M, N, K, alpha, A, B, C, accumulate, scratch);

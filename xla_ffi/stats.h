@@ -38,13 +38,14 @@ enum class GemmPath : int {
   kPackedOncePairs = 8,  // the same with B packed as bf16 pairs
   kQuantDot = 9,         // few rows against a quantized weight stored [N, K], dequantized in L1 (F32DotKernel)
   kQuantPairDot = 10,    // the same with bf16 token rows, multiplied as bf16 pairs (QuantPairDotKernel)
-  kCount = 11,
+  kQuantPairs = 11,      // bf16 rows against a quantized weight stored [K, N] rounded to bf16 pairs (gemm_pairs)
+  kCount = 12,
 };
 
 inline constexpr const char* kGemmPathNames[] = {"packed",     "dot",         "direct",
                                                  "pairs",      "pair_dot",    "pair_direct",
                                                  "transposed", "packed_once", "packed_once_pairs",
-                                                 "quant_dot",  "quant_pair_dot"};
+                                                 "quant_dot",  "quant_pair_dot", "quant_pairs"};
 
 struct Stats {
   std::array<std::atomic<int64_t>, static_cast<int>(Work::kCount)> flops{};

@@ -86,7 +86,9 @@ def test_two_processes_train_as_one_process_with_the_same_mesh_and_hold_half_the
     # meanwhile (tens of MB: docs/performance-log.md, "Expert parallelism over processes")
     total = ref["memory"]["expert_bytes"]
     assert total > 200e6
-    assert ref["memory"]["rss_growth"] >= total, ref["memory"]
+    # at least 0.9x: a few MB the process freed before may be reused (once 197.9 MB for 201.3 MB, in a
+    # full parallel suite); a process that held half of them would grow by half
+    assert ref["memory"]["rss_growth"] >= 0.9 * total, ref["memory"]
     for p in procs:
         assert p["memory"]["rss_growth"] <= total / 2 + 32 * 2**20, p["memory"]
 

@@ -14,7 +14,7 @@ Trained: LoRA adapters of rank 1 on every routed expert's gate/up/down (52M para
 expert adapters, their gradients and bf16 Adam moments cost about 0.4 GB x r: rank 1 leaves the most
 room) and rank 8 on attention's q/k/v/o, for a few steps of the arithmetic SFT set with the byte
 tokenizer, each layer recomputed in the backward (remat "full": 0.27 GB less, no slower here) and glibc
-held to 2 malloc arenas (limit_malloc_arenas). The run peaks at 20.9 GB (docs/performance.md). No
+held to 2 malloc arenas (limit_malloc_arenas). The run peaks at 20.9-21.0 GB (docs/performance.md). No
 checkpoints (saving 18 GB of frozen weights is not the point here). Prints the build time, peak RSS and
 tokens/s; writes them to summary.json.
 """

@@ -86,6 +86,7 @@ Isa avx512_with_pairs() {
   isa.pair_direct = pair_direct_avx512bf16;
   isa.quant_codes = quant_codes_avx512bf16;
   isa.quant_pair_dot = quant_pair_dot_avx512bf16;
+  isa.quant_pair_rows = quant_pair_rows_avx512bf16;
   return isa;
 }
 const Isa kAvx512Bf16 = avx512_with_pairs();
@@ -617,6 +618,11 @@ void pack_pairs(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_
     for (int64_t q = 0; q < kp; ++q) {
       const int64_t k = k0 + 2 * q, n_rows = std::min<int64_t>(2, k0 + kc - k);
       if (k + 2 * kQuantAhead < k0 + kc) prefetch_quant_rows(A.quant, k + 2 * kQuantAhead, 2, i0, mc);
+      if (isa.quant_pair_rows != nullptr && width == 32) {  // dequantized, rounded and interleaved at once
+        const float mul1 = n_rows == 2 ? A.scale(k + 1) : 1.0f;
+        isa.quant_pair_rows(A.quant, k, n_rows == 2, i0, mc, A.scale(k), mul1, kp * width, buf + q * width);
+        continue;
+      }
       for (int64_t r = 0; r < n_rows; ++r) {
         isa.dequant_row(A.quant, k + r, i0, mc, A.scale(k + r), row);
         store_row(isa, row, pair_rows[r], DType::kBF16, mc);

@@ -195,6 +195,12 @@ struct QuantScales {
 using QuantPairDotKernel = void (*)(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* q,
                                     int64_t ldq, int nw, int64_t seg, const QuantScales& sc, float* const* c,
                                     float alpha, bool acc);
+// QuantPairRowPacker: PairRowPacker (width 32) for a quantized weight stored [K, N] (the chain to dx with
+// bf16 intermediates): view rows k and k + 1 (the second only if `two`) dequantized as
+// QuantWeight::dequantize_row does (times mul0 / mul1), rounded to bf16 (nearest even) and interleaved:
+// dst[p * stride + j] = bf16(w[k][c + 32 p + j]) | bf16(w[k + 1][c + 32 p + j]) << 16, zero past n.
+using QuantPairRowPacker = void (*)(const QuantWeight& w, int64_t k, bool two, int64_t c, int64_t n, float mul0,
+                                    float mul1, int64_t stride, uint32_t* dst);
 
 struct Isa {
   const char* name;
@@ -236,6 +242,8 @@ struct Isa {
   // The quantized pair path (QuantPairDotKernel above): both or neither.
   QuantCodeReader quant_codes = nullptr;
   QuantPairDotKernel quant_pair_dot = nullptr;
+  // The quant_pairs path's packer of a quantized B (null: dequantize_row, round, pack_pair_rows).
+  QuantPairRowPacker quant_pair_rows = nullptr;
 };
 
 // The micro-kernel for this CPU, or the one named by KTJAX_ISA ("avx512_bf16", "avx512", "avx2",

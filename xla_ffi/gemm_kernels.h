@@ -109,6 +109,8 @@ void pair_direct_avx512bf16(int64_t kc, const uint32_t* a, const uint16_t* w, in
 
 // The quantized pair path (QuantCodeReader, QuantPairDotKernel in gemm.h; quant_avx512_bf16.cc).
 void quant_codes_avx512bf16(const QuantWeight& w, int64_t r, int64_t c, int64_t n, uint16_t* dst);
+void quant_pair_rows_avx512bf16(const QuantWeight& w, int64_t k, bool two, int64_t c, int64_t n, float mul0,
+                                float mul1, int64_t stride, uint32_t* dst);
 void quant_pair_dot_avx512bf16(int64_t kc, const uint16_t* a, int64_t lda, int m, const uint16_t* q, int64_t ldq,
                                int nw, int64_t seg, const QuantScales& sc, float* const* c, float alpha, bool acc);
 

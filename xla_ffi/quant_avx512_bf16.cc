@@ -135,7 +135,79 @@ void quant_pair_tiles(int64_t kc, const uint16_t* a, int64_t lda, int m, const u
   }
 }
 
+// Word indices that interleave a vector of 16 words of row k (low half) and 16 of row k + 1 (high half)
+// into 16 pairs: word 2j is row k's j-th, word 2j + 1 row k + 1's.
+alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// Values [c, c + 32) of view row r as f32 in two vectors (columns 0-15, 16-31), with dequantize_row's
+// arithmetic, where the 32 columns lie in one segment and (int4) start on a byte: true; else false.
+inline bool dequant32(const QuantWeight& w, int64_t r, int64_t c, float mul, __m512* lo, __m512* hi) {
+  const int64_t row = w.r0 + r, col = w.c0 + c;
+  __m512i codes;
+  __m512 scale, min = _mm512_setzero_ps();
+  switch (w.format) {
+    case QuantFormat::kInt8:
+      codes = int8x32(w.row_bytes(r, c));
+      scale = _mm512_set1_ps(w.f32_scales()[row] * mul);
+      break;
+    case QuantFormat::kInt4: {
+      if (col % 32 != 0) return false;  // G is a multiple of 32: the 32 columns share a group
+      float s, m;
+      w.int4_pair(row, col / w.group, &s, &m);
+      codes = int4x32(w.row_bytes(r, c));
+      scale = _mm512_set1_ps(s);
+      min = _mm512_set1_ps(m);
+      break;
+    }
+    case QuantFormat::kFp8: {
+      if (col % w.block_cols + 32 > w.block_cols) return false;
+      const int64_t blocks = (w.cols + w.block_cols - 1) / w.block_cols;
+      codes = fp8x32(w.row_bytes(r, c));
+      scale = _mm512_set1_ps(w.f32_scales()[row / w.group * blocks + col / w.block_cols] * mul);
+      break;
+    }
+  }
+  const __m512 q[2] = {_mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(codes))),
+                       _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(codes, 1)))};
+  __m512 v[2];
+  for (int h = 0; h < 2; ++h) {
+    v[h] = _mm512_mul_ps(q[h], scale);
+    if (w.format == QuantFormat::kInt4) {  // (q s + m) mul: the min added, then the multiplier, unfused
+      v[h] = _mm512_add_ps(v[h], min);
+      if (mul != 1.0f) v[h] = _mm512_mul_ps(v[h], _mm512_set1_ps(mul));
+    }
+  }
+  *lo = v[0];
+  *hi = v[1];
+  return true;
+}
+
 }  // namespace
+
+void quant_pair_rows_avx512bf16(const QuantWeight& w, int64_t k, bool two, int64_t c, int64_t n, float mul0,
+                                float mul1, int64_t stride, uint32_t* dst) {
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t j = 0; j < n; j += 32, dst += stride) {
+    const int64_t len = std::min<int64_t>(32, n - j);
+    __m512 a[2], b[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    bool vector = len == 32 && dequant32(w, k, c + j, mul0, &a[0], &a[1]);
+    if (vector && two) vector = dequant32(w, k + 1, c + j, mul1, &b[0], &b[1]);
+    if (!vector) {  // a ragged or misaligned block: dequantize_row, then the same rounding
+      alignas(64) float rows[2][32] = {};
+      w.dequantize_row(k, c + j, len, mul0, rows[0]);
+      if (two) w.dequantize_row(k + 1, c + j, len, mul1, rows[1]);
+      for (int h = 0; h < 2; ++h) {
+        a[h] = _mm512_load_ps(rows[0] + 16 * h);
+        b[h] = _mm512_load_ps(rows[1] + 16 * h);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {  // row k's 16 values in the low words, row k + 1's in the high ones
+      const __m512i words = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b[h], a[h]));
+      _mm512_storeu_si512(dst + 16 * h, _mm512_permutexvar_epi16(interleave, words));
+    }
+  }
+}
 
 void quant_codes_avx512bf16(const QuantWeight& w, int64_t r, int64_t c, int64_t n, uint16_t* dst) {
   int64_t j = 0;

@@ -141,7 +141,8 @@ alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 
                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 // Values [c, c + 32) of view row r as f32 in two vectors (columns 0-15, 16-31), with dequantize_row's
-// arithmetic, where the 32 columns lie in one segment and (int4) start on a byte: true; else false.
+// operations, where the 32 columns lie in one segment (int4: start on a group's block of 32): true; else
+// false (the caller then dequantizes them with dequantize_row).
 inline bool dequant32(const QuantWeight& w, int64_t r, int64_t c, float mul, __m512* lo, __m512* hi) {
   const int64_t row = w.r0 + r, col = w.c0 + c;
   __m512i codes;
@@ -173,7 +174,8 @@ inline bool dequant32(const QuantWeight& w, int64_t r, int64_t c, float mul, __m
   __m512 v[2];
   for (int h = 0; h < 2; ++h) {
     v[h] = _mm512_mul_ps(q[h], scale);
-    if (w.format == QuantFormat::kInt4) {  // (q s + m) mul: the min added, then the multiplier, unfused
+    if (w.format == QuantFormat::kInt4) {  // (q s + m) mul, dequantize_row's order (the compiler may fuse q s + m:
+      // the bf16 rounding that follows is within the tests' bound either way)
       v[h] = _mm512_add_ps(v[h], min);
       if (mul != 1.0f) v[h] = _mm512_mul_ps(v[h], _mm512_set1_ps(mul));
     }

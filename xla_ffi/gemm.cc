@@ -606,28 +606,19 @@ bool pair_in_place(const MatView& A, const MatView& B) { return !A.trans && B.ro
 // Packs logical rows [i0, i0 + mc) of A (bf16), values [k0, k0 + kc), into panels of `width` rows of
 // pairs, zero-padded: buf[(p * kp + q) * width + ii] = pair q of row i0 + p * width + ii, kp = (kc + 1) / 2.
 // Stored (i, k): full panels through the ISA's panel packer, the last partial one word by word. Stored
-// (k, i) (B [K, N] packed as B^T): each two stored rows through its row packer; a quantized B's rows
-// dequantized first and rounded to bf16 (mc <= kNC).
+// (k, i) (B [K, N] packed as B^T): each two stored rows through its row packer; a quantized B's through
+// the ISA's quantized row packer (dequantized, rounded to bf16 and interleaved).
 void pack_pairs(const Isa& isa, const MatView& A, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int64_t width,
                 uint32_t* buf) {
   const auto* d = static_cast<const uint16_t*>(A.data);
   const int64_t panels = (mc + width - 1) / width, kp = (kc + 1) / 2;
-  if (A.dtype == DType::kQuant) {  // stored (k, i) (gemm_quant_pairs): rows dequantized, rounded to bf16
-    uint16_t pair_rows[2][kNC];
-    float row[kNC];
+  if (A.dtype == DType::kQuant) {  // stored (k, i): the quant_pairs path's B (Isa::quant_pair_rows, width 32)
     for (int64_t q = 0; q < kp; ++q) {
-      const int64_t k = k0 + 2 * q, n_rows = std::min<int64_t>(2, k0 + kc - k);
+      const int64_t k = k0 + 2 * q;
+      const bool two = k + 1 < k0 + kc;
       if (k + 2 * kQuantAhead < k0 + kc) prefetch_quant_rows(A.quant, k + 2 * kQuantAhead, 2, i0, mc);
-      if (isa.quant_pair_rows != nullptr && width == 32) {  // dequantized, rounded and interleaved at once
-        const float mul1 = n_rows == 2 ? A.scale(k + 1) : 1.0f;
-        isa.quant_pair_rows(A.quant, k, n_rows == 2, i0, mc, A.scale(k), mul1, kp * width, buf + q * width);
-        continue;
-      }
-      for (int64_t r = 0; r < n_rows; ++r) {
-        isa.dequant_row(A.quant, k + r, i0, mc, A.scale(k + r), row);
-        store_row(isa, row, pair_rows[r], DType::kBF16, mc);
-      }
-      isa.pack_pair_rows(pair_rows[0], n_rows == 2 ? pair_rows[1] : nullptr, mc, width, kp * width, buf + q * width);
+      isa.quant_pair_rows(A.quant, k, two, i0, mc, A.scale(k), two ? A.scale(k + 1) : 1.0f, kp * width,
+                          buf + q * width);
     }
     return;
   }
@@ -767,7 +758,9 @@ Path choose_path(const Isa& isa, int64_t M, int64_t K, const MatView& A, const M
   if (dot && B.dtype == DType::kQuant && M <= kDotMaxRows && K >= 32) return Path::kQuantDot;
   // a quantized weight stored [K, N] (the chain to dx) against bf16 rows: read as a bf16 copy, as bf16
   // intermediates read every operand that would mix f32 and bf16 (gemm_pairs, pack_pairs)
-  if (direct && B.dtype == DType::kQuant && pair_operands(isa, A)) return Path::kQuantPairs;
+  if (direct && B.dtype == DType::kQuant && pair_operands(isa, A) && isa.quant_pair_rows != nullptr) {
+    return Path::kQuantPairs;
+  }
   return Path::kPacked;
 }
 

@@ -242,7 +242,7 @@ struct Isa {
   // The quantized pair path (QuantPairDotKernel above): both or neither.
   QuantCodeReader quant_codes = nullptr;
   QuantPairDotKernel quant_pair_dot = nullptr;
-  // The quant_pairs path's packer of a quantized B (null: dequantize_row, round, pack_pair_rows).
+  // The quant_pairs path's packer of a quantized B, for nr = 32 (null: no quant_pairs path).
   QuantPairRowPacker quant_pair_rows = nullptr;
 };
 

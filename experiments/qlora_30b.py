@@ -13,8 +13,8 @@ stay bf16 and frozen.
 Trained: LoRA adapters of rank 1 on every routed expert's gate/up/down (52M parameters: at rank r the
 expert adapters, their gradients and bf16 Adam moments cost about 0.4 GB x r: rank 1 leaves the most
 room) and rank 8 on attention's q/k/v/o, for a few steps of the arithmetic SFT set with the byte
-tokenizer, each layer recomputed in the backward (remat "full": 0.27 GB less, no slower here) and glibc
-held to 2 malloc arenas (limit_malloc_arenas). The run peaks at 20.9-21.0 GB (docs/performance.md). No
+tokenizer, each layer recomputed in the backward (remat "full") and glibc held to 2 malloc arenas
+(limit_malloc_arenas), both for a lower peak (docs/performance.md has the measured peak and tokens/s). No
 checkpoints (saving 18 GB of frozen weights is not the point here). Prints the build time, peak RSS and
 tokens/s; writes them to summary.json.
 """
@@ -84,9 +84,9 @@ def get_config() -> ExperimentConfig:
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives threads malloc arenas of their own (up to 8 per core), and memory freed in one (XLA
-    compiling the 48-layer step on its threads) serves no other: with 2 arenas the run peaks 0.17 GB
-    lower (docs/performance.md). The same as MALLOC_ARENA_MAX=2; arenas made before this call stay."""
+    """At most `arenas` glibc malloc arenas from now on (as MALLOC_ARENA_MAX; arenas made before this
+    call stay): glibc gives threads arenas of their own (up to 8 per core), and memory freed in one (XLA
+    compiling the 48-layer step on its threads) serves no other."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)

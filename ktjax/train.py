@@ -114,8 +114,9 @@ def loss_sum(model: nnx.Module, batch: Batch, loss_chunk: int = 0) -> tuple[jax.
     covers every token, else that many tokens at a time (MoeForCausalLM.cross_entropy_sum, whose
     backward computes them again)."""
     x, aux = model.hidden(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    rows = loss_chunk_rows(model.config.vocab_size, x.shape[0] * x.shape[1], loss_chunk)
-    if rows >= x.shape[0] * x.shape[1]:
+    tokens = x.shape[0] * x.shape[1]
+    rows = loss_chunk_rows(model.config.vocab_size, tokens, loss_chunk)
+    if rows >= tokens:
         return masked_cross_entropy_sum(model.logits(x), batch), aux
     return model.cross_entropy_sum(x, batch["targets"], batch["loss_mask"], rows), aux
 

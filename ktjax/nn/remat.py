@@ -37,11 +37,21 @@ def _instantiate(ct):
     )
 
 
-def _primal_inputs(params, x, consts) -> tuple[list, jax.Array, tuple, _Perturbed]:
-    """A custom_vjp forward's inputs (symbolic_zeros: wrapped) as values, and which params are
-    differentiated."""
-    perturbed = _Perturbed(bool(p.perturbed) for p in params)
-    return [p.value for p in params], x.value, tuple(c.value for c in consts), perturbed
+def _saving_inputs(forward: Callable[[list, jax.Array, tuple], Any], bwd: Callable) -> Callable:
+    """A custom_vjp of forward(params, x, consts) whose forward saves only its inputs and which of the
+    params are differentiated: bwd((params, x, consts, perturbed), ct) -> (param grads, dx, consts')."""
+
+    @jax.custom_vjp
+    def call(params, x, consts):
+        return forward(params, x, consts)
+
+    def fwd(params, x, consts):
+        perturbed = _Perturbed(bool(p.perturbed) for p in params)
+        params, x, consts = [p.value for p in params], x.value, tuple(c.value for c in consts)
+        return forward(params, x, consts), (params, x, consts, perturbed)
+
+    call.defvjp(fwd, bwd, symbolic_zeros=True)
+    return call
 
 
 def _vjp(
@@ -82,14 +92,6 @@ def recomputed(fn: Callable[[list, jax.Array, tuple], Any]) -> Callable[[list, j
     gradients whose forward saves only its inputs, and whose backward recomputes fn from them once the
     cotangent of out's first leaf (the layer's output activation) is there."""
 
-    @jax.custom_vjp
-    def call(params, x, consts):
-        return fn(params, x, consts)
-
-    def fwd(params, x, consts):
-        params, x, consts, perturbed = _primal_inputs(params, x, consts)
-        return fn(params, x, consts), (params, x, consts, perturbed)
-
     def bwd(res, ct):
         params, x, consts, perturbed = res
         ct = _instantiate(ct)
@@ -98,8 +100,7 @@ def recomputed(fn: Callable[[list, jax.Array, tuple], Any]) -> Callable[[list, j
         grads, dx = _vjp(fn, params, perturbed, x, consts, ct)
         return grads, dx, tuple(None for _ in consts)
 
-    call.defvjp(fwd, bwd, symbolic_zeros=True)
-    return call
+    return _saving_inputs(fn, bwd)
 
 
 def recomputed_call(modules: Any, method: Callable[..., Any], x: jax.Array, *consts: jax.Array) -> Any:
@@ -134,14 +135,6 @@ def recomputed_chunks(
 
         return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks(x, consts))[0]
 
-    @jax.custom_vjp
-    def call(params, x, consts):
-        return total(params, x, consts)
-
-    def fwd(params, x, consts):
-        params, x, consts, perturbed = _primal_inputs(params, x, consts)
-        return total(params, x, consts), (params, x, consts, perturbed)
-
     def bwd(res, ct):
         params, x, consts, perturbed = res
         ct = _instantiate(ct)
@@ -155,8 +148,7 @@ def recomputed_chunks(
         grads = [None if a is None else a.astype(p.dtype) for a, p in zip(acc, params)]
         return grads, dx.reshape(-1, *x.shape[1:])[: x.shape[0]], tuple(None for _ in consts)
 
-    call.defvjp(fwd, bwd, symbolic_zeros=True)
-    return call
+    return _saving_inputs(total, bwd)
 
 
 def chunked_sum(modules: Any, method: Callable[..., jax.Array], rows: int, x: jax.Array, *consts: jax.Array):

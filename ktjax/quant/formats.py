@@ -13,9 +13,9 @@ stores it) kept quantized, one JAX pytree of data + scales with its format as st
 int4 is asymmetric (a min per group besides the scale): at G = 128 its RMS error on normal and on
 Student-t(3) weights is 0.97x and 0.83x that of the best symmetric format (the largest magnitude mapped
 to -8), and every value is within scale / 2 of the weight (docs/performance-log.md, "The int4 format").
-Its (scale, min) pairs are bf16, 0.53125 bytes a parameter at G = 128 (f32 pairs took 0.5625: 0.9 GB
-more for Qwen3-30B-A3B's 29 billion expert parameters); the quantizer rounds the min down and the scale
-up to bf16 before it rounds the values, so the half-step bound holds with the stored pair.
+Its (scale, min) pairs are bf16: 0.53125 bytes a parameter at G = 128 (f32 pairs would take 0.5625);
+the quantizer rounds the min down and the scale up to bf16 before it rounds the values, so the
+half-step bound holds with the stored pair.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ktjax.config import ModelConfig
 from ktjax.models import build_model
+from ktjax.nn.remat import recomputed_chunks
 from ktjax.params import merge_model, split_model
 from ktjax.train import TrainConfig, loss_chunk_rows, loss_sum, masked_cross_entropy_sum
 
@@ -75,6 +77,65 @@ def test_the_chunked_loss_gives_the_whole_logits_loss_and_gradients(tied, rows, 
         np.testing.assert_allclose(
             got_grads[name], want_grads[name], rtol=1e-5, atol=scale * 1e-5, err_msg=name
         )
+
+
+U_F64 = 2.0**-53
+
+
+def gamma(n: int) -> float:
+    """The classic bound on the relative rounding error of n f64 operations in sequence: n u / (1 - n u)."""
+    return n * U_F64 / (1 - n * U_F64)
+
+
+@pytest.mark.parametrize("rows", [5, 16])  # of 46 tokens: ragged chunks, 3 chunks
+def test_chunks_give_the_whole_sums_value_and_gradients_within_f64_rounding(rows):
+    # recomputed_chunks alone, on a head and cross-entropy in f64: both ways compute the same terms and
+    # differ only in how they round, so each is within the rounding bound below of the exact value and
+    # they are within twice that of each other. Bounds, per token t (logits z = x W^T + b, p = softmax(z)):
+    #   a logit: gamma(H + 1) max_v (|x_t| . |W_v| + |b_v|) = Ez_t; lse and ce_t: 2 Ez_t + gamma(V + 4)
+    #   (|max z_t| + log V + 1); p_tv: relatively 4 Ez_t + gamma(V + 4); then each gradient's sum of its
+    #   terms' errors plus gamma(terms) times the sum of their magnitudes.
+    N, H, V = 46, 8, 13
+    rng = np.random.default_rng(rows)
+    W, b, x = rng.standard_normal((V, H)), rng.standard_normal(V), rng.standard_normal((N, H))
+    targets = rng.integers(0, V, N)
+    mask = (rng.random(N) > 0.3).astype(np.float64)
+
+    def fn(params, x, consts):
+        (w, bias), (t, m) = params, consts
+        ce = optax.softmax_cross_entropy_with_integer_labels(x @ w.T + bias, t)
+        return jnp.sum(ce * m)
+
+    with jax.enable_x64(True):
+        consts = (jnp.asarray(targets, jnp.int32), jnp.asarray(mask))
+        args = ([jnp.asarray(W), jnp.asarray(b)], jnp.asarray(x))
+        whole = jax.value_and_grad(lambda p, x: fn(p, x, consts), argnums=(0, 1))(*args)
+        chunked = jax.value_and_grad(lambda p, x: recomputed_chunks(fn, rows)(p, x, consts), argnums=(0, 1))(
+            *args
+        )
+    (want, ((want_w, want_b), want_x)) = jax.tree.map(np.asarray, whole)
+    (got, ((got_w, got_b), got_x)) = jax.tree.map(np.asarray, chunked)
+
+    z = x @ W.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    onehot = np.eye(V)[targets]
+    ez = gamma(H + 1) * (np.abs(x) @ np.abs(W).T + np.abs(b)).max(1)  # [N]
+    e_ce = 2 * ez + gamma(V + 4) * (np.abs(z).max(1) + np.log(V) + 1)
+    ce = np.log(np.exp(z).sum(1)) - z[np.arange(N), targets]
+    d = mask[:, None] * (p - onehot)  # the logits' gradient [N, V]
+    d_mag = mask[:, None] * (p + onehot)
+    e_d = mask[:, None] * p * (4 * ez + gamma(V + 4))[:, None]
+    bounds = {  # one computation's bound; the two differ by at most twice it (1.01: p and ce are f64 too)
+        "loss": (mask * e_ce).sum() + gamma(N) * (mask * np.abs(ce)).sum(),
+        "b": e_d.sum(0) + gamma(N) * d_mag.sum(0),
+        "W": e_d.T @ np.abs(x) + gamma(N + 1) * d_mag.T @ np.abs(x),
+        "x": e_d @ np.abs(W) + gamma(V + 1) * d_mag @ np.abs(W),
+    }
+    for name, g, w in [("loss", got, want), ("b", got_b, want_b), ("W", got_w, want_w), ("x", got_x, want_x)]:
+        err = np.abs(np.asarray(g) - np.asarray(w))
+        assert (err <= 2 * 1.01 * bounds[name]).all(), (name, float(np.max(err - 2 * bounds[name])))
+    assert np.abs(d).max() > 0.1 and abs(float(want)) > 1  # the gradients are not trivially zero
 
 
 def test_the_chunked_loss_holds_one_chunk_of_logits_at_a_time():

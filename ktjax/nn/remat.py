@@ -120,11 +120,12 @@ def _in_chunks(a: jax.Array, rows: int) -> jax.Array:
 def recomputed_chunks(
     fn: Callable[[list, jax.Array, tuple], jax.Array], rows: int
 ) -> Callable[[list, jax.Array, tuple], jax.Array]:
-    """fn(params, x, consts) -> f32 scalar, pure, a sum over the rows of x [N, ...] and of consts (a tuple
-    of [N, ...] arrays never differentiated), such that rows of zeros in x and consts add 0. Returns a
-    function with fn's value and gradients that takes x `rows` rows at a time, in the forward and in the
-    backward (which recomputes each chunk's forward from the saved inputs): only one chunk's temporaries
-    exist at a time. For a loss over a large vocabulary, where fn's temporaries are [rows, V] logits."""
+    """fn(params, x, consts) -> a float scalar, pure, a sum over the rows of x [N, ...] and of consts (a
+    tuple of [N, ...] arrays never differentiated), such that rows of zeros in x and consts add 0. Returns
+    a function with fn's value and gradients that takes x `rows` rows at a time, in the forward and in
+    the backward (which recomputes each chunk's forward from the saved inputs): only one chunk's
+    temporaries exist at a time. The chunks' values add in fn's dtype, their parameter gradients in f32
+    or wider. For a loss over a large vocabulary, where fn's temporaries are [rows, V] logits."""
 
     def chunks(x, consts):
         return _in_chunks(x, rows), tuple(_in_chunks(c, rows) for c in consts)
@@ -133,7 +134,10 @@ def recomputed_chunks(
         def body(acc, chunk):
             return acc + fn(params, *chunk), None
 
-        return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks(x, consts))[0]
+        parts = chunks(x, consts)
+        first = jax.tree.map(lambda a: a[0], parts)
+        zero = jnp.zeros((), jax.eval_shape(lambda c: fn(params, *c), first).dtype)
+        return jax.lax.scan(body, zero, parts)[0]
 
     def bwd(res, ct):
         params, x, consts, perturbed = res
@@ -141,9 +145,13 @@ def recomputed_chunks(
 
         def body(acc, chunk):
             grads, dxc = _vjp(fn, params, perturbed, *chunk, ct)
-            return [a if g is None else a + g.astype(jnp.float32) for a, g in zip(acc, grads)], dxc
+            return [a if g is None else a + g.astype(a.dtype) for a, g in zip(acc, grads)], dxc
 
-        zeros = [jnp.zeros(p.shape, jnp.float32) if d else None for p, d in zip(params, perturbed)]
+        # the gradients summed over chunks in f32 at least (f64 for f64 parameters)
+        zeros = [
+            jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)) if d else None
+            for p, d in zip(params, perturbed)
+        ]
         acc, dx = jax.lax.scan(body, zeros, chunks(x, consts))
         grads = [None if a is None else a.astype(p.dtype) for a, p in zip(acc, params)]
         return grads, dx.reshape(-1, *x.shape[1:])[: x.shape[0]], tuple(None for _ in consts)
